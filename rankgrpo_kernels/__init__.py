@@ -1,0 +1,25 @@
+"""rankgrpo-kernels: the Rank-GRPO loss for LLM recommenders without the (tokens x vocab) logits tensor."""
+
+from .functional import fused_logprobs, rank_grpo_loss, rank_grpo_loss_from_logps
+from .modules import RankGRPOLoss
+from .rewards import rank_advantages, rank_rewards, token_advantages
+from .segment_loss import LossConfig
+from .segments import Segments, line_table, newline_counts, segment_items, split_items
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LossConfig",
+    "RankGRPOLoss",
+    "Segments",
+    "fused_logprobs",
+    "line_table",
+    "newline_counts",
+    "rank_advantages",
+    "rank_grpo_loss",
+    "rank_grpo_loss_from_logps",
+    "rank_rewards",
+    "segment_items",
+    "split_items",
+    "token_advantages",
+]

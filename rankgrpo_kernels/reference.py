@@ -1,0 +1,155 @@
+"""The Rank-GRPO maths in plain, readable torch: the spec every backend is tested against.
+
+Nothing here is fast and nothing is clever. Gradients come from autograd, groups from ``torch.unique``, and the
+eager baseline holds the full (tokens x vocab) logits. Every function runs in float64.
+
+Notation (see ``shared/spec/rank-grpo-math.md``): ``l_t`` log-prob of token t under the policy, ``o_t`` under the
+behaviour (old) policy, ``r_t`` under the reference policy, ``a_t`` the token's advantage, ``M_t`` the loss mask.
+Tokens of one row that share an item id ``k >= 0`` form one group with the rank-level ratio
+
+    w_k = exp( mean_{t in k, M_t} (l_t - o_t) )
+
+and the per-token policy term ``-min(w' a_t, clip(w, 1 - eps_low, 1 + eps_high) a_t)`` with ``w' = min(w, delta)``
+(``w' = w`` without delta). The aggregation weights ``c_t`` of each loss type turn per-token terms into the loss:
+
+=========  ===================================================  ==============================
+loss_type  policy weight c_t                                    KL weight
+=========  ===================================================  ==============================
+grpo       1 / (B * max(1, M_i))            (row i of token t)  c_t
+bnpo       1 / max(1, sum M)                                    c_t
+dr_grpo    1 / (B * max_completion_length)                      c_t
+dapo       1 / num_items_in_batch                               c_t
+rank       1 / (B * N * n_k)     (paper form, n_k = |item k|)   1 / max(1, sum M)
+=========  ===================================================  ==============================
+
+so ``loss = sum_t c_t * policy_t + beta * sum_t kl_weight_t * KL_t`` over the masked tokens. The paper form is the
+code form with a per-item instead of a per-token average: ``-(1/(B N)) sum_i sum_k min(w A, clip(w) A)``.
+
+Two guards keep finite inputs finite: the log of every ratio (the item's mean log-ratio and ``r_t - l_t`` in the
+k3 KL) is clamped to at most ``LOG_RATIO_LIMIT`` (e^20 ~ 4.9e8, far beyond any ratio PPO clipping lets through).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LOG_RATIO_LIMIT = 20.0
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "rank")
+STAT_NAMES = ("clip_ratio_low", "clip_ratio_high", "clip_ratio_region", "ratio_mean", "kl", "entropy")
+
+
+def reference_loss_from_logps(
+    logps: torch.Tensor,
+    item_ids: torch.Tensor,
+    advantages: torch.Tensor,
+    completion_mask: torch.Tensor | None = None,
+    old_logps: torch.Tensor | None = None,
+    ref_logps: torch.Tensor | None = None,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    delta: float | None = None,
+    beta: float = 0.0,
+    loss_type: str = "bnpo",
+    max_completion_length: int | None = None,
+    num_items_in_batch: float | None = None,
+    rec_num: int | None = None,
+    entropy: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Rank-GRPO loss from per-token log-probs; all tensors (B, T), ``advantages`` per token.
+
+    ``item_ids >= 0`` name the groups of a row; tokens with a negative id or ``completion_mask == 0`` are outside
+    the loss. ``rec_num`` (N) is needed by ``loss_type="rank"`` only. Returns the scalar loss and detached
+    statistics (token means over the tokens in the loss; ``kl`` and ``entropy`` are NaN when not computed).
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    B, T = logps.shape
+    mask = item_ids >= 0
+    if completion_mask is not None:
+        mask = mask & completion_mask.bool()
+    rows = torch.arange(B, device=logps.device).unsqueeze(1).expand(B, T)[mask]
+
+    # One group per distinct (row, item id) among the tokens in the loss.
+    key = rows * (int(item_ids.max()) + 1) + item_ids[mask]
+    _, group = torch.unique(key, return_inverse=True)
+    num_groups = int(group.max()) + 1 if group.numel() else 0
+
+    l = logps[mask]
+    o = l.detach() if old_logps is None else old_logps[mask]
+    a = advantages[mask].to(l.dtype)
+
+    group_size = torch.zeros(num_groups, dtype=l.dtype, device=l.device).index_add(0, group, torch.ones_like(l))
+    log_ratio_sum = torch.zeros(num_groups, dtype=l.dtype, device=l.device).index_add(0, group, l - o)
+    log_w = torch.clamp(log_ratio_sum / group_size, max=LOG_RATIO_LIMIT)
+    w = torch.exp(log_w)[group]  # every token of an item shares its item's ratio
+
+    w_clipped = torch.clamp(w, 1 - epsilon_low, 1 + epsilon_high)
+    w_unclipped = w if delta is None else torch.clamp(w, max=delta)
+    policy = -torch.min(w_unclipped * a, w_clipped * a)
+
+    tokens = mask.sum().clamp(min=1).to(l.dtype)
+    row_tokens = mask.sum(1).clamp(min=1).to(l.dtype)
+    if loss_type == "grpo":
+        c = 1.0 / (B * row_tokens[rows])
+    elif loss_type == "bnpo":
+        c = (1.0 / tokens).expand_as(l)
+    elif loss_type == "dr_grpo":
+        c = torch.full_like(l, 1.0 / (B * (T if max_completion_length is None else max_completion_length)))
+    elif loss_type == "dapo":
+        c = torch.full_like(l, 1.0 / float(num_items_in_batch))
+    else:  # rank: the paper's -(1/(B N)) sum over items of the item's term, spread over its n_k tokens
+        c = 1.0 / (B * rec_num * group_size[group])
+    loss = (c * policy).sum()
+
+    kl = None
+    if ref_logps is not None:
+        log_ref_ratio = torch.clamp(ref_logps[mask] - l, max=LOG_RATIO_LIMIT)
+        kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1
+        if beta != 0.0:
+            kl_weight = (1.0 / tokens) if loss_type == "rank" else c
+            loss = loss + beta * (kl_weight * kl).sum()
+
+    with torch.no_grad():
+        low = (w_unclipped < 1 - epsilon_low) & (a < 0)
+        high = (w_unclipped > 1 + epsilon_high) & (a > 0)
+        nan = torch.tensor(float("nan"), dtype=l.dtype, device=l.device)
+        stats = {
+            "clip_ratio_low": low.sum() / tokens,
+            "clip_ratio_high": high.sum() / tokens,
+            "clip_ratio_region": (low | high).sum() / tokens,
+            "ratio_mean": w.sum() / tokens,
+            "kl": nan if kl is None else kl.sum() / tokens,
+            "entropy": nan if entropy is None else entropy[mask].to(l.dtype).sum() / tokens,
+        }
+    return loss, stats
+
+
+def reference_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target_ids: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+):
+    """Eager log-probs: full logits ``(hidden @ weight.T + bias) / temperature`` -> log_softmax -> gather.
+
+    hidden (..., H), weight (V, H), target_ids (...). The logits are upcast to float32 (float64 stays float64)
+    before the softmax, as TRL does. Returns log-probs (...) and, if asked, the entropy (...).
+    """
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    logp_all = F.log_softmax(logits, dim=-1)
+    logps = logp_all.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)
+    if not return_entropy:
+        return logps
+    return logps, -(logp_all.exp() * logp_all).sum(-1)
+
+
+def reference_loss(hidden, weight, target_ids, *, bias=None, temperature=1.0, **loss_kwargs):
+    """The eager baseline: ``reference_logprobs`` then ``reference_loss_from_logps``; holds all logits."""
+    logps = reference_logprobs(hidden, weight, target_ids, bias=bias, temperature=temperature)
+    return reference_loss_from_logps(logps, **loss_kwargs)

@@ -1,0 +1,40 @@
+"""Shared fixtures: seeds, the golden values of the spec, a tiny local tokenizer, and the GPU marker."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import settings
+
+# Derandomised so that CI is reproducible; RANKGRPO_HYPOTHESIS_PROFILE=explore draws fresh examples.
+settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True)
+settings.register_profile("explore", max_examples=1000, deadline=None)
+settings.load_profile(os.environ.get("RANKGRPO_HYPOTHESIS_PROFILE", "ci"))
+
+SPEC_DIR = Path(os.environ.get("RANKGRPO_SPEC_DIR", Path(__file__).resolve().parents[2] / "shared" / "spec"))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def golden():
+    path = SPEC_DIR / "golden.json"
+    if not path.exists():
+        raise FileNotFoundError(f"golden values not found at {path}; set RANKGRPO_SPEC_DIR to shared/spec")
+    return json.loads(path.read_text())
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

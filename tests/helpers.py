@@ -1,0 +1,68 @@
+"""Helpers the tests share: golden vectors as padded tensors and random loss batches."""
+
+from __future__ import annotations
+
+import torch
+
+EPS_LOW, EPS_HIGH = 0.06, 0.08  # the released run's clip range, used by the golden vectors
+
+
+def golden_batch(vector, dtype=torch.float64):
+    """Pad one golden test vector's ragged rows into (B, T) tensors."""
+    rows = vector["tokens"]
+    B, T = len(rows), max(len(r) for r in rows)
+    out = {k: torch.zeros(B, T, dtype=dtype) for k in ("logp", "old", "ref", "adv")}
+    out["seg"] = torch.full((B, T), -1, dtype=torch.long)
+    out["eos"] = torch.zeros(B, T, dtype=torch.bool)
+    out["names"] = [[tok["name"].replace("\\n", "\n") for tok in r] for r in rows]
+    for i, r in enumerate(rows):
+        for t, tok in enumerate(r):
+            for k in ("logp", "old", "ref", "adv"):
+                out[k][i, t] = tok[k]
+            out["seg"][i, t] = tok["seg"]
+            out["eos"][i, t] = tok["name"] == "<eos>"
+    out["mask"] = out["seg"] >= 0
+    out["advantages"] = torch.tensor(vector["advantages"], dtype=dtype)
+    out["rec_num"] = out["advantages"].shape[1]
+    return out
+
+
+def unpad(x, mask):
+    """Rows of a padded (B, T) tensor as ragged lists, for comparison with golden lists."""
+    return [x[i][mask[i]].tolist() for i in range(x.shape[0])]
+
+
+def random_loss_batch(B, T, K, *, dtype=torch.float64, generator=None, old_scale=0.1, mask_prob=0.2):
+    """Random item ids in [0, K] (K = overflow), a mask, per-token advantages and old/ref log-probs."""
+    g = generator
+    item_ids = torch.sort(torch.randint(0, K + 1, (B, T), generator=g), dim=1).values
+    mask = torch.rand(B, T, generator=g) > mask_prob
+    logps = -torch.rand(B, T, generator=g, dtype=dtype) * 3
+    return dict(
+        logps=logps,
+        item_ids=item_ids,
+        completion_mask=mask,
+        advantages=torch.randn(B, T, generator=g, dtype=dtype),
+        old_logps=logps + old_scale * torch.randn(B, T, generator=g, dtype=dtype),
+        ref_logps=logps + 0.2 * torch.randn(B, T, generator=g, dtype=dtype),
+    )
+
+
+class TinyTokenizer:
+    """A tokenizer over a fixed list of token strings: enough for ``newline_counts`` and ``segment_items``."""
+
+    def __init__(self, pieces, eos="<eos>"):
+        self.pieces = list(pieces)
+        if eos not in self.pieces:
+            self.pieces.append(eos)
+        self.eos_token_id = self.pieces.index(eos)
+        self.index = {p: i for i, p in enumerate(self.pieces)}
+
+    def __len__(self):
+        return len(self.pieces)
+
+    def decode(self, ids, clean_up_tokenization_spaces=False, skip_special_tokens=False):
+        return "".join(self.pieces[i] for i in ids if not (skip_special_tokens and i == self.eos_token_id))
+
+    def encode(self, pieces):
+        return [self.index[p] for p in pieces]
