@@ -119,9 +119,9 @@ def token_advantages(
     per_token = adv.gather(1, segments.item_ids.clamp(0, N - 1)) * segments.content_mask
     if not length_shaping:
         return per_token
-    has_overflow = segments.overflow_mask.any(1)
-    exact = (segments.items_emitted >= N) & ~has_overflow & segments.terminated
-    early = (segments.items_emitted < N) & segments.terminated
+    # Both land on the EOS token, so rows that were cut off (no EOS) get neither.
+    exact = (segments.items_emitted >= N) & ~segments.overflow_mask.any(1)
+    early = segments.items_emitted < N
     eos_shaping = end_of_list_bonus * exact.to(adv.dtype) + early_stop_penalty * early.to(adv.dtype)
     return (
         per_token

@@ -167,3 +167,17 @@ def test_bnpo_is_invariant_to_row_order(batch, rnd):
     p_loss, p_grad, _ = loss_and_grad(rank_grpo_loss_from_logps, permuted, loss_type="bnpo")
     torch.testing.assert_close(loss, p_loss, **TOL[batch["logps"].dtype])
     torch.testing.assert_close(grad[perm], p_grad, **TOL[batch["logps"].dtype])
+
+
+def test_saturated_ratios_match_the_reference():
+    """An item whose mean log-ratio passes the clamp (20) gets the reference's gradient: none through its ratio."""
+    logps = torch.tensor([[-1.0, -2.0, -0.5, -1.5]], dtype=torch.float64)
+    batch = dict(logps=logps, item_ids=torch.tensor([[0, 0, 1, 1]]),
+                 advantages=torch.tensor([[-1.0, -1.0, 0.5, 0.5]], dtype=torch.float64),
+                 old_logps=logps - torch.tensor([[25.0, 25.0, 0.01, 0.01]], dtype=torch.float64),
+                 epsilon_low=0.2, epsilon_high=0.2, loss_type="grpo")
+    loss, grad, _ = loss_and_grad(rank_grpo_loss_from_logps, batch)
+    ref_loss, ref_grad, _ = loss_and_grad(reference_loss_from_logps, batch)
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(grad, ref_grad)
+    assert torch.isfinite(loss) and torch.all(grad[0, :2] == 0) and torch.all(grad[0, 2:] != 0)
