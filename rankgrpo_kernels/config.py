@@ -16,7 +16,7 @@ def memory_budget(override: int | None = None) -> int:
     """The logits scratch budget in bytes: ``override`` if given, else the environment, else the default."""
     value = override if override is not None else int(os.environ.get("RANKGRPO_MEMORY_BUDGET", DEFAULT_MEMORY_BUDGET))
     if value < 2**16:
-        raise ValueError(f"memory_budget must be at least 65536 bytes, got {value}")
+        raise ValueError(f"memory_budget_bytes (or RANKGRPO_MEMORY_BUDGET) must be at least 65536, got {value}")
     return value
 
 
@@ -24,13 +24,14 @@ def validate_values() -> bool:
     return os.environ.get("RANKGRPO_VALIDATE", "1") != "0"
 
 
-def plan_chunks(num_tokens: int, vocab: int, budget_bytes: int, live_buffers: int = 2) -> tuple[int, int]:
-    """(token chunk, vocab chunk) whose ``live_buffers`` float32 (tokens x vocab) tiles fit in the budget.
+def plan_chunks(num_tokens: int, vocab: int, budget_bytes: int, tile_bytes: int, row_bytes: int = 0):
+    """(token chunk t, vocab chunk v) with ``t * v * tile_bytes + v * row_bytes <= budget_bytes``.
 
-    Token chunks of up to 1024 rows keep the GEMMs efficient; the vocabulary is split as much as the budget asks.
+    ``tile_bytes`` is what one (token, vocab) entry costs summed over the live tiles, ``row_bytes`` what one
+    vocabulary row of per-row scratch costs (the backward's d_weight slab). Token chunks of up to 1024 rows keep the
+    GEMMs efficient; the vocabulary is split as much as the budget asks.
     """
-    elements = max(budget_bytes // (4 * live_buffers), 1)
     tokens = max(1, min(num_tokens, 1024))
-    vocab_chunk = max(1, min(vocab, elements // tokens))
-    tokens = max(1, min(tokens, elements // vocab_chunk))
+    vocab_chunk = max(1, min(vocab, budget_bytes // (tokens * tile_bytes + row_bytes)))
+    tokens = max(1, min(tokens, (budget_bytes // vocab_chunk - row_bytes) // tile_bytes))
     return tokens, vocab_chunk

@@ -6,8 +6,7 @@ import math
 
 import torch
 
-from . import backends
-from .autograd import FusedLogprobs, FusedRankGRPOLoss, RankGRPOLossFromLogps
+from . import backends, ops
 from .config import memory_budget, validate_values
 from .segment_loss import LossConfig, TokenBatch, dense_groups, stats_dict
 
@@ -32,9 +31,10 @@ _LOSS_DOC = """
     Args:
         item_ids: (B, T) integer. Ids ``>= 0`` group the tokens of a row into items (each distinct id is one
             group); negative ids are outside the loss. ``Segments.item_ids_for(loss_type)`` gives them.
-        advantages: (B, T) per token (the code form: ``token_advantages``), (B, K) per rank (token t takes
-            ``advantages[b, item_ids[b, t]]``, 0 for ids >= K) or (B,) per row. ``advantage_level`` settles
-            (B, T) vs (B, K) when K == T (default: per token).
+        advantages: (B, T) per token (the code form: ``token_advantages`` gives them, EOS and length shaping
+            included), (B,) or (B, 1) per row, or with ``advantage_level="rank"`` (B, K) per rank: token t takes
+            ``advantages[b, item_ids[b, t]]`` (0 for ids >= K), which is the paper form's input with
+            ``Segments.item_ids_for("rank")``; for the code form use ``token_advantages``.
         completion_mask: (B, T) bool/int, 1 on tokens in the loss (default: ``item_ids >= 0``).
         old_logps, ref_logps: (B, T) float, log-probs of the behaviour and the reference policy (constants).
         epsilon_low, epsilon_high: the clip range ``[1 - epsilon_low, 1 + epsilon_high]`` (released: 0.06, 0.08).
@@ -87,30 +87,30 @@ def _token_batch(B, T, device, *, item_ids, advantages, completion_mask, old_log
     _check_tensor(entropy, "entropy", (B, T), "float", device, optional=True)
     if cfg.beta != 0.0 and ref_logps is None:
         raise ValueError(f"beta={cfg.beta} needs ref_logps (or set beta=0.0)")
-    if advantage_level not in ("auto", "token", "rank"):
-        raise ValueError(f"advantage_level must be 'auto', 'token' or 'rank', got {advantage_level!r}")
+    if advantage_level not in ("auto", "rank"):
+        raise ValueError(f"advantage_level must be 'auto' or 'rank', got {advantage_level!r}")
 
     mask = item_ids >= 0
     if completion_mask is not None:
         mask = mask & completion_mask.bool()
 
-    if advantages.dim() == 1:
-        _check_tensor(advantages, "advantages", (B,), "float")
-        per_token, per_rank = advantages.unsqueeze(1).expand(B, T), None
-    elif advantages.dim() == 2 and advantages.shape[0] == B and (
-        advantage_level == "token" or (advantage_level == "auto" and advantages.shape[1] == T)
-    ):
-        _check_tensor(advantages, "advantages", (B, T), "float")
-        per_token, per_rank = advantages, None
-    elif advantages.dim() == 2 and advantages.shape[0] == B and advantage_level != "token":
+    per_rank = None
+    if advantage_level == "rank":
+        if advantages.dim() != 2 or advantages.shape[0] != B or advantages.shape[1] < 1:
+            raise ValueError(f"advantages per rank must be (B, K) with B={B}, K >= 1; got {tuple(advantages.shape)}")
         K = advantages.shape[1]
-        if K < 1:
-            raise ValueError("per-rank advantages need at least one rank")
         in_range = (item_ids >= 0) & (item_ids < K)
-        per_token = advantages.gather(1, item_ids.long().clamp(0, K - 1)) * in_range
+        per_token = torch.where(in_range, advantages.gather(1, item_ids.long().clamp(0, K - 1)), 0)
         per_rank = advantages
+    elif tuple(advantages.shape) in ((B,), (B, 1)):  # one advantage per row, as TRL passes them
+        per_token = advantages.reshape(B, 1).expand(B, T)
+    elif tuple(advantages.shape) == (B, T):
+        per_token = advantages
     else:
-        raise ValueError(f"advantages must be (B,), (B, T) or (B, K) with B={B}, T={T}; got {tuple(advantages.shape)}")
+        raise ValueError(
+            f"advantages must be (B,) or (B, 1) per row or (B, T) per token with B={B}, T={T}, or (B, K) per rank "
+            f"with advantage_level='rank'; got {tuple(advantages.shape)}"
+        )
 
     dtype = torch.promote_types(advantages.dtype, torch.float32)
     if cfg.loss_type == "grpo":
@@ -136,7 +136,7 @@ def _token_batch(B, T, device, *, item_ids, advantages, completion_mask, old_log
             raise ValueError(f"rec_num must be an int >= 1, got {n_ranks!r}")
         normaliser = torch.tensor(float(B * n_ranks), dtype=dtype, device=device)
 
-    checks = [("advantages contain NaN on tokens in the loss", (torch.isnan(per_token) & mask).any())]
+    checks = [("advantages must be finite on tokens in the loss", (~torch.isfinite(per_token) & mask).any())]
     for name, x in (("logps", logps_for_check), ("old_logps", old_logps), ("ref_logps", ref_logps)):
         if x is not None:
             checks.append((f"{name} contain NaN on tokens in the loss", (torch.isnan(x) & mask).any()))
@@ -148,6 +148,12 @@ def _token_batch(B, T, device, *, item_ids, advantages, completion_mask, old_log
         group=dense_groups(item_ids, mask), mask=mask, normaliser=normaliser, entropy=entropy,
     )
     return batch, checks
+
+
+def _loss_operands(batch, cfg):
+    """The tensors and settings of the loss ops, in their argument order."""
+    return (batch.old_logps, batch.ref_logps, batch.advantages, batch.group, batch.mask, batch.normaliser,
+            batch.entropy, cfg.epsilon_low, cfg.epsilon_high, cfg.delta, cfg.beta, cfg.loss_type)
 
 
 def rank_grpo_loss_from_logps(
@@ -188,8 +194,10 @@ def rank_grpo_loss_from_logps(
         entropy=entropy, logps_for_check=logps,
     )
     _raise_on_bad_values(checks)
-    loss, stats = RankGRPOLossFromLogps.apply(logps, batch, cfg)
-    return loss, stats_dict(stats)
+    # The O(B T) segment loss runs in Triton only where the fused path would: CUDA tensors, Triton importable.
+    backend = backends.choose("auto", logps.device, logps.dtype)
+    loss, stats, _ = ops.loss_from_logps(logps, *_loss_operands(batch, cfg), backend)
+    return loss, stats_dict(stats.detach(), ref_logps is not None, entropy is not None)
 
 
 def _check_head(hidden, weight, target_ids, bias, temperature):
@@ -204,6 +212,8 @@ def _check_head(hidden, weight, target_ids, bias, temperature):
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
     _check_tensor(target_ids, "target_ids", (B, T), "int", hidden.device)
+    if target_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"target_ids must be int64 or int32, got {target_ids.dtype}")
     _check_tensor(bias, "bias", (weight.shape[0],), "float", hidden.device, optional=True)
     if bias is not None and bias.dtype != hidden.dtype:
         raise TypeError(f"bias dtype {bias.dtype} must match hidden dtype {hidden.dtype}")
@@ -238,6 +248,7 @@ def rank_grpo_loss(
     num_items_in_batch: int | float | torch.Tensor | None = None,
     rec_num: int | None = None,
     advantage_level: str = "auto",
+    compute_entropy: bool = False,
     backend: str = "auto",
     memory_budget_bytes: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -249,6 +260,7 @@ def rank_grpo_loss(
     ``softmax((hidden @ weight.T + bias) / temperature)``; gradients flow to ``hidden``, ``weight`` and ``bias``.
     ``backend``: ``"auto"`` (the fastest available for the device) or ``"torch"`` (chunked, any device).
     ``memory_budget_bytes`` bounds the logits scratch (default ``RANKGRPO_MEMORY_BUDGET`` or 32 MiB).
+    ``compute_entropy=True`` adds the mean entropy of the policy over the loss tokens to the statistics.
 
     Returns:""" + _LOSS_DOC + """
     Equivalent PyTorch (holding all logits)::
@@ -267,11 +279,13 @@ def rank_grpo_loss(
     _raise_on_bad_values(checks + _target_checks(target_ids, weight.shape[0], batch.mask))
     # Targets outside the loss may be anything (padding, -100): point them at row 0 so gathers stay in range.
     targets = torch.where(batch.mask, target_ids, 0).reshape(-1)
-    loss, stats = FusedRankGRPOLoss.apply(
-        hidden.reshape(B * T, -1), weight, bias, targets, batch, cfg, float(temperature),
-        memory_budget(memory_budget_bytes), backends.resolve(backend, hidden.device),
+    old, ref, adv, group, mask, normaliser, _, *settings = _loss_operands(batch, cfg)
+    loss, stats, _, _ = ops.fused_loss(
+        hidden.reshape(B * T, hidden.shape[-1]), weight, bias, targets, old, ref, adv, group, mask, normaliser,
+        *settings, float(temperature), bool(compute_entropy), memory_budget(memory_budget_bytes),
+        backends.choose(backend, hidden.device, hidden.dtype),
     )
-    return loss, stats_dict(stats)
+    return loss, stats_dict(stats.detach(), ref_logps is not None, compute_entropy)
 
 
 def fused_logprobs(
@@ -295,9 +309,9 @@ def fused_logprobs(
     B, T = _check_head(hidden, weight, target_ids, bias, temperature)
     mask = torch.ones_like(target_ids, dtype=torch.bool)
     _raise_on_bad_values(_target_checks(target_ids, weight.shape[0], mask))
-    logp, entropy = FusedLogprobs.apply(
-        hidden.reshape(B * T, -1), weight, bias, target_ids.reshape(-1), float(temperature),
-        memory_budget(memory_budget_bytes), backends.resolve(backend, hidden.device), bool(return_entropy),
+    logp, _, entropy = ops.fused_logprobs(
+        hidden.reshape(B * T, hidden.shape[-1]), weight, bias, target_ids.reshape(-1), float(temperature),
+        memory_budget(memory_budget_bytes), bool(return_entropy), backends.choose(backend, hidden.device, hidden.dtype),
     )
     logp = logp.view(B, T)
-    return (logp, entropy.view(B, T)) if return_entropy else logp
+    return (logp, entropy.view(B, T).detach()) if return_entropy else logp

@@ -60,7 +60,8 @@ def reference_loss_from_logps(
 
     ``item_ids >= 0`` name the groups of a row; tokens with a negative id or ``completion_mask == 0`` are outside
     the loss. ``rec_num`` (N) is needed by ``loss_type="rank"`` only. Returns the scalar loss and detached
-    statistics (token means over the tokens in the loss; ``kl`` and ``entropy`` are NaN when not computed).
+    statistics (token means over the tokens in the loss; ``kl`` only with ``ref_logps``,
+    ``entropy`` only when given).
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -113,15 +114,16 @@ def reference_loss_from_logps(
     with torch.no_grad():
         low = (w_unclipped < 1 - epsilon_low) & (a < 0)
         high = (w_unclipped > 1 + epsilon_high) & (a > 0)
-        nan = torch.tensor(float("nan"), dtype=l.dtype, device=l.device)
         stats = {
             "clip_ratio_low": low.sum() / tokens,
             "clip_ratio_high": high.sum() / tokens,
             "clip_ratio_region": (low | high).sum() / tokens,
             "ratio_mean": w.sum() / tokens,
-            "kl": nan if kl is None else kl.sum() / tokens,
-            "entropy": nan if entropy is None else entropy[mask].to(l.dtype).sum() / tokens,
         }
+        if kl is not None:
+            stats["kl"] = kl.sum() / tokens
+        if entropy is not None:
+            stats["entropy"] = entropy[mask].to(l.dtype).sum() / tokens
     return loss, stats
 
 

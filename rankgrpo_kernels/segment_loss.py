@@ -138,7 +138,7 @@ def _segment_loss(batch: TokenBatch, cfg: LossConfig):
     dloss_dw = _bin_sum(-c * a * act, group, B * T)
     g = (dloss_dw * w_bin * unsaturated / n_bin.clamp(min=1))[group] * m
 
-    kl_mean = torch.full((), float("nan"), dtype=dtype, device=l.device)
+    kl_mean = torch.zeros((), dtype=dtype, device=l.device)  # reported only when ref_logps are given
     if batch.ref_logps is not None:
         ref_minus_l = masked(batch.ref_logps) - l
         log_ref_ratio = ref_minus_l.clamp(max=LOG_RATIO_LIMIT)
@@ -152,7 +152,7 @@ def _segment_loss(batch: TokenBatch, cfg: LossConfig):
 
     low = ((w_unclipped < lo) & (a < 0)).to(dtype) * m
     high = ((w_unclipped > hi) & (a > 0)).to(dtype) * m
-    entropy_mean = torch.full((), float("nan"), dtype=dtype, device=l.device)
+    entropy_mean = torch.zeros((), dtype=dtype, device=l.device)
     if batch.entropy is not None:
         entropy_mean = masked(batch.entropy).sum() / tokens
     stats = torch.stack(
@@ -162,6 +162,11 @@ def _segment_loss(batch: TokenBatch, cfg: LossConfig):
     return loss, stats, g.view(B, T)
 
 
-def stats_dict(stats: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Name the entries of the statistics vector returned by ``segment_loss``."""
-    return dict(zip(STAT_NAMES, stats.unbind(0)))
+def stats_dict(stats: torch.Tensor, has_kl: bool, has_entropy: bool) -> dict[str, torch.Tensor]:
+    """Name the entries of the statistics vector of ``segment_loss``, leaving out those that were not computed."""
+    named = dict(zip(STAT_NAMES, stats.unbind(0)))
+    if not has_kl:
+        del named["kl"]
+    if not has_entropy:
+        del named["entropy"]
+    return named

@@ -115,7 +115,8 @@ def segment_items(
         completion_ids: (B, T) integer token ids.
         completion_mask: (B, T) 0/1 or bool, True on the completion's tokens (up to and including EOS).
         newline_counts: (V,) table from ``newline_counts(tokenizer)`` or the (V, 4) ``line_table(tokenizer)``;
-            ``skip_blank_lines=True`` needs the latter.
+            ``skip_blank_lines=True`` needs the latter. Move it to the ids' device once (``table.to(device)``);
+            ids outside the table count as text without newlines.
         max_items: N, the number of ranks; items >= N share the overflow bin N.
         eos_token_id: the EOS id, or None when completions carry none.
         skip_blank_lines: False for the authors' segmentation, True for the aligned mode (module docstring).
@@ -143,9 +144,12 @@ def segment_items(
 
     device = completion_ids.device
     valid = completion_mask.to(device).bool()
-    ids = completion_ids.long().clamp(0, newline_counts.shape[0] - 1)
-    table = newline_counts.to(device=device, dtype=torch.long)
-    per_token = table[ids] * valid.unsqueeze(-1) if table.dim() == 2 else (table[ids] * valid).unsqueeze(-1)
+    table = newline_counts.to(device)  # a no-op once the caller keeps the table on the ids' device
+    if table.dim() == 1:
+        table = table.unsqueeze(-1)
+    known = (completion_ids >= 0) & (completion_ids < table.shape[0])  # ids past the table carry no text
+    ids = completion_ids.long().clamp(0, table.shape[0] - 1)
+    per_token = table[ids].long() * (valid & known).unsqueeze(-1)
     newlines = per_token[..., NEWLINES]
 
     if eos_token_id is None:
@@ -160,7 +164,7 @@ def segment_items(
         item, items_emitted = _aligned_items(newlines, *content.unbind(-1))
     else:
         item = _exclusive_cumsum(newlines)
-        items_emitted = torch.where(valid, item, -1).max(1).values + 1
+        items_emitted = torch.where(valid, item, -1).amax(1) + 1 if item.shape[1] else item.new_zeros(item.shape[0])
 
     item_ids = torch.where(valid, item.clamp(max=max_items), -1)
     overflow_mask = valid & (item >= max_items)

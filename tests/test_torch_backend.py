@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from rankgrpo_kernels import RankGRPOLoss, fused_logprobs, rank_grpo_loss
 from rankgrpo_kernels.reference import reference_logprobs, reference_loss
@@ -159,3 +160,43 @@ def test_non_contiguous_hidden():
     ref, _ = reference_loss(view, weight, targets.T.contiguous(), bias=bias, **kwargs)
     torch.testing.assert_close(ours, ref)
     torch.testing.assert_close(*[torch.autograd.grad(x, hidden)[0] for x in (ours, ref)])
+
+
+class LargestScratch(TorchDispatchMode):
+    """Records the largest tensor any op creates (bytes, shape), leaving out the shapes of inputs and gradients."""
+
+    def __init__(self, allowed_shapes):
+        super().__init__()
+        self.allowed, self.nbytes, self.shape = allowed_shapes, 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and tuple(t.shape) not in self.allowed:
+                if t.numel() * t.element_size() > self.nbytes:
+                    self.nbytes, self.shape = t.numel() * t.element_size(), tuple(t.shape)
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_tensor_beyond_the_budget_or_the_gradients(dtype):
+    """Every tensor of a fused fwd+bwd has the shape of an input or a gradient, or fits in the budget."""
+    B, T, H, V = 4, 128, 64, 8000
+    budget = 2**20
+    hidden, weight, _, targets = _head(B, T, H, V, dtype, bias=False)
+    kwargs = _loss_inputs(hidden, weight, None, targets, 1.0, K=4)
+    kwargs["ref_logps"] = None
+    with LargestScratch({(B * T, H), (V, H), (B, T, H)}) as largest:
+        loss, _ = rank_grpo_loss(hidden, weight, targets, memory_budget_bytes=budget, compute_entropy=True,
+                                 **kwargs)
+        torch.autograd.grad(loss, (hidden, weight))
+    assert 0 < largest.nbytes <= budget, (largest.shape, largest.nbytes)  # the eager logits: 16 MB
+
+
+def test_fused_entropy_statistic():
+    hidden, weight, bias, targets = _head(2, 6, 8, 50, torch.float64)
+    kwargs = _loss_inputs(hidden, weight, bias, targets, 0.8, K=2)
+    _, stats = rank_grpo_loss(hidden, weight, targets, bias=bias, temperature=0.8, compute_entropy=True, **kwargs)
+    _, entropy = reference_logprobs(hidden, weight, targets, bias=bias, temperature=0.8, return_entropy=True)
+    mask = kwargs["completion_mask"] & (kwargs["item_ids"] >= 0)
+    torch.testing.assert_close(stats["entropy"], entropy[mask].mean())

@@ -1,21 +1,48 @@
-"""Backends compute log-probs of the LM head and their gradients (see ``autograd.py`` for the interface).
+"""Backends compute the LM head's log-probs, their gradients and the segment loss. Each is a module with
 
-``torch`` runs anywhere (chunked, bounded memory). ``auto`` picks the fastest backend available for the device.
+    logprob_forward(hidden, weight, bias, targets, temperature, budget_bytes, return_entropy) -> logp, lse, entropy
+    logprob_backward(hidden, weight, bias, targets, temperature, lse, grad_logp, budget_bytes, needs) -> dh, dW, db
+    segment_loss(batch, cfg) -> loss, stats, grad_logp
+
+over flattened tokens (hidden (N, H), targets (N,)). ``torch`` runs anywhere; ``triton`` needs Triton and a CUDA
+GPU (or ``TRITON_INTERPRET=1``); ``auto`` picks Triton for CUDA tensors of fp32/bf16/fp16 when it imports.
 """
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
+from ..kernels.config import interpreting
 from . import torch_chunked
 
-BACKENDS = {"torch": torch_chunked}
+NAMES = ("torch", "triton")
 
 
-def resolve(name: str, device: torch.device):
-    """The backend module for ``name`` ("auto" or a key of ``BACKENDS``) on ``device``."""
-    if name == "auto":
-        return BACKENDS["torch"]
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {name!r}")
-    return BACKENDS[name]
+def load(name: str):
+    """The backend module ``name``; ValueError naming the fix when it cannot run here."""
+    if name == "torch":
+        return torch_chunked
+    if name == "triton":
+        try:
+            return importlib.import_module(".triton_backend", __name__)
+        except ImportError as exc:
+            raise ValueError(f"backend='triton' needs the triton package ({exc}); use backend='torch'") from exc
+    raise ValueError(f"backend must be 'auto' or one of {NAMES}, got {name!r}")
+
+
+def choose(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Resolve ``auto`` to a backend name for tensors on ``device`` of ``dtype``."""
+    if name != "auto":
+        load(name)  # validates the name and that it imports
+        if name == "triton" and device.type != "cuda" and not interpreting():
+            raise ValueError("backend='triton' runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1)")
+        return name
+    if device.type == "cuda" and dtype in (torch.float32, torch.bfloat16, torch.float16):
+        try:
+            load("triton")
+            return "triton"
+        except ValueError:
+            pass
+    return "torch"

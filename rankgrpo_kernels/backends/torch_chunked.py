@@ -21,6 +21,9 @@ from __future__ import annotations
 import torch
 
 from ..config import plan_chunks
+from ..segment_loss import segment_loss
+
+__all__ = ["logprob_forward", "logprob_backward", "segment_loss"]
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -39,7 +42,9 @@ def logprob_forward(hidden, weight, bias, targets, temperature, budget_bytes, re
     N, V = hidden.shape[0], weight.shape[0]
     acc = _acc_dtype(hidden.dtype)
     inv_t = 1.0 / temperature
-    token_chunk, vocab_chunk = plan_chunks(N, V, budget_bytes)
+    acc_bytes = torch.finfo(acc).bits // 8
+    live_tiles = 3 if return_entropy else 2  # logits and their exponentials (and p * z)
+    token_chunk, vocab_chunk = plan_chunks(N, V, budget_bytes, live_tiles * acc_bytes)
     lse = torch.empty(N, dtype=acc, device=hidden.device)
     logp = torch.empty_like(lse)
     entropy = torch.empty(N, dtype=acc, device=hidden.device) if return_entropy else None
@@ -87,7 +92,11 @@ def logprob_backward(hidden, weight, bias, targets, temperature, lse, grad_logp,
     d_weight = torch.zeros_like(weight) if need_w else None
     d_bias = torch.zeros(V, dtype=acc, device=weight.device) if need_b else None
     if n_active:
-        token_chunk, vocab_chunk = plan_chunks(n_active, V, budget_bytes)
+        acc_bytes, in_bytes = torch.finfo(acc).bits // 8, hidden.element_size()
+        # Live: the logits tile (reused for dZ) and its cast; per vocabulary row the fp32 d_weight slab and the
+        # product that is added into it.
+        token_chunk, vocab_chunk = plan_chunks(n_active, V, budget_bytes, acc_bytes + in_bytes,
+                                               hidden.shape[1] * (acc_bytes + in_bytes) if need_w else 0)
         for v0 in range(0, V, vocab_chunk):
             v1 = min(V, v0 + vocab_chunk)
             d_weight_tile = torch.zeros(v1 - v0, weight.shape[1], dtype=acc, device=weight.device) if need_w else None
@@ -101,9 +110,9 @@ def logprob_backward(hidden, weight, bias, targets, temperature, lse, grad_logp,
                     d_bias[v0:v1] += d_z.sum(0)
                 d_z = d_z.to(hidden.dtype)
                 if need_h:
-                    d_hidden[t0:t1] += (d_z @ weight[v0:v1]).to(acc)
+                    d_hidden[t0:t1] += d_z @ weight[v0:v1]
                 if need_w:
-                    d_weight_tile += (d_z.T @ h[t0:t1]).to(acc)
+                    d_weight_tile += d_z.T @ h[t0:t1]
             if need_w:
                 d_weight[v0:v1] = d_weight_tile.to(weight.dtype)
 
