@@ -7,8 +7,14 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
-from hypothesis import settings
+
+# Without a GPU the Triton kernels run in Triton's numpy interpreter; this must be set before triton is imported.
+if not os.environ.get("CUDA_VISIBLE_DEVICES", "x") or not Path("/dev/nvidia0").exists():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 # Derandomised so that CI is reproducible; RANKGRPO_HYPOTHESIS_PROFILE=explore draws fresh examples.
 settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True)

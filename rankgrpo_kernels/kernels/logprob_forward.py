@@ -24,6 +24,8 @@ import triton.language as tl
 
 from .config import KernelConfig, dot_precision, forward_config
 
+COMBINE_BLOCK = 32  # tokens per program of the combine kernel (x 64 splits: no spills)
+
 
 @triton.jit
 def dot(a, b, acc, PRECISION: tl.constexpr):
@@ -146,10 +148,9 @@ def logprob_forward(hidden, weight, bias, targets, temperature, return_entropy=F
     )
     logp, lse = torch.empty(N, **f32), torch.empty(N, **f32)
     entropy = torch.empty(N, **f32) if return_entropy else None
-    combine_block = 128
-    _logprob_combine_kernel[(triton.cdiv(N, combine_block),)](
+    _logprob_combine_kernel[(triton.cdiv(N, COMBINE_BLOCK),)](
         partial_max, partial_sum, partial_sum_z, partial_target, logp, lse, entropy if return_entropy else lse,
-        N, splits, WITH_ENTROPY=return_entropy, BLOCK_N=combine_block,
+        N, splits, WITH_ENTROPY=return_entropy, BLOCK_N=COMBINE_BLOCK,
         BLOCK_S=max(2, triton.next_power_of_2(splits)),
     )
     return logp, lse, entropy

@@ -23,6 +23,7 @@ from ..reference import LOG_RATIO_LIMIT
 from ..segment_loss import LossConfig, TokenBatch
 
 WEIGHTING = {"grpo": 0, "bnpo": 1, "dr_grpo": 1, "dapo": 1, "rank": 2}
+BLOCK_T, BLOCK_B = 64, 32  # tokens x items compared per step
 ROW_SUMS = 5  # loss, clipped low, clipped high, ratio, KL
 
 
@@ -48,7 +49,7 @@ def _item_terms(log_w, a, lo, hi, delta, log_ratio_limit, HAS_DELTA: tl.constexp
 def _policy_weight(row_weight, normaliser, n_items, WEIGHTING: tl.constexpr):
     if WEIGHTING == 2:  # paper form: 1 / (B N n_k)
         return 1.0 / (normaliser * tl.maximum(n_items, 1.0))
-    return row_weight
+    return tl.zeros_like(n_items) + row_weight
 
 
 @triton.jit
@@ -154,7 +155,7 @@ def _segment_loss_kernel(
     tl.store(out + 4, kl_sum)
 
 
-def segment_loss(batch: TokenBatch, cfg: LossConfig, block_t: int = 64, block_b: int = 32):
+def segment_loss(batch: TokenBatch, cfg: LossConfig):
     """Same contract as ``rankgrpo_kernels.segment_loss.segment_loss``: (loss, stats, grad (B, T)) in fp32."""
     B, T = batch.mask.shape
     device = batch.mask.device
@@ -177,7 +178,7 @@ def segment_loss(batch: TokenBatch, cfg: LossConfig, block_t: int = 64, block_b:
         B, T, cfg.beta, 1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high,
         cfg.delta if cfg.delta is not None else 0.0, LOG_RATIO_LIMIT,
         HAS_OLD=batch.old_logps is not None, HAS_REF=batch.ref_logps is not None, HAS_DELTA=cfg.delta is not None,
-        WEIGHTING=WEIGHTING[cfg.loss_type], BLOCK_T=block_t, BLOCK_B=block_b,
+        WEIGHTING=WEIGHTING[cfg.loss_type], BLOCK_T=BLOCK_T, BLOCK_B=BLOCK_B,
     )
     sums = row_sums.sum(0)
     kl_mean = sums[4] / tokens[0]  # 0 without ref_logps, and then not reported
