@@ -11,7 +11,7 @@ reported as wrong and not timed. Times: median and 20th/80th percentiles over ``
 (VmHWM, reset through /proc/self/clear_refs after a warm-up) is read against its resident set before the run,
 with glibc told to return every block over 64 KiB to the system at once so freed memory is not counted twice.
 The ``x 3 GEMM`` column divides by the time of the three (N x H x V) GEMMs any exact method needs (logits,
-d_hidden, d_weight), measured in the same run.
+d_hidden, d_weight), measured in the same run; the JSON also holds the ratio to four (the logits recomputed).
 """
 
 from __future__ import annotations
@@ -32,11 +32,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from providers import PROVIDERS, Batch, Unavailable, default_providers  # noqa: E402
+from providers import (  # noqa: E402
+    LOSS_SETTINGS, PROVIDERS, TOKEN_LEVEL, Batch, Unavailable, default_providers, token_level_inputs,
+)
 from shapes import ALL_SHAPES, HeadShape, default_shapes, parse_shape  # noqa: E402
 
 import rankgrpo_kernels  # noqa: E402
 from rankgrpo_kernels import fused_logprobs  # noqa: E402
+from rankgrpo_kernels.reference import reference_loss  # noqa: E402
 
 REC_NUM = 20
 TOLERANCE = {torch.float32: 2e-3, torch.float64: 1e-9, torch.bfloat16: 5e-2, torch.float16: 2e-2}
@@ -100,12 +103,16 @@ def percentile(values, q):
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def three_gemm_seconds(shape, dtype, device, reps) -> float:
-    """Time of logits = h W^T, d_hidden = dZ W and d_weight = dZ^T h at this shape (the exact-method floor)."""
+def gemm_seconds(shape, dtype, device, reps) -> dict:
+    """Times of the LM head's GEMMs at this shape: logits ``h W^T`` alone, and with d_hidden ``dZ W`` and d_weight
+    ``dZ^T h`` (three: the floor of any exact method; four adds the logits' recomputation of a small-memory
+    backward)."""
     h = torch.randn(shape.tokens, shape.hidden, device=device, dtype=dtype)
     w = torch.randn(shape.vocab, shape.hidden, device=device, dtype=dtype)
     z = torch.randn(shape.tokens, shape.vocab, device=device, dtype=dtype)
-    return statistics.median(timings(lambda: (h @ w.T, z @ w, z.T @ h), reps, device))
+    logits = statistics.median(timings(lambda: h @ w.T, reps, device))
+    three = statistics.median(timings(lambda: (h @ w.T, z @ w, z.T @ h), reps, device))
+    return dict(three=three, four=three + logits)
 
 
 def _status_kb(field):
@@ -143,6 +150,12 @@ def peak_memory_in_child(provider, shape_spec, dtype_name, device) -> int:
     return int(json.loads(out.strip().splitlines()[-1])["peak_bytes"])
 
 
+def eager_result(batch, loss_inputs):
+    """Loss and gradients of hidden and weight by the eager reference (full logits)."""
+    loss, _ = reference_loss(batch.hidden, batch.weight, batch.target_ids, **loss_inputs, **LOSS_SETTINGS)
+    return [x.detach() for x in (loss, *torch.autograd.grad(loss, (batch.hidden, batch.weight)))]
+
+
 def relative_error(got, want) -> float:
     return max(((g.float() - w.float()).abs().max() / w.float().abs().max().clamp(min=1e-30)).item()
                for g, w in zip(got, want))
@@ -160,15 +173,14 @@ def bench_loss(shapes, provider_names, dtype, device, reps, progress):
             except Unavailable as exc:
                 rows.append(dict(provider=name, shape=key, status=f"skipped: {exc}"))
         # The eager result is the yardstick for every provider (itself included, as a determinism check).
-        expected = (lambda l: (l, *torch.autograd.grad(l, (batch.hidden, batch.weight))))(
-            PROVIDERS["eager"][1](batch)())
-        expected = [x.detach() for x in expected]
-        gemm[key] = three_gemm_seconds(shape, dtype, device, reps)
+        expected = eager_result(batch, batch.loss_inputs)
+        gemm[key] = gemm_seconds(shape, dtype, device, reps)
         for name, loss_fn in built.items():
             progress(f"{key} {name}")
             loss = loss_fn()
             got = (loss.detach(), *torch.autograd.grad(loss, (batch.hidden, batch.weight)))
-            error = relative_error(got, expected)
+            want = eager_result(batch, token_level_inputs(batch)) if name in TOKEN_LEVEL else expected
+            error = relative_error(got, want)
             row = dict(provider=name, shape=key, hidden=shape.hidden, vocab=shape.vocab, tokens=shape.tokens,
                        scaled_from=shape.scaled_from, max_rel_error=error)
             if not error <= TOLERANCE[dtype]:
@@ -184,8 +196,9 @@ def bench_loss(shapes, provider_names, dtype, device, reps, progress):
             rows.append(dict(
                 row, status="ok", fwd_bwd_ms=1e3 * median, fwd_bwd_p20_ms=1e3 * percentile(both, 0.2),
                 fwd_bwd_p80_ms=1e3 * percentile(both, 0.8), fwd_ms=1e3 * statistics.median(fwd),
-                tokens_per_s=shape.tokens / median, peak_mib=peak / 2**20, three_gemm_ms=1e3 * gemm[key],
-                vs_three_gemm=median / gemm[key],
+                tokens_per_s=shape.tokens / median, peak_mib=peak / 2**20, three_gemm_ms=1e3 * gemm[key]["three"],
+                four_gemm_ms=1e3 * gemm[key]["four"], vs_three_gemm=median / gemm[key]["three"],
+                vs_four_gemm=median / gemm[key]["four"],
             ))
         del batch, built
     for row in rows:  # ratios to eager, measured in the same run

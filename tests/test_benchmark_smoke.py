@@ -21,7 +21,7 @@ def bench():
 
 
 def test_tiny_cpu_run(bench, tmp_path, capsys):
-    assert bench.main(["--device", "cpu", "--shapes", "64x4001@256", "--providers", "eager,torch,triton,liger",
+    assert bench.main(["--device", "cpu", "--shapes", "64x4001@256", "--providers", "eager,torch,cuda,liger",
                        "--reps", "2", "--out", str(tmp_path)]) == 0
     table = capsys.readouterr().out
     assert "| custom-64x4001@256 | torch |" in table
@@ -33,7 +33,7 @@ def test_tiny_cpu_run(bench, tmp_path, capsys):
         assert field in env
     rows = {r["provider"]: r for r in report["results"]}
     assert rows["eager"]["status"] == "ok" and rows["torch"]["status"] == "ok"
-    assert rows["triton"]["status"].startswith("skipped")
+    assert rows["cuda"]["status"].startswith("skipped") and rows["liger"]["status"].startswith("skipped")
     for key in ("fwd_bwd_ms", "fwd_ms", "tokens_per_s", "peak_mib", "time_vs_eager", "memory_vs_eager"):
         assert rows["torch"][key] > 0
     assert rows["torch"]["max_rel_error"] < 1e-3

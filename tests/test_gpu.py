@@ -1,0 +1,86 @@
+"""GPU tests (``pytest -m gpu``): the backends against the reference on CUDA at real LM-head sizes, in bf16.
+
+Skipped without a GPU. Tolerances: bf16 inputs, compared with the reference run in fp32 on the same rounded inputs;
+the kernels round nothing but the gradients' final cast, so the loss agrees to ~1e-4 relative and the gradients
+to bf16's resolution (~1e-2 of their largest entry).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rankgrpo_kernels import fused_logprobs, rank_grpo_loss
+from rankgrpo_kernels.reference import reference_logprobs, reference_loss
+
+pytestmark = pytest.mark.gpu
+
+HEADS = {"qwen2.5-0.5b": (896, 151936), "llama-3.2-3b": (3072, 128256)}
+
+
+def _batch(B, T, H, V, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    hidden = torch.randn(B, T, H, device="cuda", generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(V, H, device="cuda", generator=g) / H**0.5).to(dtype).requires_grad_()
+    targets = torch.randint(0, V, (B, T), device="cuda", generator=g)
+    item_ids = (torch.arange(T, device="cuda") * 20 // T).expand(B, T).contiguous()
+    mask = torch.arange(T, device="cuda").expand(B, T) < int(0.9 * T)
+    with torch.no_grad():
+        logps = fused_logprobs(hidden, weight, targets, backend="torch")
+    noise = torch.randn(2, B, T, device="cuda", generator=g)
+    kwargs = dict(item_ids=item_ids, advantages=torch.randn(B, T, device="cuda", generator=g), completion_mask=mask,
+                  old_logps=logps + 0.05 * noise[0], ref_logps=logps + 0.1 * noise[1], epsilon_low=0.06,
+                  epsilon_high=0.08, beta=1e-3, loss_type="bnpo")
+    return hidden, weight, targets, kwargs
+
+
+def _relative(got, want):
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("head", list(HEADS))
+def test_bf16_real_head_matches_reference(backend, head):
+    H, V = HEADS[head]
+    hidden, weight, targets, kwargs = _batch(4, 512, H, V, torch.bfloat16)
+    loss, stats = rank_grpo_loss(hidden, weight, targets, backend=backend, **kwargs)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    ref_h, ref_w = (x.detach().float().requires_grad_() for x in (hidden, weight))
+    ref_loss, ref_stats = reference_loss(ref_h, ref_w, targets, **kwargs)
+    ref_grads = torch.autograd.grad(ref_loss, (ref_h, ref_w))
+    assert _relative(loss, ref_loss) < 1e-3
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == torch.bfloat16 and _relative(got, want) < 2e-2
+    torch.testing.assert_close(stats["kl"], ref_stats["kl"].float(), rtol=1e-3, atol=1e-6)
+
+
+def test_fp32_logprobs_match_reference():
+    hidden, weight, targets, _ = _batch(2, 256, 896, 32000, torch.float32)
+    logp, entropy = fused_logprobs(hidden, weight, targets, return_entropy=True, backend="triton")
+    ref_logp, ref_entropy = reference_logprobs(hidden, weight, targets, return_entropy=True)
+    torch.testing.assert_close(logp, ref_logp, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(entropy, ref_entropy, rtol=1e-4, atol=1e-4)
+
+
+def test_triton_memory_stays_far_below_the_logits():
+    H, V = HEADS["qwen2.5-0.5b"]
+    hidden, weight, targets, kwargs = _batch(8, 1024, H, V, torch.bfloat16)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loss, _ = rank_grpo_loss(hidden, weight, targets, backend="triton", **kwargs)
+    torch.autograd.grad(loss, (hidden, weight))
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    gradients_fp32 = 4 * (hidden.numel() + weight.numel())  # fp32 accumulators, cast once at the end
+    logits = 4 * targets.numel() * V
+    assert peak < gradients_fp32 * 1.5 + 0.02 * logits, (peak, logits)
+
+
+def test_compiles_fullgraph_on_gpu():
+    hidden, weight, targets, kwargs = _batch(2, 128, 256, 5003, torch.bfloat16)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda h, w: rank_grpo_loss(h, w, targets, backend="triton", **kwargs)[0],
+                             fullgraph=True)
+    torch.testing.assert_close(compiled(hidden, weight),
+                               rank_grpo_loss(hidden, weight, targets, backend="triton", **kwargs)[0])
