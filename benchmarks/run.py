@@ -79,9 +79,10 @@ def fwd_only(loss_fn, batch):
         return loss_fn()
 
 
-def timings(fn, reps, device) -> list[float]:
-    """Seconds per call, after one warm-up call."""
-    fn()
+def timings(fn, reps, device, warm_up=True) -> list[float]:
+    """Seconds per call, after one warm-up call unless ``fn`` just ran."""
+    if warm_up:
+        fn()
     out = []
     for _ in range(reps):
         if device.type == "cuda":
@@ -110,8 +111,9 @@ def gemm_seconds(shape, dtype, device, reps) -> dict:
     h = torch.randn(shape.tokens, shape.hidden, device=device, dtype=dtype)
     w = torch.randn(shape.vocab, shape.hidden, device=device, dtype=dtype)
     z = torch.randn(shape.tokens, shape.vocab, device=device, dtype=dtype)
-    logits = statistics.median(timings(lambda: h @ w.T, reps, device))
-    three = statistics.median(timings(lambda: (h @ w.T, z @ w, z.T @ h), reps, device))
+    logits, d_hidden, d_weight = (statistics.median(timings(fn, reps, device))
+                                  for fn in (lambda: h @ w.T, lambda: z @ w, lambda: z.T @ h))
+    three = logits + d_hidden + d_weight
     return dict(three=three, four=three + logits)
 
 
@@ -186,7 +188,7 @@ def bench_loss(shapes, provider_names, dtype, device, reps, progress):
             if not error <= TOLERANCE[dtype]:
                 rows.append(dict(row, status=f"wrong: relative error {error:.2e} > {TOLERANCE[dtype]:.0e}"))
                 continue
-            both = timings(lambda: fwd_bwd(loss_fn, batch), reps, device)
+            both = timings(lambda: fwd_bwd(loss_fn, batch), reps, device, warm_up=False)  # the check warmed up
             fwd = timings(lambda: fwd_only(loss_fn, batch), reps, device)
             if device.type == "cuda":
                 peak = peak_memory_here(loss_fn, batch, device)

@@ -53,6 +53,19 @@ def _policy_weight(row_weight, normaliser, n_items, WEIGHTING: tl.constexpr):
 
 
 @triton.jit
+def _token_terms(group_ptr, adv_ptr, bin_log_w_ptr, bin_count_ptr, base, t, T, row_weight, normaliser,
+                 WEIGHTING: tl.constexpr):
+    """A block of tokens: item ids, loss mask, advantages, their item's log-ratio and size, the policy weight."""
+    group = tl.load(group_ptr + base + t, mask=t < T, other=-1)
+    in_loss = group >= 0
+    a = tl.load(adv_ptr + base + t, mask=in_loss, other=0.0).to(tl.float32)
+    log_w = tl.load(bin_log_w_ptr + base + group, mask=in_loss, other=0.0)
+    n_items = tl.load(bin_count_ptr + base + group, mask=in_loss, other=1.0)
+    c = tl.where(in_loss, _policy_weight(row_weight, normaliser, n_items, WEIGHTING), 0.0)
+    return group, in_loss, a, log_w, n_items, c
+
+
+@triton.jit
 def _segment_loss_kernel(
     logp_ptr, old_ptr, ref_ptr, adv_ptr, group_ptr, num_bins_ptr, normaliser_ptr, tokens_ptr,
     bin_count_ptr, bin_log_w_ptr, bin_dloss_ptr, grad_ptr, row_sums_ptr,
@@ -99,13 +112,9 @@ def _segment_loss_kernel(
         dloss = tl.zeros((BLOCK_B,), dtype=tl.float32)
         for t0 in range(0, T, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
-            group = tl.load(group_ptr + base + t, mask=t < T, other=-1)
-            in_loss = group >= 0
-            a = tl.load(adv_ptr + base + t, mask=in_loss, other=0.0).to(tl.float32)
-            log_w = tl.load(bin_log_w_ptr + base + group, mask=in_loss, other=0.0)
-            n_items = tl.load(bin_count_ptr + base + group, mask=in_loss, other=1.0)
+            group, in_loss, a, log_w, n_items, c = _token_terms(
+                group_ptr, adv_ptr, bin_log_w_ptr, bin_count_ptr, base, t, T, row_weight, normaliser, WEIGHTING)
             _, _, _, act = _item_terms(log_w, a, lo, hi, delta, log_ratio_limit, HAS_DELTA)
-            c = tl.where(in_loss, _policy_weight(row_weight, normaliser, n_items, WEIGHTING), 0.0)
             hit = group[:, None] == bins[None, :]
             dloss += tl.sum(tl.where(hit, (-c * a * act)[:, None], 0.0), axis=0)
         tl.store(bin_dloss_ptr + base + bins, dloss, mask=bins < num_bins)
@@ -119,14 +128,10 @@ def _segment_loss_kernel(
     kl_sum = 0.0
     for t0 in range(0, T, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
-        group = tl.load(group_ptr + base + t, mask=t < T, other=-1)
-        in_loss = group >= 0
-        a = tl.load(adv_ptr + base + t, mask=in_loss, other=0.0).to(tl.float32)
-        log_w = tl.load(bin_log_w_ptr + base + group, mask=in_loss, other=0.0)
-        n_items = tl.load(bin_count_ptr + base + group, mask=in_loss, other=1.0)
+        group, in_loss, a, log_w, n_items, c = _token_terms(
+            group_ptr, adv_ptr, bin_log_w_ptr, bin_count_ptr, base, t, T, row_weight, normaliser, WEIGHTING)
         dloss = tl.load(bin_dloss_ptr + base + group, mask=in_loss, other=0.0)
         w, w_unclipped, branch_min, _ = _item_terms(log_w, a, lo, hi, delta, log_ratio_limit, HAS_DELTA)
-        c = tl.where(in_loss, _policy_weight(row_weight, normaliser, n_items, WEIGHTING), 0.0)
         unsaturated = tl.where(log_w <= log_ratio_limit, 1.0, 0.0)
         grad = tl.where(in_loss, dloss * w * unsaturated / tl.maximum(n_items, 1.0), 0.0)
         loss += tl.sum(-c * branch_min, axis=0)
