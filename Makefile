@@ -8,7 +8,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q torch==2.13.0
-	$(VENV)/bin/python -m pip install -q -e ".[test,bench]"
+	$(VENV)/bin/python -m pip install -q -e ".[test,bench,trl]"
 	touch $@
 
 .PHONY: bench test

@@ -1,0 +1,97 @@
+"""Rank-GRPO with TRL on CPU: ``RankGRPOTrainer`` teaches the tiny recommender to recommend the asked genre.
+
+The warm-started model writes well-formed lists of catalogue titles but follows the asked genre only partly (a
+quarter to a third of its items are hits). A hit-based per-rank reward and 150 Rank-GRPO steps raise the hit rate
+of the top ranks. Everything is built locally (tokenizer, model, data set): no download, about 20 s on one CPU core.
+
+    python integrations/trl/train_tiny_recommender.py [--steps 150] [--rec-num 4]
+
+Prints a progress bar with the loss and the training reward of each rank, then the per-rank hit rate of sampled
+lists before and after training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from tqdm.auto import tqdm
+from transformers import PrinterCallback, TrainerCallback
+from transformers.utils import logging as transformers_logging
+
+from rankgrpo_kernels.integrations.tiny_recommender import build_tiny_recommender, hit_rate_per_rank, hit_reward
+from rankgrpo_kernels.integrations.trl import RankGRPOConfig, RankGRPOTrainer
+
+
+class RankRewardBar(TrainerCallback):
+    """A progress bar over the optimizer steps showing the loss and the mean training reward of each rank."""
+
+    def __init__(self, rec_num: int):
+        self.rec_num = rec_num
+        self.bar = None
+        self.history = []  # [reward of rank 1..N] per logged step
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bar = tqdm(total=state.max_steps, desc="Rank-GRPO", unit="step")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if "loss" not in logs:  # the closing summary
+            return
+        ranks = [logs[f"rewards/rank_{k}/mean"] for k in range(1, self.rec_num + 1)]
+        self.history.append(ranks)
+        self.bar.set_postfix_str(f"loss {logs['loss']:+.4f} | reward per rank " + " ".join(f"{r:.2f}" for r in ranks))
+        self.bar.update(state.global_step - self.bar.n)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.bar.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--rec-num", type=int, default=4, help="N, the titles each answer lists")
+    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (tiny matrices: one is fastest)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    transformers_logging.disable_progress_bar()  # weight loading bars would break the training bar's line
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated")  # transformers 5 renames
+    start = time.perf_counter()
+
+    with tempfile.TemporaryDirectory() as workdir:
+        world = build_tiny_recommender(Path(workdir) / "model", rec_num=args.rec_num, seed=args.seed)
+        print(f"warm-started the tiny recommender in {time.perf_counter() - start:.0f} s")
+        before = hit_rate_per_rank(world.model, world.tokenizer, world.rows, args.rec_num)
+
+        config = RankGRPOConfig(
+            output_dir=str(Path(workdir) / "run"), rec_num=args.rec_num, num_generations=8,
+            per_device_train_batch_size=32, max_completion_length=8 * args.rec_num + 8, max_steps=args.steps,
+            learning_rate=args.learning_rate, beta=1e-3, temperature=1.0, logging_steps=1, seed=args.seed,
+            bf16=False, activation_checkpointing=False, use_cpu=True, report_to="none", save_strategy="no",
+            disable_tqdm=True,
+        )
+        bar = RankRewardBar(args.rec_num)
+        trainer = RankGRPOTrainer(model=world.model, reward_funcs=hit_reward(args.rec_num), args=config,
+                                  train_dataset=Dataset.from_list(world.rows), processing_class=world.tokenizer,
+                                  callbacks=[bar])
+        trainer.remove_callback(PrinterCallback)  # it prints every log dict; the bar shows what matters
+        trainer.train()
+        after = hit_rate_per_rank(trainer.model, world.tokenizer, world.rows, args.rec_num)
+
+    window = max(1, len(bar.history) // 4)
+    first, last = (torch.tensor(part).mean(0).tolist() for part in (bar.history[:window], bar.history[-window:]))
+    print(f"\ntraining reward per rank, first {window} steps: " + " ".join(f"{r:.2f}" for r in first))
+    print(f"training reward per rank, last {window} steps:  " + " ".join(f"{r:.2f}" for r in last))
+    print("hit rate per rank of sampled lists, before: " + " ".join(f"{r:.2f}" for r in before))
+    print("hit rate per rank of sampled lists, after:  " + " ".join(f"{r:.2f}" for r in after))
+    print(f"done in {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

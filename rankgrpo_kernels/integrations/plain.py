@@ -1,0 +1,226 @@
+"""Rank-GRPO in a hand-written loop over a Hugging Face causal LM (single process, no trainer framework).
+
+One step, given G sampled completions per prompt and per-rank hits from your reward::
+
+    batch = rank_grpo_step_inputs(tokenizer, prompt_ids, completion_ids, hits, num_generations=G, rec_num=N)
+    old = completion_logprobs(model, batch, temperature=T)  # only when the samples are reused after an update
+    ref = completion_logprobs(ref_model, batch, temperature=T)  # only with a KL term (beta > 0)
+    loss, stats = rank_grpo_loss_for_model(model, batch, old_logps=old, ref_logps=ref, beta=1e-3, temperature=T)
+    loss.backward(); optimizer.step(); optimizer.zero_grad()
+
+``prompt_ids`` and ``completion_ids`` are lists of token-id lists (a completion up to and including its EOS;
+``trim_completions`` cuts them out of ``model.generate`` output). Use the sampling temperature everywhere: the
+log-probs are those of ``softmax(logits / T)``, the policy that drew the samples.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..functional import fused_logprobs, rank_grpo_loss
+from ..rewards import rank_advantages, rank_rewards, token_advantages
+from ..segments import Segments, line_table, segment_items, split_items
+from .hf_model import call_head, check_plain_logits, completion_hidden_states, output_head
+
+
+def item_hits(text: str, relevant: Iterable[str], rec_num: int, skip_blank_lines: bool = True) -> list[float]:
+    """Per-rank hits (N floats in {0, 1}) of a decoded completion against the relevant items.
+
+    The items are ``split_items(text, skip_blank_lines)``, the very items the token segmentation finds with the same
+    ``skip_blank_lines``; an item is a hit when its stripped text is in ``relevant`` and did not occur at an earlier
+    rank (repeating a title earns nothing). Ranks past the end of the list score 0; items past N are ignored.
+    """
+    wanted = {title.strip() for title in relevant}
+    hits, seen = [], set()
+    for item in split_items(text, skip_blank_lines=skip_blank_lines)[:rec_num]:
+        title = item.strip()
+        hits.append(float(title in wanted and title not in seen))
+        seen.add(title)
+    return hits + [0.0] * (rec_num - len(hits))
+
+
+def per_rank_tensor(rows, rec_num: int, source: str = "hits") -> torch.Tensor:
+    """(B, N) float32 tensor from one sequence of N numbers per completion (lists, tuples, arrays or a (B, N)
+    tensor).
+
+    Raises ``ValueError`` naming the first bad completion: None instead of a list, a single number, a list of
+    another length than ``rec_num``, a None or NaN inside. There is no silent padding: a reward that cannot score a
+    rank should say 0.0 for it.
+    """
+    if hasattr(rows, "tolist"):  # a tensor or an array
+        rows = rows.tolist()
+    values = []
+    for i, row in enumerate(rows):
+        if row is None:
+            raise ValueError(f"{source} gave None for completion {i}; give {rec_num} per-rank values for every "
+                             "completion (0.0 for ranks it cannot score)")
+        if hasattr(row, "tolist"):
+            row = row.tolist()
+        if not isinstance(row, Sequence) or isinstance(row, str):
+            raise ValueError(f"{source} gave {row!r} for completion {i}; Rank-GRPO needs one list of rec_num={rec_num} "
+                             "per-rank values per completion, not one number")
+        if len(row) != rec_num:
+            raise ValueError(f"{source} gave {len(row)} values for completion {i}, expected rec_num={rec_num} "
+                             "(pad missing ranks with 0.0, cut extra items)")
+        for k, value in enumerate(row):
+            if not isinstance(value, numbers.Real) or math.isnan(value):
+                raise ValueError(f"{source} gave {value!r} at rank {k} of completion {i}; every per-rank value must "
+                                 "be a real number (not None or NaN)")
+        values.append([float(v) for v in row])
+    return torch.tensor(values, dtype=torch.float32).reshape(len(values), rec_num)
+
+
+def trim_completions(sequences: torch.Tensor, prompt_length: int, eos_token_id: int | Sequence[int]) -> list[list[int]]:
+    """Completion ids out of ``model.generate`` output (B, P + T): the tokens after the prompt up to and including
+    the first EOS (all of them when a row has none)."""
+    eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    completions = []
+    for row in sequences[:, prompt_length:].tolist():
+        end = next((t + 1 for t, token in enumerate(row) if token in eos_ids), len(row))
+        completions.append(row[:end])
+    return completions
+
+
+@dataclass
+class RankGRPOStepInputs:
+    """One Rank-GRPO batch, all tensors on one device. B completions, prompts padded to P, completions to T.
+
+    input_ids, attention_mask  (B, P + T): left-padded prompt, then right-padded completion.
+    completion_ids, completion_mask  (B, T).
+    segments          the items of each completion (``Segments``, ``segments.max_items`` = N).
+    rewards           (B, N) per-rank rewards.
+    rank_advantages   (B, N) group advantages per rank (the paper form's).
+    token_advantages  (B, T) the code form's per-token advantages, length shaping included.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    segments: Segments
+    rewards: torch.Tensor
+    rank_advantages: torch.Tensor
+    token_advantages: torch.Tensor
+
+
+def _pad(rows: list[list[int]], value: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
+def rank_grpo_step_inputs(
+    tokenizer,
+    prompt_ids: list[list[int]],
+    completion_ids: list[list[int]],
+    hits,
+    *,
+    num_generations: int,
+    rec_num: int,
+    reward_kind: str = "exp_inf",
+    gamma: float | None = None,
+    scale: str = "group",
+    skip_blank_lines: bool = True,
+    length_shaping: bool = True,
+    overflow_penalty: float = -0.1,
+    end_of_list_bonus: float = 0.1,
+    early_stop_penalty: float = -0.1,
+    vocab_size: int | None = None,
+    device: torch.device | str | None = None,
+) -> RankGRPOStepInputs:
+    """Pad, segment and score one batch: rows ``[g*G, (g+1)*G)`` are the G completions of prompt g.
+
+    ``hits`` (B lists of N numbers, or a (B, N) tensor) go through ``rank_rewards(hits, reward_kind, gamma)``
+    (``exp_inf`` keeps them as they are, so per-rank rewards work too) and ``rank_advantages(..., scale)``. The
+    newline table is built once per tokenizer (``line_table`` caches it); pass the model's ``vocab_size`` when it
+    exceeds ``len(tokenizer)``. ``skip_blank_lines`` must match the one the reward's ``split_items`` used.
+    ``device``: where the tensors go (the model's device; default CPU).
+    """
+    if not (len(prompt_ids) == len(completion_ids) == len(hits)):
+        raise ValueError(f"prompt_ids, completion_ids and hits must have one entry per completion, got "
+                         f"{len(prompt_ids)}, {len(completion_ids)} and {len(hits)}")
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer needs an eos_token_id: the end of a list is found by its EOS token")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompt, prompt_mask = _pad(prompt_ids, pad_id, left=True)
+    completion, completion_mask = _pad(completion_ids, pad_id, left=False)
+    prompt, prompt_mask, completion, completion_mask = (x.to(device) for x in (prompt, prompt_mask, completion,
+                                                                               completion_mask))
+    segments = segment_items(completion, completion_mask, line_table(tokenizer, vocab_size), rec_num,
+                             eos_token_id=tokenizer.eos_token_id, skip_blank_lines=skip_blank_lines)
+    rewards = rank_rewards(per_rank_tensor(hits, rec_num).to(completion.device), reward_kind, gamma)
+    advantages = rank_advantages(rewards, num_generations, scale=scale)
+    per_token = token_advantages(advantages, segments, length_shaping=length_shaping,
+                                 overflow_penalty=overflow_penalty, end_of_list_bonus=end_of_list_bonus,
+                                 early_stop_penalty=early_stop_penalty)
+    return RankGRPOStepInputs(
+        input_ids=torch.cat([prompt, completion], 1), attention_mask=torch.cat([prompt_mask, completion_mask], 1),
+        completion_ids=completion, completion_mask=completion_mask, segments=segments, rewards=rewards,
+        rank_advantages=advantages, token_advantages=per_token,
+    )
+
+
+def _hidden_and_head(model, batch: RankGRPOStepInputs):
+    check_plain_logits(model)
+    hidden = completion_hidden_states(model, batch.input_ids, batch.attention_mask, batch.completion_ids.shape[1])
+    return (hidden, *output_head(model))
+
+
+@torch.no_grad()
+def completion_logprobs(model, batch: RankGRPOStepInputs, temperature: float = 1.0) -> torch.Tensor:
+    """(B, T) log-probs of the completion tokens under ``model`` at ``temperature``, without a logits tensor: the
+    old (behaviour) log-probs before an update, or the reference log-probs from a frozen copy."""
+    hidden, weight, bias = _hidden_and_head(model, batch)
+    return call_head(lambda h, w, b: fused_logprobs(h, w, batch.completion_ids, bias=b, temperature=temperature),
+                     hidden, weight, bias)
+
+
+def rank_grpo_loss_for_model(
+    model,
+    batch: RankGRPOStepInputs,
+    *,
+    old_logps: torch.Tensor | None = None,
+    ref_logps: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    loss_type: str = "bnpo",
+    epsilon_low: float = 0.06,
+    epsilon_high: float = 0.08,
+    delta: float | None = None,
+    beta: float = 0.0,
+    max_completion_length: int | None = None,
+    num_items_in_batch: int | float | torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The fused Rank-GRPO loss of ``model`` on ``batch``: backbone forward, then ``rank_grpo_loss`` on the last
+    hidden states (B, T, H) and the LM head (tied embeddings included), never holding (B, T, V) logits.
+
+    ``loss_type`` in ``"grpo" | "bnpo" | "dr_grpo" | "dapo"`` is the code form (per-token advantages, length shaping,
+    EOS and overflow tokens in the loss); ``"rank"`` is the paper form (per-rank advantages over the item tokens
+    only). ``old_logps`` None means on-policy (every ratio 1); ``beta > 0`` needs ``ref_logps``. Defaults are the
+    released run's clip range. Returns the loss and the statistics of ``rank_grpo_loss``.
+    """
+    hidden, weight, bias = _hidden_and_head(model, batch)
+    paper_form = loss_type == "rank"
+    advantages = batch.rank_advantages if paper_form else batch.token_advantages
+
+    def loss_from_head(h, w, b):
+        return rank_grpo_loss(
+            h, w, batch.completion_ids, bias=b, temperature=temperature,
+            item_ids=batch.segments.item_ids_for(loss_type), advantages=advantages,
+            completion_mask=batch.completion_mask, old_logps=old_logps, ref_logps=ref_logps,
+            epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta, beta=beta, loss_type=loss_type,
+            max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
+            rec_num=batch.segments.max_items, advantage_level="rank" if paper_form else "auto", backend=backend,
+        )
+
+    return call_head(loss_from_head, hidden, weight, bias)

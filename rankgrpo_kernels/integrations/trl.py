@@ -1,0 +1,385 @@
+"""Rank-GRPO in TRL 1.16: ``RankGRPOConfig`` and ``RankGRPOTrainer``, a ``GRPOTrainer`` whose reward functions
+return one list of per-rank values per completion and whose loss is the fused Rank-GRPO loss.
+
+Usage::
+
+    from rankgrpo_kernels.integrations.plain import item_hits
+    from rankgrpo_kernels.integrations.trl import RankGRPOConfig, RankGRPOTrainer
+
+    def hits(completions, relevant, **kwargs):  # ``relevant``: a column of the data set
+        return [item_hits(text, titles, rec_num=20) for text, titles in zip(completions, relevant)]
+
+    args = RankGRPOConfig(output_dir="out", rec_num=20, num_generations=8, beta=1e-3)
+    RankGRPOTrainer(model="path/to/sft", reward_funcs=hits, args=args, train_dataset=dataset).train()
+
+A reward function gets TRL's keyword arguments (``prompts``, ``completions``, ``completion_ids``, the data set's
+columns, ``trainer_state``, ``log_extra``, ``log_metric``) and returns, for every completion, exactly ``rec_num``
+real numbers: hits (or relevances) that ``reward_kind`` turns into per-rank rewards, or per-rank rewards as they are
+with the default ``reward_kind="exp_inf"``. None, NaN, a single number or a list of another length is a
+``ValueError`` naming the function, the completion and the rank. Score the items that ``split_items(text,
+skip_blank_lines=args.skip_blank_lines)`` returns (``item_hits`` does): they are the items the loss segments.
+
+How it hooks into TRL 1.16 (generation, batching, the reference model, gradient accumulation and logging stay
+GRPOTrainer's); four methods are overridden:
+
+* ``_calculate_rewards``: calls the reward functions as TRL does, takes per-rank lists, and keeps the weighted
+  per-rank rewards of the whole batch (all processes); TRL gets each function's mean over ranks, which it logs as
+  ``reward`` and turns into scalar advantages that only its completions table shows.
+* ``_generate_and_score_completions``: runs TRL's, then swaps its scalar advantages for per-rank group advantages
+  spread over each item's tokens (``segment_items`` with a newline table built once from the tokenizer) and adds
+  ``item_ids``; logs the per-rank rewards and the items emitted.
+* ``_get_per_token_logps_and_entropies``: old and reference log-probs by ``fused_logprobs`` at the sampling
+  temperature, the kernels of the loss itself, so an on-policy ratio is exactly 1.
+* ``_compute_loss``: ``rank_grpo_loss`` on the last hidden states and the LM head, run inside the model's own
+  forward (so DDP and DeepSpeed see a normal forward), scaled for gradient accumulation as TRL scales each loss
+  type; logs the clip ratios, the mean ratio and the KL.
+
+Not supported (rejected with a message): reward models and async reward functions, tools and environments,
+vision-language models, FSDP, TRL's entropy bonus and masks, the off-policy mask, vLLM importance-sampling
+correction, MoE router losses, logit softcapping or scaling. Under DeepSpeed ZeRO-3 the LM head must be kept
+unpartitioned (see ``ZERO3_HEAD_MESSAGE``).
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+
+import torch
+from packaging.version import Version
+
+from ..functional import fused_logprobs, rank_grpo_loss
+from ..reference import LOSS_TYPES
+from ..rewards import ADVANTAGE_SCALES, rank_advantages, rank_rewards, token_advantages
+from ..segment_loss import LossConfig
+from ..segments import Segments, line_table, segment_items
+from .hf_model import call_head, check_plain_logits, completion_hidden_states, output_head, unwrap_peft
+from .plain import per_rank_tensor
+
+SUPPORTED_TRL = (Version("1.16"), Version("1.17"))  # [low, high): the private GRPOTrainer methods overridden here
+
+
+def check_trl_version(installed: str) -> None:
+    """Raise ``ImportError`` unless ``installed`` lies in the supported TRL range (>=1.16,<1.17)."""
+    low, high = SUPPORTED_TRL
+    if not low <= Version(installed) < high:
+        raise ImportError(
+            f"rankgrpo_kernels.integrations.trl supports trl>={low},<{high}, found trl {installed}: it overrides "
+            f"private GRPOTrainer methods whose signatures change between releases. Install a supported release: "
+            f"pip install 'trl>={low},<{high}'"
+        )
+
+
+try:
+    check_trl_version(version("trl"))
+except PackageNotFoundError:
+    raise ImportError("rankgrpo_kernels.integrations.trl needs TRL: pip install 'rankgrpo-kernels[trl]' "
+                      "(or pip install 'trl>=1.16,<1.17')") from None
+
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from trl.trainer.utils import is_async_callable, maybe_gather_lm_head_ctx  # noqa: E402
+
+ZERO3_HEAD_MESSAGE = (
+    "Under DeepSpeed ZeRO-3 the fused Rank-GRPO loss needs the LM head whole on every rank, in the backward too "
+    "(it recomputes logits chunk by chunk there), but the head is partitioned. Keep it whole: set "
+    "zero_optimization.stage3_param_persistence_threshold above the head's {numel} elements in the DeepSpeed "
+    "config, or train with ZeRO stage 1 or 2."
+)
+FSDP_MESSAGE = (
+    "RankGRPOTrainer does not support FSDP: the fused loss reads the LM head directly and recomputes logits in the "
+    "backward, after FSDP has resharded it. Use DDP or DeepSpeed ZeRO stage 1/2, or ZeRO-3 with the LM head kept "
+    "unpartitioned (stage3_param_persistence_threshold above the head's size)."
+)
+
+
+@dataclass
+class RankGRPOConfig(GRPOConfig):
+    """``GRPOConfig`` plus the Rank-GRPO settings.
+
+    Inherited fields with new defaults: ``loss_type="bnpo"``, ``epsilon=0.06``, ``epsilon_high=0.08`` (the released
+    runs) and ``use_bias_correction_kl=False`` (the spec's plain k3 KL). ``beta`` keeps TRL's default 0.0; the
+    released runs used 1e-3, which needs a reference model (TRL loads it from the policy's path). ``scale_rewards``
+    ("group" | "batch" | "none") scales the per-rank advantages; ``reward_weights`` weight the per-rank rewards of
+    several reward functions. ``temperature`` is the sampling temperature, used by the loss's log-probs too.
+    """
+
+    rec_num: int = field(default=20, metadata={"help": "N, the number of ranks (items) each completion lists."})
+    reward_kind: str = field(
+        default="exp_inf",
+        metadata={"help": "How per-rank hits become per-rank rewards: 'exp_inf' (as they are), 'exp' (discounted "
+                          "by reward_gamma) or 'dcg' (causal DCG)."},
+    )
+    reward_gamma: float | None = field(default=None, metadata={"help": "Gamma > 1 of reward_kind='exp'."})
+    skip_blank_lines: bool = field(
+        default=True,
+        metadata={"help": "Aligned segmentation: blank lines start no item, as split_items(text) splits. False "
+                          "counts every newline (the authors' segmentation)."},
+    )
+    length_shaping: bool = field(
+        default=True, metadata={"help": "Code form only: add the three length-shaping terms below."}
+    )
+    overflow_penalty: float = field(default=-0.1, metadata={"help": "Added to every token past item N."})
+    end_of_list_bonus: float = field(default=0.1, metadata={"help": "Added to the EOS of a list of exactly N items."})
+    early_stop_penalty: float = field(default=-0.1, metadata={"help": "Added to the EOS of a list of < N items."})
+    loss_type: str = field(
+        default="bnpo",
+        metadata={"help": "'grpo', 'bnpo', 'dr_grpo', 'dapo' (the code form, TRL's aggregations) or 'rank' (the "
+                          "paper form: -(1/(B N)) sum over items, EOS and overflow tokens outside the loss)."},
+    )
+    epsilon: float = field(default=0.06, metadata={"help": "Lower clip range of the item ratio."})
+    epsilon_high: float | None = field(default=0.08, metadata={"help": "Upper clip range of the item ratio."})
+    use_bias_correction_kl: bool = field(
+        default=False,
+        metadata={"help": "Must stay False: Rank-GRPO's KL is the plain k3 estimator (TRL's default True weights "
+                          "it by the token ratio)."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.rec_num, int) or isinstance(self.rec_num, bool) or self.rec_num < 1:
+            raise ValueError(f"rec_num must be an int >= 1, got {self.rec_num!r}")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"RankGRPOConfig.loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        rank_rewards(torch.zeros(1, self.rec_num), self.reward_kind, self.reward_gamma)  # validates kind and gamma
+        epsilon_high = self.epsilon if self.epsilon_high is None else self.epsilon_high
+        LossConfig(self.epsilon, epsilon_high, self.delta, self.beta, self.loss_type)  # validates the loss settings
+        if self.scale_rewards not in ADVANTAGE_SCALES:
+            raise ValueError(f"scale_rewards must be one of {ADVANTAGE_SCALES}, got {self.scale_rewards!r}")
+        unsupported = [
+            (self.importance_sampling_level != "token",
+             "importance_sampling_level: Rank-GRPO's ratio is per item (the geometric mean over the item's tokens); "
+             "leave it at 'token'"),
+            (self.multi_objective_aggregation != "sum_then_normalize",
+             "multi_objective_aggregation: per-rank rewards are summed with reward_weights, then normalised per rank"),
+            (self.top_entropy_quantile < 1.0, "top_entropy_quantile < 1 (the high-entropy token mask)"),
+            (self.entropy_coef != 0.0 or self.use_adaptive_entropy, "the entropy bonus (entropy_coef, "
+                                                                     "use_adaptive_entropy)"),
+            (self.off_policy_mask_threshold is not None, "off_policy_mask_threshold"),
+            (self.use_bias_correction_kl, "use_bias_correction_kl"),
+            (self.use_vllm and self.vllm_importance_sampling_correction,
+             "vLLM importance-sampling correction: set vllm_importance_sampling_correction=False"),
+        ]
+        for is_set, what in unsupported:
+            if is_set:
+                raise ValueError(f"RankGRPOConfig does not support {what}")
+
+
+def _whole_head(weight: torch.Tensor, bias: torch.Tensor | None):
+    """Context in which the LM head is whole. Under DeepSpeed ZeRO-3 a partitioned head is gathered for no-grad
+    passes (old and reference log-probs); with gradients the fused backward needs it after any gather has ended, so
+    a partitioned head is an error there (``ZERO3_HEAD_MESSAGE``)."""
+    if not is_deepspeed_zero3_enabled():
+        return nullcontext()
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    if torch.is_grad_enabled() and weight.ds_status != ZeroParamStatus.AVAILABLE:
+        raise RuntimeError(ZERO3_HEAD_MESSAGE.format(numel=weight.ds_numel))
+    return maybe_gather_lm_head_ctx(weight, bias)
+
+
+def add_head_forward(model) -> None:
+    """Patch ``model.forward`` so that ``model(input_ids=..., attention_mask=..., rank_grpo_head=fn,
+    rank_grpo_tokens=T)`` returns ``fn(hidden (B, T, H), weight (V, H), bias)`` for the last T tokens.
+
+    The backbone and the fused head then run inside the model's own forward, where DDP prepares its gradient
+    reduction and DeepSpeed its hooks, as TRL's own fused LM head does. Without ``rank_grpo_head`` the forward is
+    the previous one (generation is unchanged).
+    """
+    previous_forward = model.forward
+
+    @functools.wraps(type(model).forward)  # keeps the signature that ``generate`` validates its kwargs against
+    def forward_with_head(self, *args, rank_grpo_head=None, rank_grpo_tokens=None, **kwargs):
+        if rank_grpo_head is None:
+            return previous_forward(*args, **kwargs)
+        hidden = completion_hidden_states(self, kwargs["input_ids"], kwargs["attention_mask"], rank_grpo_tokens)
+        weight, bias = output_head(self)
+        with _whole_head(weight, bias):
+            return call_head(rank_grpo_head, hidden, weight, bias)
+
+    model.forward = types.MethodType(forward_with_head, model)
+
+
+class RankGRPOTrainer(GRPOTrainer):
+    """``GRPOTrainer`` with per-rank rewards, per-rank group advantages and the fused Rank-GRPO loss.
+
+    ``model`` is a path, a hub id or a causal LM (TRL builds the reference model for ``beta > 0`` from its
+    ``config._name_or_path``); ``reward_funcs`` are callables returning ``rec_num`` values per completion (module
+    docstring); ``args`` a ``RankGRPOConfig``. The other arguments are ``GRPOTrainer``'s.
+    """
+
+    _tag_names = ["trl", "grpo", "rank-grpo"]
+    _name = "RankGRPO"
+
+    def __init__(self, model, reward_funcs, args: RankGRPOConfig | None = None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, callbacks=None, optimizers=(None, None),
+                 quantization_config=None, peft_config=None):
+        if args is None:
+            args = RankGRPOConfig(output_dir="RankGRPO")
+        if not isinstance(args, RankGRPOConfig):
+            raise TypeError(f"args must be a RankGRPOConfig (it holds rec_num and the Rank-GRPO settings), got "
+                            f"{type(args).__name__}")
+        for func in reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]:
+            if isinstance(func, (str, torch.nn.Module)):
+                raise TypeError("reward models give one score per completion; RankGRPOTrainer needs per-rank "
+                                f"rewards: wrap the model in a function that returns rec_num values, got {func!r}")
+            if is_async_callable(func):
+                raise TypeError(f"async reward functions are not supported, got {func!r}")
+        super().__init__(model, reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=processing_class, callbacks=callbacks, optimizers=optimizers,
+                         quantization_config=quantization_config, peft_config=peft_config)
+        if self._is_vlm:
+            raise NotImplementedError("RankGRPOTrainer supports text-only models (a tokenizer as processing_class)")
+        if self.is_fsdp_enabled:
+            raise NotImplementedError(FSDP_MESSAGE)
+        if self.aux_loss_enabled:
+            raise NotImplementedError("MoE router losses are not supported: set router_aux_loss_coef=0.0")
+        if self.num_generations_eval < 2:
+            raise ValueError(f"num_generations_eval must be >= 2 (group advantages of one completion are "
+                             f"undefined), got {self.num_generations_eval}")
+        check_plain_logits(self.model)
+
+        device = self.accelerator.device
+        vocab_size = output_head(self.model)[0].shape[0]
+        self._line_table = line_table(self._tokenizer, vocab_size).to(device)  # decodes the vocabulary once
+        self._eos_ids = torch.tensor(self.eos_token_ids, device=device)
+        self._rank_rewards = None  # (B_all, N), set by _calculate_rewards for _generate_and_score_completions
+        add_head_forward(unwrap_peft(self.model))
+        if self.ref_model is not None:
+            add_head_forward(self.accelerator.unwrap_model(self.ref_model))
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        """Call the reward functions with TRL's keyword arguments; keep the weighted per-rank rewards of all
+        processes (B_all, N) and return each function's mean over ranks (B_all, F) for TRL's scalar bookkeeping."""
+        keys = [key for key in inputs[0] if key not in ("prompt", "completion", "completion_ids")]
+        reward_kwargs = {key: [example[key] for example in inputs] for key in keys}
+        reward_kwargs.update(trainer_state=self.state, log_extra=self._log_completion_extra,
+                             log_metric=self._log_metric)
+        per_function = []
+        for func, name in zip(self.reward_funcs, self.reward_func_names, strict=True):
+            output = func(prompts=prompts, completions=completions, completion_ids=completion_ids_list,
+                          **reward_kwargs)
+            if output is None or len(output) != len(prompts):
+                raise ValueError(f"reward function {name!r} returned {'None' if output is None else len(output)} "
+                                 f"entries for {len(prompts)} completions; return one list of rec_num="
+                                 f"{self.args.rec_num} values per completion")
+            values = per_rank_tensor(output, self.args.rec_num, source=f"reward function {name!r}")
+            per_function.append(rank_rewards(values, self.args.reward_kind, self.args.reward_gamma))
+        rewards = self.accelerator.gather(torch.stack(per_function, 1).to(self.accelerator.device))  # (B_all, F, N)
+        self._rank_rewards = (rewards * self.reward_weights.to(rewards.device)[None, :, None]).sum(1)
+        return rewards.mean(2)
+
+    def _generate_and_score_completions(self, inputs):
+        """TRL's generation and scoring, then the rank-level fields: ``advantages`` (B, T) per token in place of
+        TRL's (B,) and ``item_ids`` (B, T) for the loss."""
+        output = super()._generate_and_score_completions(inputs)
+        rewards, self._rank_rewards = self._rank_rewards, None
+        mode = "train" if self.model.training else "eval"
+        output.update(self._rank_fields(output["completion_ids"], output["completion_mask"], rewards, mode))
+        return output
+
+    def _segment(self, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> Segments:
+        """Items of completions (B, T); every EOS id the model declares ends the list."""
+        eos = self.eos_token_ids[0]
+        ids = torch.where(torch.isin(completion_ids, self._eos_ids), eos, completion_ids)
+        return segment_items(ids, completion_mask, self._line_table, self.args.rec_num, eos_token_id=eos,
+                             skip_blank_lines=self.args.skip_blank_lines)
+
+    def _rank_fields(self, completion_ids, completion_mask, rewards, mode: str) -> dict[str, torch.Tensor]:
+        """Per-token advantages and item ids (B, T) of this process's completions, from the per-rank rewards of the
+        batch on all processes (B_all, N): a prompt's G completions may lie on several processes."""
+        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+        advantages = rank_advantages(rewards, num_generations, scale=self.scale_rewards)
+        rows = completion_ids.size(0)
+        start = self.accelerator.process_index * rows
+        segments = self._segment(completion_ids, completion_mask)
+        args = self.args
+        per_token = token_advantages(
+            advantages[start : start + rows], segments, length_shaping=args.length_shaping and self.loss_type != "rank",
+            overflow_penalty=args.overflow_penalty, end_of_list_bonus=args.end_of_list_bonus,
+            early_stop_penalty=args.early_stop_penalty,
+        )
+        self._log_rank_metrics(mode, rewards, segments)
+        return {"advantages": per_token, "item_ids": segments.item_ids_for(self.loss_type)}
+
+    def _log_rank_metrics(self, mode: str, rewards: torch.Tensor, segments: Segments) -> None:
+        """Mean reward of each rank over the whole batch, and how many items the completions emitted."""
+        for rank, value in enumerate(rewards.mean(0).tolist(), start=1):
+            self._metrics[mode][f"rewards/rank_{rank}/mean"].append(value)
+        overflow = segments.overflow_mask.any(1)
+        exact = (segments.items_emitted == segments.max_items) & segments.terminated & ~overflow
+        per_row = torch.stack([segments.items_emitted.float(), exact.float(), overflow.float(),
+                               (segments.terminated & (segments.items_emitted < segments.max_items)).float()], 1)
+        means = self.accelerator.gather(per_row).mean(0).tolist()
+        for name, value in zip(("emitted_mean", "exact_ratio", "overflow_ratio", "early_stop_ratio"), means):
+            self._metrics[mode][f"items/{name}"].append(value)
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **multimodal_inputs):
+        """Log-probs (B, T) of the last ``logits_to_keep`` tokens at the sampling temperature by ``fused_logprobs``
+        (and entropies (B, T) if asked), ``batch_size`` rows at a time; TRL calls it for the old and reference
+        log-probs. Returns ``(logps, entropies or None, None)``."""
+        if compute_aux_loss or any(value is not None for value in multimodal_inputs.values()):
+            raise NotImplementedError("RankGRPOTrainer scores text-only, non-MoE models")
+        targets = input_ids[:, -logits_to_keep:]
+        batch_size = batch_size or input_ids.size(0)
+        logps, entropies = [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            rows = slice(start, start + batch_size)
+
+            def head(hidden, weight, bias, rows=rows):
+                return fused_logprobs(hidden, weight, targets[rows], bias=bias, temperature=self.temperature,
+                                      return_entropy=compute_entropy)
+
+            with self.accelerator.autocast():
+                out = model(input_ids=input_ids[rows], attention_mask=attention_mask[rows], rank_grpo_head=head,
+                            rank_grpo_tokens=logits_to_keep)
+            logps.append(out[0] if compute_entropy else out)
+            entropies.append(out[1] if compute_entropy else None)
+        return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
+
+    def _compute_loss(self, model, inputs):
+        """The fused Rank-GRPO loss of one micro-batch, scaled for gradient accumulation as TRL scales each loss
+        type (``dapo`` by the accumulation window's token count, the others by the number of micro-batches)."""
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], 1)
+        attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], 1)
+        mode = "train" if self.model.training else "eval"
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
+        num_items = None
+        if self.loss_type == "dapo":
+            # TRL's count covers the whole generation batch on all processes: rescale it to one accumulation window
+            # of this process, as GRPOTrainer does.
+            num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                num_items = num_items * accumulation / self.args.steps_per_generation
+
+        def head(hidden, weight, bias):
+            return rank_grpo_loss(
+                hidden, weight, completion_ids, bias=bias, temperature=self.temperature,
+                item_ids=inputs["item_ids"], advantages=inputs["advantages"], completion_mask=completion_mask,
+                old_logps=inputs.get("old_per_token_logps"), ref_logps=inputs.get("ref_per_token_logps"),
+                epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, delta=self.args.delta, beta=self.beta,
+                loss_type=self.loss_type, max_completion_length=self.max_completion_length,
+                num_items_in_batch=num_items, rec_num=self.args.rec_num,
+            )
+
+        with self.accelerator.autocast():
+            loss, stats = model(input_ids=input_ids, attention_mask=attention_mask, rank_grpo_head=head,
+                                rank_grpo_tokens=completion_ids.size(1))
+        tokens = ((inputs["item_ids"] >= 0) & completion_mask.bool()).sum()
+        self._log_token_means(mode, stats, tokens)
+        return loss if self.loss_type == "dapo" else loss / accumulation
+
+    def _log_token_means(self, mode: str, stats: dict[str, torch.Tensor], tokens: torch.Tensor) -> None:
+        """Log the loss statistics as token means over all processes (each process's mean weighted by its tokens)."""
+        names = {"clip_ratio_low": "clip_ratio/low_mean", "clip_ratio_high": "clip_ratio/high_mean",
+                 "clip_ratio_region": "clip_ratio/region_mean", "ratio_mean": "ratio/mean", "kl": "kl"}
+        present = [key for key in names if key in stats]  # no kl without reference log-probs
+        weighted = [stats[key].float() * tokens for key in present] + [tokens.float()]
+        totals = self.accelerator.reduce(torch.stack(weighted), reduction="sum").tolist()
+        for key, total in zip(present, totals[:-1]):
+            self._metrics[mode][names[key]].append(total / max(totals[-1], 1.0))

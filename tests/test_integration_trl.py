@@ -1,0 +1,349 @@
+"""The TRL 1.16 adapter and the plain-loop helpers on the tiny local recommender (CPU, no download).
+
+End to end training, equality with the reference loss from full logits and with TRL's own sequence-level loss,
+segmentation against the reward's ``split_items``, and the errors for bad rewards and settings.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+from datasets import Dataset  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from rankgrpo_kernels import rank_advantages, split_items  # noqa: E402
+from rankgrpo_kernels.integrations.plain import (  # noqa: E402
+    item_hits,
+    per_rank_tensor,
+    rank_grpo_loss_for_model,
+    rank_grpo_step_inputs,
+)
+from rankgrpo_kernels.integrations.tiny_recommender import (  # noqa: E402
+    ALL_TITLES,
+    build_model,
+    build_tiny_recommender,
+    hit_reward,
+)
+from rankgrpo_kernels.integrations.trl import RankGRPOConfig, RankGRPOTrainer, check_trl_version  # noqa: E402
+from rankgrpo_kernels.reference import reference_loss_from_logps  # noqa: E402
+
+REC_NUM = 4
+SAMPLING_METRICS = ("rewards/rank_1/mean", "rewards/rank_4/mean", "items/emitted_mean", "items/exact_ratio")
+LOSS_METRICS = ("clip_ratio/region_mean", "ratio/mean", "kl")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Hidden size 64: one thread is the fastest, and it keeps parallel CI jobs from oversubscribing the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, _one_thread):
+    """The tiny recommender after a short warm start: lists of titles, not yet good ones (enough for these tests)."""
+    return build_tiny_recommender(tmp_path_factory.mktemp("tiny") / "model", rec_num=REC_NUM, warm_steps=60)
+
+
+def fresh_model(world):
+    return LlamaForCausalLM.from_pretrained(world.path)
+
+
+def trl_settings(tmp_path, **overrides) -> dict:
+    """Small, fast, float32 CPU settings shared by RankGRPOConfig and GRPOConfig."""
+    return dict(
+        output_dir=str(tmp_path / "run"), num_generations=4, per_device_train_batch_size=8, max_completion_length=24,
+        max_steps=3, logging_steps=1, learning_rate=1e-3, beta=0.04, seed=0, bf16=False,
+        activation_checkpointing=False, use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True,
+    ) | overrides
+
+
+def rank_config(tmp_path, **overrides) -> RankGRPOConfig:
+    return RankGRPOConfig(**trl_settings(tmp_path, rec_num=REC_NUM) | overrides)
+
+
+def rank_trainer(world, tmp_path, reward=None, **overrides) -> RankGRPOTrainer:
+    return RankGRPOTrainer(model=fresh_model(world), reward_funcs=reward or hit_reward(REC_NUM),
+                           args=rank_config(tmp_path, **overrides), train_dataset=Dataset.from_list(world.rows),
+                           processing_class=world.tokenizer)
+
+
+def scored_batch(trainer, world, prompts: int = 2):
+    """One generation batch as the loss sees it, with the window size ``Trainer.train`` would have set."""
+    torch.manual_seed(0)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    rows = [row for row in world.rows[::7][:prompts] for _ in range(trainer.num_generations)]
+    return trainer._generate_and_score_completions(rows)
+
+
+def test_import_of_the_core_library_needs_neither_trl_nor_transformers():
+    code = ("import sys, rankgrpo_kernels, rankgrpo_kernels.integrations; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'trl', 'transformers', 'datasets'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_importing_the_adapter_without_trl_says_how_to_install_it():
+    code = ("import importlib.metadata as metadata\n"
+            "def missing(name):\n    raise metadata.PackageNotFoundError(name)\n"
+            "metadata.version = missing\n"
+            "import rankgrpo_kernels.integrations.trl\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "ImportError: rankgrpo_kernels.integrations.trl needs TRL: pip install" in result.stderr
+
+
+@pytest.mark.parametrize("installed", ["1.15.2", "1.17.0", "2.0.0"])
+def test_trl_outside_the_supported_range_is_refused(installed):
+    with pytest.raises(ImportError, match=r"trl>=1.16,<1.17"):
+        check_trl_version(installed)
+    check_trl_version("1.16.4")
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    (dict(num_generations=1), "at least 2 generations"),
+    (dict(loss_type="cispo"), "loss_type must be one of"),
+    (dict(importance_sampling_level="sequence"), "importance_sampling_level"),
+    (dict(reward_kind="exp"), "gamma"),
+    (dict(use_bias_correction_kl=True), "use_bias_correction_kl"),
+    (dict(rec_num=0), "rec_num"),
+])
+def test_config_rejects_unsupported_settings(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        rank_config(tmp_path, **overrides)
+
+
+def test_trainer_rejects_one_eval_generation_and_reward_models(world, tmp_path):
+    with pytest.raises(ValueError, match="num_generations_eval must be >= 2"):
+        rank_trainer(world, tmp_path, num_generations_eval=1)
+    with pytest.raises(TypeError, match="per-rank rewards"):
+        RankGRPOTrainer(model=fresh_model(world), reward_funcs=fresh_model(world), args=rank_config(tmp_path),
+                        train_dataset=Dataset.from_list(world.rows), processing_class=world.tokenizer)
+
+
+@pytest.mark.parametrize(("output", "match"), [
+    ([[1.0, 0.0, 0.0], [0.0] * REC_NUM], "gave 3 values for completion 0, expected rec_num=4"),
+    ([[0.0] * REC_NUM, None], "gave None for completion 1"),
+    ([[0.0, float("nan"), 0.0, 0.0], [0.0] * REC_NUM], "nan at rank 1 of completion 0"),
+    ([[0.0, None, 0.0, 0.0], [0.0] * REC_NUM], "None at rank 1 of completion 0"),
+    ([1.0, 0.0], "not one number"),
+    ([[0.0] * REC_NUM], "returned 1 entries for 2 completions"),
+])
+def test_bad_reward_outputs_get_clear_errors(world, tmp_path, output, match):
+    def bad_reward(completions, **kwargs):
+        return output
+
+    trainer = rank_trainer(world, tmp_path, reward=bad_reward, beta=0.0)
+    with pytest.raises(ValueError, match=match) as error:
+        trainer._calculate_rewards([{"prompt": "p"}] * 2, ["p"] * 2, ["a", "b"], [[1], [2]])
+    assert "bad_reward" in str(error.value)
+
+
+def test_rewards_are_weighted_per_rank_and_summarised_for_trl(world, tmp_path):
+    def first_rank(completions, **kwargs):
+        return [[1.0, 0.0, 0.0, 0.0] for _ in completions]
+
+    def all_hits(completions, **kwargs):
+        return [[1.0] * REC_NUM for _ in completions]
+
+    trainer = rank_trainer(world, tmp_path, reward=[first_rank, all_hits], reward_weights=[2.0, 0.5], beta=0.0,
+                           reward_kind="dcg")
+    summary = trainer._calculate_rewards([{"prompt": "p"}] * 2, ["p"] * 2, ["a", "b"], [[1], [2]])
+    dcg = 1 / torch.log2(torch.arange(REC_NUM) + 2.0)
+    expected = 2.0 * torch.tensor([dcg[0], 0, 0, 0]) + 0.5 * dcg.flip(0).cumsum(0).flip(0)
+    torch.testing.assert_close(trainer._rank_rewards, expected.expand(2, REC_NUM))
+    assert summary.shape == (2, 2)  # one mean over ranks per reward function, for TRL's logs
+
+
+def any_title_hits(completions, **kwargs):
+    """Per-rank hits for any catalogue title: the barely warm-started model scores some, so advantages are not 0."""
+    return [item_hits(text, ALL_TITLES, REC_NUM) for text in completions]
+
+
+@pytest.mark.parametrize(("loss_type", "num_iterations"), [("bnpo", 1), ("rank", 2)])
+def test_end_to_end_training_steps(world, tmp_path, loss_type, num_iterations):
+    trainer = rank_trainer(world, tmp_path, reward=any_title_hits, loss_type=loss_type, num_iterations=num_iterations)
+    seen_old_logps, compute_loss = [], trainer._compute_loss
+
+    def recording_compute_loss(model, inputs):
+        seen_old_logps.append("old_per_token_logps" in inputs)
+        return compute_loss(model, inputs)
+
+    trainer._compute_loss = recording_compute_loss
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 3 and all(torch.isfinite(torch.tensor(entry["loss"])) for entry in logs)
+    assert all(name in entry for entry in logs for name in LOSS_METRICS)
+    assert all(name in logs[0] for name in SAMPLING_METRICS)  # logged where completions were sampled
+    assert logs[0]["rewards/any_title_hits/std"] > 0
+    assert any((b != a).any() for b, a in zip(before, trainer.model.parameters()))
+    assert all(seen_old_logps) == (num_iterations > 1)  # off-policy reuse needs the behaviour log-probs
+
+
+def reference_from_full_logits(model, inputs, temperature, **loss_kwargs):
+    """The spec's loss from the model's own full logits (B, T, V), nothing fused."""
+    completion_ids = inputs["completion_ids"]
+    T = completion_ids.shape[1]
+    logits = model(input_ids=torch.cat([inputs["prompt_ids"], completion_ids], 1),
+                   attention_mask=torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)).logits
+    logps = (logits[:, -T - 1 : -1] / temperature).log_softmax(-1).gather(-1, completion_ids[..., None])[..., 0]
+    return reference_loss_from_logps(
+        logps, inputs["item_ids"], inputs["advantages"], inputs["completion_mask"], inputs["old_per_token_logps"],
+        inputs["ref_per_token_logps"], **loss_kwargs,
+    )[0]
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "rank"])
+def test_fused_loss_and_gradients_equal_the_reference_from_full_logits(world, tmp_path, loss_type):
+    trainer = rank_trainer(world, tmp_path, loss_type=loss_type, temperature=0.7, epsilon=0.06, epsilon_high=0.08)
+    inputs = scored_batch(trainer, world)
+    trainer.model.double()
+    noise = torch.Generator().manual_seed(1)
+    for key in ("ref_per_token_logps", "advantages"):
+        inputs[key] = inputs[key].double()
+    # Behaviour log-probs off the current ones, so that item ratios move and some clip.
+    with torch.no_grad():
+        current = trainer._get_per_token_logps_and_entropies(
+            trainer.model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1), inputs["completion_ids"].shape[1])[0]
+    inputs["old_per_token_logps"] = current + 0.1 * torch.randn(current.shape, generator=noise, dtype=torch.float64)
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+
+    fused = trainer._compute_loss(trainer.model, inputs)
+    fused_grads = torch.autograd.grad(fused, params)
+    reference = reference_from_full_logits(
+        trainer.model, inputs, 0.7, epsilon_low=0.06, epsilon_high=0.08, beta=0.04, loss_type=loss_type,
+        max_completion_length=trainer.max_completion_length, num_items_in_batch=inputs["num_items_in_batch"].item(),
+        rec_num=REC_NUM,
+    )
+    reference_grads = torch.autograd.grad(reference, params)
+
+    torch.testing.assert_close(fused, reference, rtol=1e-9, atol=1e-12)
+    for fused_grad, reference_grad in zip(fused_grads, reference_grads):
+        torch.testing.assert_close(fused_grad, reference_grad, rtol=1e-7, atol=1e-10)
+    assert trainer._metrics["train"]["clip_ratio/region_mean"][-1] > 0  # the clipped branch was exercised
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_one_item_per_completion_equals_trl_sequence_level_loss(world, tmp_path, loss_type):
+    """With one item per completion (no newline, no EOS) the item ratio is TRL's sequence-level ratio (GSPO)."""
+    settings = dict(loss_type=loss_type, epsilon=0.1, epsilon_high=0.15, temperature=0.8)
+    rank = rank_trainer(world, tmp_path, reward=hit_reward(1), rec_num=1, length_shaping=False, **settings)
+    trl_args = GRPOConfig(**trl_settings(tmp_path, importance_sampling_level="sequence", use_bias_correction_kl=False,
+                                         **settings))
+    trl = GRPOTrainer(model=fresh_model(world), reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+                      args=trl_args, train_dataset=Dataset.from_list(world.rows), processing_class=world.tokenizer)
+    inputs = scored_batch(rank, world)
+    trl.model.train()
+    trl.current_gradient_accumulation_steps = 1
+
+    # Completions of content tokens only: one item each, and no EOS, so no length shaping either.
+    completion_ids = inputs["completion_ids"]
+    content = (rank._line_table[completion_ids, 0] == 0) & ~torch.isin(completion_ids, rank._eos_ids)
+    completion_ids = torch.where(content, completion_ids, world.tokenizer.convert_tokens_to_ids("Star"))
+    inputs["completion_ids"] = completion_ids
+    rank.model.double(), trl.model.double()
+    sequences = torch.cat([inputs["prompt_ids"], completion_ids], 1)
+    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    with torch.no_grad():
+        current, _, _ = rank._get_per_token_logps_and_entropies(rank.model, sequences, attention_mask,
+                                                                completion_ids.shape[1])
+    noise = torch.Generator().manual_seed(2)
+    row_shift = 0.2 * torch.randn(current.shape[0], 1, generator=noise, dtype=current.dtype)  # ratios beyond the clip
+    inputs["old_per_token_logps"] = current + row_shift + 0.1 * torch.randn(current.shape, generator=noise,
+                                                                            dtype=current.dtype)
+    inputs["ref_per_token_logps"] = current + 0.1 * torch.randn(current.shape, generator=noise, dtype=current.dtype)
+    rewards = torch.rand(completion_ids.shape[0], 1, generator=noise, dtype=torch.float64)
+    rank_inputs = {**inputs, **rank._rank_fields(completion_ids, inputs["completion_mask"], rewards, "train")}
+    assert (rank_inputs["item_ids"][inputs["completion_mask"].bool()] == 0).all()
+    trl_inputs = {**inputs, "advantages": rank_advantages(rewards, num_generations=4)[:, 0]}  # TRL's (B,) form
+
+    rank_loss = rank._compute_loss(rank.model, rank_inputs)
+    trl_loss = trl._compute_loss(trl.model, trl_inputs)
+    # TRL's chunked log-prob kernel works in float32 even for a float64 model: float32 tolerances.
+    torch.testing.assert_close(rank_loss, trl_loss, rtol=1e-5, atol=1e-8)
+    for mine, theirs in zip(torch.autograd.grad(rank_loss, list(rank.model.parameters())),
+                            torch.autograd.grad(trl_loss, list(trl.model.parameters()))):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5 * theirs.abs().max().item())
+    assert trl._metrics["train"]["clip_ratio/region_mean"][-1] > 0  # some sequence ratios were clipped
+
+
+ALIGNMENT_TEXTS = [
+    "Here are my picks:\n\nStar Harbor\n\n\nMoon Drift\nOrbit Nine",  # preamble, "\n\n" tokens, blank lines
+    "\n\nStar Harbor\nMoon Drift\n\n",  # leading and trailing blank lines
+    "Star Harbor\n \nMoon Drift\nOrbit Nine\nVoid Runner\nGalaxy Ward",  # a whitespace line, overflow past N
+    "Quiet River\nLetters Home\nPaper Crowns\nSilent Field",  # exactly N
+]
+
+
+def test_segments_agree_with_the_items_the_reward_sees(world, tmp_path):
+    trainer = rank_trainer(world, tmp_path, beta=0.0, num_generations=2, skip_blank_lines=True, length_shaping=False)
+    tokenizer = world.tokenizer
+    rows = [tokenizer(text)["input_ids"] + [tokenizer.eos_token_id] for text in ALIGNMENT_TEXTS]
+    assert any("\n\n" in tokenizer.decode([t]) for row in rows for t in row), "the test needs '\\n\\n' tokens"
+    width = max(map(len, rows))
+    ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows])
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
+    segments = trainer._segment(ids, mask)
+
+    for i, text in enumerate(ALIGNMENT_TEXTS):
+        items = split_items(text)
+        assert segments.items_emitted[i] == len(items)
+        for k, item in enumerate(items[:REC_NUM]):
+            tokens = ids[i][(segments.item_ids[i] == k) & segments.content_mask[i]]
+            assert tokenizer.decode(tokens).strip() == item
+
+    # A hit at rank 2 that the reward function finds lands on the tokens of item 2, and only there.
+    reward = hit_reward(REC_NUM)
+    for i, text in enumerate(ALIGNMENT_TEXTS):
+        relevant = [split_items(text)[1]]
+        hits = reward(completions=[text, ""], relevant=[relevant, relevant])
+        assert hits[0] == [0.0, 1.0, 0.0, 0.0]
+        pair = torch.stack([ids[i], torch.full_like(ids[i], tokenizer.pad_token_id)])
+        pair_mask = torch.stack([mask[i], torch.zeros_like(mask[i])])
+        pair_mask[1, 0], pair[1, 0] = 1, tokenizer.eos_token_id  # an empty list: EOS only
+        fields = trainer._rank_fields(pair, pair_mask, per_rank_tensor(hits, REC_NUM), "train")
+        on_item_2 = (trainer._segment(pair, pair_mask).item_ids[0] == 1) & (pair != tokenizer.eos_token_id)[0]
+        assert (fields["advantages"][0][on_item_2] > 0).all()
+        assert (fields["advantages"][0][~on_item_2] == 0).all()
+
+
+@pytest.mark.parametrize("tie_word_embeddings", [True, False])
+@pytest.mark.parametrize("loss_type", ["bnpo", "rank"])
+def test_plain_loop_loss_equals_the_reference_from_full_logits(world, tie_word_embeddings, loss_type):
+    model = build_model(world.tokenizer, tie_word_embeddings=tie_word_embeddings).double()
+    tokenizer = world.tokenizer
+    texts = ["Star Harbor\nMoon Drift\nOrbit Nine\nVoid Runner", "Star Harbor\n\nGrave Tide",
+             "Lucky Socks\nStar Harbor\nMoon Drift\nSignal Lost\nQuiet River", "Here:\nMoon Drift"]
+    completions = [tokenizer(text)["input_ids"] + [tokenizer.eos_token_id] for text in texts]
+    prompts = [tokenizer(world.rows[i]["prompt"])["input_ids"] for i in (0, 0, 50, 50)]
+    hits = [item_hits(text, world.rows[0]["relevant"], REC_NUM) for text in texts]
+    batch = rank_grpo_step_inputs(tokenizer, prompts, completions, hits, num_generations=2, rec_num=REC_NUM)
+    batch.rank_advantages, batch.token_advantages = batch.rank_advantages.double(), batch.token_advantages.double()
+    assert batch.rank_advantages.abs().sum() > 0
+
+    loss, _ = rank_grpo_loss_for_model(model, batch, temperature=0.9, loss_type=loss_type)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    T = batch.completion_ids.shape[1]
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, -T - 1 : -1]
+    logps = (logits / 0.9).log_softmax(-1).gather(-1, batch.completion_ids[..., None])[..., 0]
+    advantages = (batch.rank_advantages.gather(1, batch.segments.item_ids.clamp(0, REC_NUM - 1))
+                  * batch.segments.content_mask if loss_type == "rank" else batch.token_advantages)
+    reference, _ = reference_loss_from_logps(logps, batch.segments.item_ids_for(loss_type), advantages,
+                                             batch.completion_mask, loss_type=loss_type, rec_num=REC_NUM,
+                                             epsilon_low=0.06, epsilon_high=0.08)
+    torch.testing.assert_close(loss, reference, rtol=1e-9, atol=1e-12)
+    for fused_grad, reference_grad in zip(grads, torch.autograd.grad(reference, list(model.parameters()))):
+        torch.testing.assert_close(fused_grad, reference_grad, rtol=1e-7, atol=1e-10)
