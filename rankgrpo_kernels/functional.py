@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from . import backends, ops
+from . import backends, distributed, ops
 from .config import memory_budget, validate_values
 from .segment_loss import LossConfig, TokenBatch, dense_groups, stats_dict
 
@@ -207,6 +207,7 @@ def _check_head(hidden, weight, target_ids, bias, temperature):
         raise ValueError(f"hidden must be (B, T, H), got shape {tuple(hidden.shape)}")
     B, T, H = hidden.shape
     _check_tensor(weight, "weight", None, "float", hidden.device)
+    distributed.check_not_sharded_parameter(weight)
     if weight.dim() != 2 or weight.shape[1] != H:
         raise ValueError(f"weight must be (V, H) with H={H} (hidden's last dim), got {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
@@ -251,6 +252,7 @@ def rank_grpo_loss(
     compute_entropy: bool = False,
     backend: str = "auto",
     memory_budget_bytes: int | None = None,
+    process_group=None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Fused Rank-GRPO loss from the last hidden states and the LM head, without a (tokens x vocab) logits tensor.
 
@@ -261,6 +263,9 @@ def rank_grpo_loss(
     ``backend``: ``"auto"`` (the fastest available for the device) or ``"torch"`` (chunked, any device).
     ``memory_budget_bytes`` bounds the logits scratch (default ``RANKGRPO_MEMORY_BUDGET`` or 32 MiB).
     ``compute_entropy=True`` adds the mean entropy of the policy over the loss tokens to the statistics.
+    ``process_group``: with a vocabulary-parallel head, ``weight`` and ``bias`` hold this rank's rows (shards in
+    rank order, uneven allowed) and ``target_ids`` stay global; ``d_weight`` stays local, ``d_hidden`` is
+    all-reduced, and every rank gets the same loss (``distributed.py``).
 
     Returns:""" + _LOSS_DOC + """
     Equivalent PyTorch (holding all logits)::
@@ -276,16 +281,31 @@ def rank_grpo_loss(
         max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch, rec_num=rec_num,
         entropy=None,
     )
-    _raise_on_bad_values(checks + _target_checks(target_ids, weight.shape[0], batch.mask))
+    vocab_start, vocab = _vocabulary(weight, process_group)
+    _raise_on_bad_values(checks + _target_checks(target_ids, vocab, batch.mask))
     # Targets outside the loss may be anything (padding, -100): point them at row 0 so gathers stay in range.
     targets = torch.where(batch.mask, target_ids, 0).reshape(-1)
+    hidden2d = hidden.reshape(B * T, hidden.shape[-1])
+    backend = backends.choose(backend, hidden.device, hidden.dtype)
+    budget = memory_budget(memory_budget_bytes)
     old, ref, adv, group, mask, normaliser, _, *settings = _loss_operands(batch, cfg)
-    loss, stats, _, _ = ops.fused_loss(
-        hidden.reshape(B * T, hidden.shape[-1]), weight, bias, targets, old, ref, adv, group, mask, normaliser,
-        *settings, float(temperature), bool(compute_entropy), memory_budget(memory_budget_bytes),
-        backends.choose(backend, hidden.device, hidden.dtype),
-    )
+    if process_group is None:
+        loss, stats, _, _ = ops.fused_loss(hidden2d, weight, bias, targets, old, ref, adv, group, mask, normaliser,
+                                           *settings, float(temperature), bool(compute_entropy), budget, backend)
+    else:
+        logp, entropy = distributed.sharded_logprobs(hidden2d, weight, bias, targets, vocab_start, float(temperature),
+                                                     budget, backend, bool(compute_entropy), process_group)
+        entropy = entropy.view(B, T) if entropy is not None else None
+        loss, stats, _ = ops.loss_from_logps(logp.view(B, T), old, ref, adv, group, mask, normaliser, entropy,
+                                             *settings, backends.choose("auto", logp.device, logp.dtype))
     return loss, stats_dict(stats.detach(), ref_logps is not None, compute_entropy)
+
+
+def _vocabulary(weight, process_group):
+    """(first row of this rank's head, total vocabulary size)."""
+    if process_group is None:
+        return 0, weight.shape[0]
+    return distributed.shard_range(weight, process_group)
 
 
 def fused_logprobs(
@@ -298,20 +318,27 @@ def fused_logprobs(
     return_entropy: bool = False,
     backend: str = "auto",
     memory_budget_bytes: int | None = None,
+    process_group=None,
 ):
     """Per-token log-probs (B, T) of ``target_ids`` (and entropies if asked) without a (tokens x vocab) tensor.
 
     ``logp[b, t] = log softmax((hidden[b, t] @ weight.T + bias) / temperature)[target_ids[b, t]]``, returned in
     float32 (float64 for float64 inputs); the entropy ``-sum_v p log p`` comes back as a second (B, T) tensor
     without gradient. Gradients of the log-probs flow to ``hidden``, ``weight`` and ``bias``. Use it under
-    ``torch.no_grad()`` for old and reference log-probs. Shapes and dtypes as in ``rank_grpo_loss``.
+    ``torch.no_grad()`` for old and reference log-probs. Shapes and dtypes as in ``rank_grpo_loss``, and so is
+    ``process_group`` (a vocabulary-parallel head).
     """
     B, T = _check_head(hidden, weight, target_ids, bias, temperature)
     mask = torch.ones_like(target_ids, dtype=torch.bool)
-    _raise_on_bad_values(_target_checks(target_ids, weight.shape[0], mask))
-    logp, _, entropy = ops.fused_logprobs(
-        hidden.reshape(B * T, hidden.shape[-1]), weight, bias, target_ids.reshape(-1), float(temperature),
-        memory_budget(memory_budget_bytes), bool(return_entropy), backends.choose(backend, hidden.device, hidden.dtype),
-    )
+    vocab_start, vocab = _vocabulary(weight, process_group)
+    _raise_on_bad_values(_target_checks(target_ids, vocab, mask))
+    head = (hidden.reshape(B * T, hidden.shape[-1]), weight, bias, target_ids.reshape(-1))
+    budget = memory_budget(memory_budget_bytes)
+    backend = backends.choose(backend, hidden.device, hidden.dtype)
+    if process_group is None:
+        logp, _, entropy = ops.fused_logprobs(*head, float(temperature), budget, bool(return_entropy), backend)
+    else:
+        logp, entropy = distributed.sharded_logprobs(*head, vocab_start, float(temperature), budget, backend,
+                                                     bool(return_entropy), process_group)
     logp = logp.view(B, T)
     return (logp, entropy.view(B, T).detach()) if return_entropy else logp

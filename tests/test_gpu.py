@@ -84,3 +84,20 @@ def test_compiles_fullgraph_on_gpu():
                              fullgraph=True)
     torch.testing.assert_close(compiled(hidden, weight),
                                rank_grpo_loss(hidden, weight, targets, backend="triton", **kwargs)[0])
+
+
+def test_one_rank_nccl_matches_unsharded(tmp_path):
+    """A single GPU shows the NCCL path (collectives on CUDA tensors); several ranks are covered with gloo."""
+    import torch.distributed as dist
+
+    hidden, weight, targets, kwargs = _batch(2, 256, 896, 32000, torch.bfloat16)
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        sharded, _ = rank_grpo_loss(hidden, weight, targets, process_group=dist.group.WORLD, **kwargs)
+        sharded_grads = torch.autograd.grad(sharded, (hidden, weight))
+    finally:
+        dist.destroy_process_group()
+    whole, _ = rank_grpo_loss(hidden, weight, targets, **kwargs)
+    torch.testing.assert_close(sharded, whole, rtol=1e-5, atol=1e-6)
+    for got, want in zip(sharded_grads, torch.autograd.grad(whole, (hidden, weight))):
+        assert _relative(got, want) < 1e-2

@@ -4,7 +4,8 @@
     logprob_backward(hidden, weight, bias, targets, temperature, lse, grad_logp, budget_bytes, needs) -> dh, dW, db
     segment_loss(batch, cfg) -> loss, stats, grad_logp
 
-over flattened tokens (hidden (N, H), targets (N,)). ``torch`` runs anywhere; ``triton`` needs Triton and a CUDA
+over flattened tokens (hidden (N, H), targets (N,)). A target outside [0, V) lies in another vocabulary shard: it
+adds no target logit in the forward and no one-hot term in the backward (``distributed.py`` builds on this). ``torch`` runs anywhere; ``triton`` needs Triton and a CUDA
 GPU (or ``TRITON_INTERPRET=1``); ``auto`` picks Triton for CUDA tensors of fp32/bf16/fp16 when it imports.
 """
 

@@ -38,7 +38,10 @@ def _logits_tile(h, weight, bias, v0, v1, inv_temperature, acc):
 
 
 def logprob_forward(hidden, weight, bias, targets, temperature, budget_bytes, return_entropy=False):
-    """hidden (N, H), weight (V, H), bias (V,) or None, targets (N,) -> logp, lse, entropy-or-None, each (N,)."""
+    """hidden (N, H), weight (V, H), bias (V,) or None, targets (N,) -> logp, lse, entropy-or-None, each (N,).
+
+    A target outside [0, V) (one in another rank's vocabulary shard) has target logit 0: logp = -lse.
+    """
     N, V = hidden.shape[0], weight.shape[0]
     acc = _acc_dtype(hidden.dtype)
     inv_t = 1.0 / temperature
@@ -66,9 +69,12 @@ def logprob_forward(hidden, weight, bias, targets, temperature, budget_bytes, re
             entropy[t0 : t0 + token_chunk] = lse[t0 : t0 + token_chunk] - sum_exp_z / sum_exp
         # The target logit from the target's weight row: a dot product per token, no tile needed.
         y = targets[t0 : t0 + token_chunk]
+        in_vocab = (y >= 0) & (y < V)
+        y = y.clamp(0, V - 1)
         target_logit = (h.unsqueeze(1) @ weight[y].unsqueeze(2)).view(-1).to(acc)
         if bias is not None:
             target_logit += bias[y].to(acc)
+        target_logit = torch.where(in_vocab, target_logit, 0)
         logp[t0 : t0 + token_chunk] = target_logit * inv_t - lse[t0 : t0 + token_chunk]
     return logp, lse, entropy
 

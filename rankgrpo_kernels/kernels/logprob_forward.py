@@ -83,7 +83,9 @@ def _logprob_partials_kernel(
         if WITH_ENTROPY:
             sum_exp_z = sum_exp_z * rescale + tl.sum(tl.where(col_ok[None, :], p * z, 0.0), axis=1)
         running_max = new_max
-        target_logit += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+        # A target past the split (the vocabulary tail, another rank's shard) must not pick a masked -inf.
+        is_target = (cols[None, :] == y[:, None]) & col_ok[None, :]
+        target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
     out = split.to(tl.int64) * N + rows
     tl.store(max_ptr + out, running_max, mask=row_ok)
     tl.store(sum_exp_ptr + out, sum_exp, mask=row_ok)

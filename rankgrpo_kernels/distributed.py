@@ -1,0 +1,107 @@
+"""Vocabulary-parallel LM heads: each rank holds rows ``[start_r, start_r + V_r)`` of the head (uneven shards are
+fine) and the loss never gathers the head or a (tokens x vocab) tensor.
+
+Per token, rank r runs its backend on its shard and gets ``lse_r`` (log-sum-exp over its rows), the target logit
+``z_y`` if the target is one of its rows (0 otherwise) and, for the entropy, ``E_r[z]`` under its local softmax.
+Three all-reduces combine them:
+
+    lse = log sum_r exp(lse_r)             (max, then sum of exp(lse_r - max))
+    logp = sum_r z_y,r - lse
+    entropy = lse - sum_r exp(lse_r - lse) E_r[z]
+
+The O(N) segment loss then runs identically on every rank. In the backward each rank forms ``dZ`` for its rows with
+the global ``lse``, keeps ``d_weight`` and ``d_bias`` local and all-reduces ``d_hidden``. Since this lives at the
+level of the backends' log-probs, it works for every backend.
+
+Equivalent PyTorch (on one rank holding the whole head)::
+
+    logp = ((hidden @ weight.T + bias) / T).log_softmax(-1).gather(-1, targets[..., None])[..., 0]
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from . import backends
+
+
+def shard_range(weight: torch.Tensor, group) -> tuple[int, int]:
+    """(first row of this rank's shard, total vocabulary): shards are laid out in rank order."""
+    rank = dist.get_rank(group)
+    sizes = torch.zeros(dist.get_world_size(group), dtype=torch.int64, device=weight.device)
+    sizes[rank] = weight.shape[0]
+    sizes = _all_reduce(sizes, dist.ReduceOp.SUM, group)  # one small collective per call (and one host sync)
+    return int(sizes[:rank].sum()), int(sizes.sum())
+
+
+def check_not_sharded_parameter(weight: torch.Tensor) -> None:
+    """Refuse heads that FSDP2 or DeepSpeed ZeRO-3 shard, naming the fix: this library wants the rank's rows."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without DTensor
+        DTensor = ()
+    if isinstance(weight, DTensor):
+        raise TypeError(
+            "weight is an FSDP2/DTensor parameter. Gather the head once per step (weight.full_tensor(), or "
+            "fsdp_module.unshard()) and pass the full tensor, or pass a vocabulary shard (weight.to_local() of a "
+            "Shard(0) placement) with process_group= set"
+        )
+    if hasattr(weight, "ds_id") and weight.numel() == 0:
+        raise TypeError(
+            "weight is a DeepSpeed ZeRO-3 partitioned parameter (no data on this rank). Gather it for the step with "
+            "deepspeed.zero.GatheredParameters([weight]) or keep the head unpartitioned "
+            "(stage3_param_persistence_threshold above its size)"
+        )
+
+
+def _device_for_collectives(tensor: torch.Tensor, group) -> torch.Tensor:
+    return tensor if dist.get_backend(group) != "gloo" or tensor.device.type == "cpu" else tensor.cpu()
+
+
+def _all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
+    moved = _device_for_collectives(tensor, group)
+    dist.all_reduce(moved, op=op, group=group)
+    return moved.to(tensor.device) if moved is not tensor else tensor
+
+
+class ShardedLogprobs(torch.autograd.Function):
+    """(hidden (N, H), weight shard (V_r, H), bias shard, global targets (N,), the shard's first row)
+    -> (logp (N,), entropy (N,) or None)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, vocab_start, temperature, budget, backend, return_entropy, group):
+        local_targets = targets - vocab_start  # outside [0, V_r): another rank's row
+        impl = backends.load(backend)
+        logp_r, lse_r, entropy_r = impl.logprob_forward(hidden, weight, bias, local_targets, temperature, budget,
+                                                        return_entropy)
+        target_logit = _all_reduce(logp_r + lse_r, dist.ReduceOp.SUM, group)  # z_y on one rank, 0 on the others
+        lse_max = _all_reduce(lse_r.clone(), dist.ReduceOp.MAX, group)
+        lse = lse_max + torch.log(_all_reduce(torch.exp(lse_r - lse_max), dist.ReduceOp.SUM, group))
+        entropy = None
+        if return_entropy:
+            mean_logit = _all_reduce(torch.exp(lse_r - lse) * (lse_r - entropy_r), dist.ReduceOp.SUM, group)
+            entropy = lse - mean_logit
+            ctx.mark_non_differentiable(entropy)
+        ctx.save_for_backward(hidden, weight, bias, local_targets, lse)
+        ctx.settings = (temperature, budget, backend, group)
+        return target_logit - lse, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):
+        hidden, weight, bias, local_targets, lse = ctx.saved_tensors
+        temperature, budget, backend, group = ctx.settings
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias is not None)
+        # Every rank needs the same d_hidden contributions in: the loss's gradient is identical on all ranks.
+        d_hidden, d_weight, d_bias = backends.load(backend).logprob_backward(
+            hidden, weight, bias, local_targets, temperature, lse, grad_logp.contiguous(), budget, needs)
+        if d_hidden is not None:
+            d_hidden = _all_reduce(d_hidden, dist.ReduceOp.SUM, group)
+        return d_hidden, d_weight, d_bias, None, None, None, None, None, None, None
+
+
+def sharded_logprobs(hidden2d, weight, bias, targets, vocab_start, temperature, budget, backend, return_entropy,
+                     group):
+    """Log-probs (N,) and entropies (N,) or None over a vocabulary-parallel head; see the module docstring."""
+    return ShardedLogprobs.apply(hidden2d, weight, bias, targets, vocab_start, temperature, budget, backend,
+                                 return_entropy, group)
