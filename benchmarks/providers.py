@@ -48,6 +48,8 @@ def _ours(backend):
 
 
 def _compiled(batch):
+    if batch.hidden.device.type == "cpu" and not COMPILE_ON_CPU:
+        raise Unavailable("compiling the (N x V) graph takes minutes on a CPU: ask for it with --providers")
     compiled = torch.compile(reference_loss)
     return lambda: compiled(batch.hidden, batch.weight, batch.target_ids, **batch.loss_inputs, **LOSS_SETTINGS)[0]
 
@@ -114,7 +116,4 @@ PROVIDERS = {
 TOKEN_LEVEL = {"liger"}
 
 
-def default_providers(device_type: str) -> list[str]:
-    # torch.compile of a (N x V) graph compiles for minutes on a 2-core CPU: asked for explicitly there.
-    names = list(PROVIDERS)
-    return names if device_type == "cuda" else [n for n in names if n != "compile"]
+COMPILE_ON_CPU = False  # set by run.py when --providers names "compile"

@@ -32,8 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import providers  # noqa: E402
 from providers import (  # noqa: E402
-    LOSS_SETTINGS, PROVIDERS, TOKEN_LEVEL, Batch, Unavailable, default_providers, token_level_inputs,
+    LOSS_SETTINGS, PROVIDERS, TOKEN_LEVEL, Batch, Unavailable, token_level_inputs,
 )
 from shapes import ALL_SHAPES, HeadShape, default_shapes, parse_shape  # noqa: E402
 
@@ -358,7 +359,8 @@ def main(argv=None):
         loss_fn = PROVIDERS[args.measure_memory][1](batch)
         print(json.dumps({"peak_bytes": peak_memory_here(loss_fn, batch, device)}))
         return 0
-    names = args.providers.split(",") if args.providers else default_providers(device.type)
+    names = args.providers.split(",") if args.providers else list(PROVIDERS)
+    providers.COMPILE_ON_CPU = bool(args.providers) and "compile" in names
     unknown = set(names) - set(PROVIDERS)
     if unknown:
         raise SystemExit(f"unknown providers {sorted(unknown)}; choose from {list(PROVIDERS)}")
