@@ -1,9 +1,44 @@
-"""Build script. Metadata lives in pyproject.toml; today the install is pure Python.
+"""Build script. Metadata lives in pyproject.toml.
 
-The optional CUDA extension (csrc/) is built here once it exists, and only when both a CUDA toolchain and a
-CUDA-enabled torch are present; every other machine gets the plain install.
+The optional CUDA extension ``rankgrpo_kernels._cuda`` (``csrc/``: the kernels of ``backend="cuda"``) is built only
+when torch is importable at build time, is a CUDA build, and a CUDA toolchain (nvcc under ``CUDA_HOME``) is found.
+pip's build isolation hides the installed torch, so prebuilding takes ``pip install --no-build-isolation .``; every
+other install is the plain pure-Python one, and ``backend="cuda"`` then compiles ``csrc/`` just in time on first
+use. ``RANKGRPO_BUILD_CUDA=0`` skips the extension, ``RANKGRPO_BUILD_CUDA=1`` makes a missing prerequisite an error.
 """
+
+import os
+from pathlib import Path
 
 from setuptools import setup
 
-setup()
+CSRC = Path("csrc")
+
+
+def cuda_build_options() -> dict:
+    """``setup()`` keywords that build the extension, or {} (with the reason printed) when it cannot be built."""
+    mode = os.environ.get("RANKGRPO_BUILD_CUDA", "auto")
+    if mode == "0":
+        return {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        missing = "torch is not importable at build time (pip's build isolation hides it: --no-build-isolation)"
+    else:
+        if torch.version.cuda is None:
+            missing = "this torch is a CPU-only build"
+        elif cpp_extension.CUDA_HOME is None:
+            missing = "no CUDA toolkit found (install nvcc and set CUDA_HOME)"
+        else:
+            sources = [str(CSRC / "binding.cpp"), *map(str, sorted(CSRC.glob("*.cu")))]
+            extension = cpp_extension.CUDAExtension("rankgrpo_kernels._cuda", sources,
+                                                    extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
+            return {"ext_modules": [extension], "cmdclass": {"build_ext": cpp_extension.BuildExtension}}
+    if mode == "1":
+        raise RuntimeError(f"RANKGRPO_BUILD_CUDA=1 but the CUDA extension cannot be built: {missing}")
+    print(f"rankgrpo-kernels: installing without the CUDA extension ({missing}); backend='cuda' builds it on first use")
+    return {}
+
+
+setup(**cuda_build_options())

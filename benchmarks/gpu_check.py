@@ -1,6 +1,6 @@
 """The GPU check, in one call of under 8 minutes: the GPU tests, then fwd+bwd at the Qwen2.5-0.5B head
 (H=896, V=151936) and the Llama-3.2-3B head (H=3072, V=128256) with N=16384 completion tokens in bf16, ours
-(triton, torch) against eager (full logits), Liger's LigerFusedLinearGRPOLoss and Cut Cross-Entropy + our loss,
+(triton, cuda, torch) against eager (full logits), Liger's LigerFusedLinearGRPOLoss and Cut Cross-Entropy + our loss,
 with the bf16 GEMM roofline measured in the same run. Writes one JSON under benchmarks/results/.
 
     python benchmarks/gpu_check.py              # on the GPU machine
@@ -24,7 +24,7 @@ sys.path.insert(0, str(HERE))
 import run  # noqa: E402
 
 GPU_SHAPES = "qwen2.5-0.5b@16384,llama-3.2-3b@16384"
-PROVIDERS = "eager,triton,torch,liger,cce"
+PROVIDERS = "eager,triton,cuda,torch,liger,cce"
 
 
 def main(argv=None):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rankgrpo_kernels import rank_grpo_loss, rank_grpo_loss_from_logps
+from rankgrpo_kernels import backends, rank_grpo_loss, rank_grpo_loss_from_logps
 from rankgrpo_kernels.kernels.config import interpreting
 from rankgrpo_kernels.reference import reference_loss
 
@@ -45,6 +45,17 @@ def _ours(backend):
         return lambda: rank_grpo_loss(batch.hidden, batch.weight, batch.target_ids, backend=backend,
                                       **batch.loss_inputs, **LOSS_SETTINGS)[0]
     return build
+
+
+def _ours_cuda(batch):
+    if batch.hidden.device.type != "cuda":
+        raise Unavailable("needs a CUDA GPU")
+    try:
+        backends.load("cuda")
+    except ValueError as exc:
+        raise Unavailable(str(exc)) from exc
+    return lambda: rank_grpo_loss(batch.hidden, batch.weight, batch.target_ids, backend="cuda",
+                                  **batch.loss_inputs, **LOSS_SETTINGS)[0]
 
 
 def _compiled(batch):
@@ -96,18 +107,12 @@ def _cce(batch):
     return loss
 
 
-def _missing(reason):
-    def build(batch):
-        raise Unavailable(reason)
-    return build
-
-
 PROVIDERS = {
     "eager": ("full logits -> log_softmax -> gather -> loss (the authors' trainer, TRL 0.21)", _eager),
     "torch": ("ours, chunked torch backend", _ours("torch")),
     "compile": ("torch.compile of the eager loss", _compiled),
     "triton": ("ours, fused Triton kernels", _ours("triton")),
-    "cuda": ("ours, CUDA extension", _missing("the CUDA extension is not in this version yet")),
+    "cuda": ("ours, CUDA extension (csrc/: cuBLAS GEMMs on vocabulary slabs + CUDA epilogues)", _ours_cuda),
     "liger": ("LigerFusedLinearGRPOLoss: token-level ratio (different maths; checked against ours with one item "
               "per token)", _liger),
     "cce": ("Cut Cross-Entropy log-probs (exact gradients) + our loss from log-probs", _cce),

@@ -24,6 +24,13 @@ import torch
 from .reference import LOG_RATIO_LIMIT, LOSS_TYPES, STAT_NAMES
 
 
+# What the compiled segment-loss kernels (Triton and CUDA) take: the policy weighting of each loss type
+# (0: 1 / (B M_i), 1: 1 / normaliser, 2: 1 / (normaliser n_k)) and the per-row sums they write
+# (loss, clipped low, clipped high, ratio, KL).
+WEIGHTING = {"grpo": 0, "bnpo": 1, "dr_grpo": 1, "dapo": 1, "rank": 2}
+ROW_SUMS = 5
+
+
 @dataclass(frozen=True)
 class LossConfig:
     """The per-run settings of the Rank-GRPO objective (see ``rank_grpo_loss_from_logps`` for their meaning)."""

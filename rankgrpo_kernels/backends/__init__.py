@@ -4,7 +4,7 @@
     logprob_backward(hidden, weight, bias, targets, temperature, lse, grad_logp, budget_bytes, needs) -> dh, dW, db
     segment_loss(batch, cfg) -> loss, stats, grad_logp
 
-over flattened tokens (hidden (N, H), targets (N,)). A target outside [0, V) lies in another vocabulary shard: it
+over flattened tokens (hidden (N, H), targets (N,)); ``cuda`` is the extension in ``csrc/`` (CUDA GPUs only). A target outside [0, V) lies in another vocabulary shard: it
 adds no target logit in the forward and no one-hot term in the backward (``distributed.py`` builds on this). ``torch`` runs anywhere; ``triton`` needs Triton and a CUDA
 GPU (or ``TRITON_INTERPRET=1``); ``auto`` picks Triton for CUDA tensors of fp32/bf16/fp16 when it imports.
 """
@@ -18,7 +18,7 @@ import torch
 from ..kernels.config import interpreting
 from . import torch_chunked
 
-NAMES = ("torch", "triton")
+NAMES = ("torch", "triton", "cuda")
 
 
 def load(name: str):
@@ -30,6 +30,11 @@ def load(name: str):
             return importlib.import_module(".triton_backend", __name__)
         except ImportError as exc:
             raise ValueError(f"backend='triton' needs the triton package ({exc}); use backend='torch'") from exc
+    if name == "cuda":
+        try:
+            return importlib.import_module(".cuda_backend", __name__)
+        except ImportError as exc:  # CudaBackendUnavailable names the fix
+            raise ValueError(f"backend='cuda' cannot run here: {exc}") from exc
     raise ValueError(f"backend must be 'auto' or one of {NAMES}, got {name!r}")
 
 
@@ -39,6 +44,8 @@ def choose(name: str, device: torch.device, dtype: torch.dtype) -> str:
         load(name)  # validates the name and that it imports
         if name == "triton" and device.type != "cuda" and not interpreting():
             raise ValueError("backend='triton' runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1)")
+        if name == "cuda" and device.type != "cuda":
+            raise ValueError("backend='cuda' runs on CUDA tensors")
         return name
     if device.type == "cuda" and dtype in (torch.float32, torch.bfloat16, torch.float16):
         try:

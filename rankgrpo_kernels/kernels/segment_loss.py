@@ -20,11 +20,9 @@ import triton
 import triton.language as tl
 
 from ..reference import LOG_RATIO_LIMIT
-from ..segment_loss import LossConfig, TokenBatch
+from ..segment_loss import ROW_SUMS, WEIGHTING, LossConfig, TokenBatch
 
-WEIGHTING = {"grpo": 0, "bnpo": 1, "dr_grpo": 1, "dapo": 1, "rank": 2}
 BLOCK_T, BLOCK_B = 64, 32  # tokens x items compared per step
-ROW_SUMS = 5  # loss, clipped low, clipped high, ratio, KL
 
 
 @triton.jit
