@@ -1,0 +1,211 @@
+"""Rank-GRPO in verl 0.9 (``verl==0.9.*``), through its registries and its loss hook.
+
+verl's registries see no token ids, so the work is split three ways:
+
+* advantage estimator ``"rank_grpo"`` (``core_algos.register_adv_est``): per-rank rewards (B, N), written by the
+  reward manager into the first N columns of ``token_level_rewards`` (``pack_rank_values``), become per-rank group
+  advantages ``A[i, k] = (r[i, k] - mean_g r[g, k]) / (std_g r[g, k] + 1e-4)`` over the samples of one ``uid``,
+  returned in the same packed layout;
+* the loss hook ``rank_grpo_ppo_loss(config, model_output, data)`` (verl's ``ppo_loss`` signature, set with
+  ``actor.set_loss_fn``): it sees the whole micro-batch, segments ``data["responses"]`` into items, spreads the
+  packed per-rank advantages over the item tokens and runs verl's own ``ppo_loss`` (entropy, KL loss, metrics)
+  with the item ids bound for
+* policy loss ``"rank_grpo"`` (``core_algos.register_policy_loss``, ``actor.policy_loss.loss_mode=rank_grpo``):
+  the item-level ratio ``w_k = exp(mean_{t in k} (l_t - o_t))`` with verl's clip range, dual clip and
+  ``loss_agg_mode``.
+
+``install(tokenizer, rec_num)`` registers all three; ``patch_fused_logprobs()`` swaps verl's
+``FusedLinearForPPO`` (the ``use_fused_kernels=True`` path) for ``fused_logprobs``. Run both in every process, the
+Ray workers included (see ``integrations/verl/README.md``). All tensors here are (B, T) over the response tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Any
+
+import numpy as np
+import torch
+from verl.trainer.ppo import core_algos
+from verl.utils import torch_functional as verl_F
+from verl.workers.utils import losses
+
+from ..functional import fused_logprobs, rank_grpo_loss_from_logps
+from ..rewards import rank_advantages, token_advantages
+from ..segments import line_table, segment_items
+
+NAME = "rank_grpo"
+FORMS = ("code", "rank")
+_ITEM_IDS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("rank_grpo_item_ids", default=None)
+_SETTINGS: dict[str, Any] = {}
+
+
+def pack_rank_values(values: torch.Tensor, response_length: int) -> torch.Tensor:
+    """(B, N) per-rank values -> (B, T) with ``values[:, k]`` in column k, zeros after: verl's token-level layout."""
+    B, N = values.shape
+    if N > response_length:
+        raise ValueError(f"rec_num={N} exceeds the response length {response_length}")
+    return torch.cat([values, values.new_zeros(B, response_length - N)], 1)
+
+
+def _group_rows(index: np.ndarray) -> tuple[torch.Tensor, int]:
+    """A permutation that makes the samples of each uid consecutive, and the group size G (equal for all)."""
+    _, inverse, counts = np.unique(index, return_inverse=True, return_counts=True)
+    if counts.min() != counts.max():
+        raise ValueError(f"Rank-GRPO needs the same number of samples per prompt, got sizes {sorted(set(counts))}")
+    return torch.from_numpy(np.argsort(inverse, kind="stable")), int(counts[0])
+
+
+def compute_rank_grpo_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index: np.ndarray,
+                                config=None, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """verl advantage estimator: packed per-rank rewards (B, T) -> packed per-rank group advantages (B, T).
+
+    Rows with the same ``index`` (uid) form a group; ``rank_advantages`` normalises each rank over it.
+    """
+    N = _SETTINGS["rec_num"]
+    order, group = _group_rows(index)
+    order = order.to(token_level_rewards.device)
+    adv = torch.empty_like(token_level_rewards[:, :N], dtype=torch.float32)
+    adv[order] = rank_advantages(token_level_rewards[order, :N].float(), group)
+    packed = pack_rank_values(adv, token_level_rewards.shape[1])
+    return packed, packed
+
+
+@contextlib.contextmanager
+def bind_item_ids(item_ids: torch.Tensor):
+    """Within the block the ``"rank_grpo"`` policy loss groups tokens by these (B, T) item ids."""
+    token = _ITEM_IDS.set(item_ids)
+    try:
+        yield
+    finally:
+        _ITEM_IDS.reset(token)
+
+
+def compute_policy_loss_rank_grpo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+                                  config=None, rollout_is_weights=None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """verl policy loss ``"rank_grpo"``: ``-min(w' a_t, clip(w_k, 1 - eps_low, 1 + eps_high) a_t)`` per token,
+    ``w' = min(w_k, clip_ratio_c)`` (verl's dual clip), aggregated as ``agg_loss(loss_agg_mode)`` does:
+
+    ``token-mean``  sum M L / batch_num_tokens * dp      (``dapo``; a token mean without batch_num_tokens)
+    ``token-sum``   sum M L * dp                         (``dapo`` with 1 / dp)
+    ``seq-mean-token-mean``  sum_i mean_t L / global_batch_size * dp  (``grpo`` rescaled)
+    ``seq-mean-token-sum[-norm]``  sum M L / global_batch_size * dp [/ loss_scale_factor]  (``dapo``)
+
+    Item ids come from ``bind_item_ids``; one item per sequence is verl's GSPO, one per token its vanilla PPO.
+    """
+    item_ids = _ITEM_IDS.get()
+    if item_ids is None:
+        raise ValueError("the rank_grpo policy loss needs item ids: use rank_grpo_ppo_loss as the actor's loss_fn")
+    if rollout_is_weights is not None:
+        raise NotImplementedError("rollout importance-sampling weights are not supported with the item-level ratio")
+    info = config.global_batch_info
+    dp = info.get("dp_size", 1) or 1
+    mask = response_mask.bool()
+    B = log_prob.shape[0]
+    samples = info.get("global_batch_size")
+    samples = (mask.sum(-1) > 0).sum().clamp(min=1) if samples is None else samples
+    low = config.clip_ratio_low if config.clip_ratio_low is not None else config.clip_ratio
+    high = config.clip_ratio_high if config.clip_ratio_high is not None else config.clip_ratio
+    kwargs = {}
+    per_sample = _SETTINGS.get("form") == "rank" or loss_agg_mode == "seq-mean-token-mean"  # 1/B -> dp/samples
+    if _SETTINGS.get("form") == "rank":
+        loss_type, kwargs = "rank", {"rec_num": _SETTINGS["rec_num"]}
+    elif loss_agg_mode == "seq-mean-token-mean":
+        loss_type = "grpo"
+    elif loss_agg_mode == "token-mean" and info.get("batch_num_tokens") is None:
+        loss_type = "bnpo"
+    else:
+        loss_type = "dapo"
+        denominators = {
+            "token-mean": lambda: info["batch_num_tokens"] / dp,
+            "token-sum": lambda: 1.0 / dp,
+            "seq-mean-token-sum": lambda: samples / dp,
+            "seq-mean-token-sum-norm": lambda: samples / dp * (info.get("loss_scale_factor") or mask.shape[-1]),
+        }
+        if loss_agg_mode not in denominators:
+            raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode}")
+        kwargs = {"num_items_in_batch": denominators[loss_agg_mode]()}
+    loss, stats = rank_grpo_loss_from_logps(
+        log_prob, item_ids=item_ids, advantages=advantages, completion_mask=mask, old_logps=old_log_prob,
+        epsilon_low=low, epsilon_high=high, delta=config.get("clip_ratio_c", 3.0), loss_type=loss_type, **kwargs,
+    )
+    ppo_kl = verl_F.masked_mean(-(log_prob - old_log_prob).detach(), mask)
+    metrics = {
+        "actor/pg_clipfrac": stats["clip_ratio_region"].item(),
+        "actor/ppo_kl": ppo_kl.item(),
+        "actor/rank_clipfrac_low": stats["clip_ratio_low"].item(),
+        "actor/rank_clipfrac_high": stats["clip_ratio_high"].item(),
+        "actor/rank_ratio_mean": stats["ratio_mean"].item(),
+    }
+    if per_sample:
+        loss = loss * (B * dp) / samples
+    return loss, metrics
+
+
+def _padded(x: torch.Tensor) -> torch.Tensor:
+    return x.to_padded_tensor(0) if x.is_nested else x
+
+
+def rank_grpo_ppo_loss(config, model_output, data, dp_group=None):
+    """verl's loss hook (signature of ``verl.workers.utils.losses.ppo_loss``) for Rank-GRPO.
+
+    Segments ``data["responses"]`` (B, T) under ``response_mask`` into N items, turns the packed per-rank
+    advantages ``data["advantages"][:, :N]`` into per-token ones (the code form's, length shaping included, or
+    ``A[i, k]`` on item tokens for the paper form) and runs ``ppo_loss`` with the item ids bound, so that its
+    policy loss ``"rank_grpo"`` (``actor.policy_loss.loss_mode``) sees them. Returns ``ppo_loss``'s
+    ``(loss, metrics)``; other loss modes go to ``ppo_loss`` unchanged.
+    """
+    if config.policy_loss.get("loss_mode", "vanilla") != NAME:
+        return losses.ppo_loss(config, model_output, data, dp_group)
+    responses, mask = _padded(data["responses"]), _padded(data["response_mask"])
+    segments = segment_items(responses, mask, _SETTINGS["table"].to(responses.device), _SETTINGS["rec_num"],
+                             eos_token_id=_SETTINGS["eos_token_id"], skip_blank_lines=_SETTINGS["skip_blank_lines"])
+    paper = _SETTINGS["form"] == "rank"
+    rank_adv = _padded(data["advantages"])[:, : _SETTINGS["rec_num"]]
+    data = data.copy()
+    data["advantages"] = token_advantages(rank_adv, segments, length_shaping=not paper)
+    with bind_item_ids(segments.item_ids_for("rank" if paper else "bnpo")):
+        return losses.ppo_loss(config, model_output, data, dp_group)
+
+
+class FusedLogprobsForPPO(torch.nn.Module):
+    """Stand-in for ``verl.utils.experimental.torch_functional.FusedLinearForPPO``: the same ``forward`` returning
+    ``(log_probs, entropy)`` of ``input_ids`` under ``softmax(hidden @ W.T / temperature)``, (B, T) each, from
+    ``fused_logprobs``. The entropy carries no gradient: keep ``actor.entropy_coeff=0``."""
+
+    def __init__(self, chunk_size: int = 512, impl_backend: str = "torch"):
+        super().__init__()
+
+    def forward(self, hidden_states, vocab_weights, input_ids, temperature: float = 1.0):
+        squeeze = hidden_states.dim() == 2
+        hidden = hidden_states.unsqueeze(0) if squeeze else hidden_states
+        ids = input_ids.to(torch.int64).reshape(hidden.shape[:-1])
+        log_probs, entropy = fused_logprobs(hidden, vocab_weights.to(hidden.dtype), ids,
+                                            temperature=float(temperature), return_entropy=True)
+        return (log_probs[0], entropy[0]) if squeeze else (log_probs, entropy)
+
+
+def patch_fused_logprobs() -> None:
+    """Route verl's fused log-prob path (``actor_rollout_ref.model.use_fused_kernels=True``,
+    ``fused_kernels_backend=torch``) through ``fused_logprobs``: the model forwards in
+    ``verl/models/transformers/*.py`` look ``FusedLinearForPPO`` up in this module at call time."""
+    from verl.utils.experimental import torch_functional
+
+    torch_functional.FusedLinearForPPO = FusedLogprobsForPPO
+
+
+def install(tokenizer, rec_num: int, *, form: str = "code", skip_blank_lines: bool = True) -> None:
+    """Register the ``"rank_grpo"`` advantage estimator and policy loss, set the segmentation they use, and make
+    ``rank_grpo_ppo_loss`` the actor's loss hook (``verl.workers.engine_workers.ppo_loss``, which the actor worker
+    binds with ``set_loss_fn`` when it builds the model)."""
+    from verl.workers import engine_workers
+
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    _SETTINGS.update(table=line_table(tokenizer), rec_num=rec_num, eos_token_id=tokenizer.eos_token_id,
+                     skip_blank_lines=skip_blank_lines, form=form)
+    if core_algos.ADV_ESTIMATOR_REGISTRY.get(NAME) is not compute_rank_grpo_advantage:
+        core_algos.register_adv_est(NAME)(compute_rank_grpo_advantage)
+    core_algos.register_policy_loss(NAME)(compute_policy_loss_rank_grpo)
+    engine_workers.ppo_loss = rank_grpo_ppo_loss

@@ -1,0 +1,186 @@
+"""The OpenRLHF 0.11 adapter against OpenRLHF's own code (run in .venv-openrlhf, see conftest.py).
+
+Stubbed by scripts/framework_venv.sh, never called here: flash_attn (imported by openrlhf.models.ring_attn_utils)
+and vllm (imported by openrlhf.trainer.ray.vllm_engine); every stub attribute raises when used.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from openrlhf.models.loss import PolicyLoss
+from openrlhf.trainer.ppo_utils.experience import Experience
+
+from rankgrpo_kernels import rank_advantages, token_advantages
+from rankgrpo_kernels.integrations import openrlhf as adapter
+from rankgrpo_kernels.reference import reference_loss_from_logps
+
+from . import batch
+
+PROMPT = 4  # prompt tokens before every response
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return batch.tokenizer()
+
+
+def openrlhf_batch(tok, seed=0):
+    """OpenRLHF's layout: sequences (B, S) = prompt + right-padded response, action_mask (B, S - 1) shifted."""
+    g = torch.Generator().manual_seed(seed)
+    rows = batch.responses(tok, g)
+    S = PROMPT + max(map(len, rows))
+    sequences = torch.full((len(rows), S), tok.pad_token_id)
+    action_mask = torch.zeros(len(rows), S - 1, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        sequences[i, :PROMPT] = torch.randint(0, len(tok), (PROMPT,), generator=g)
+        sequences[i, PROMPT : PROMPT + len(row)] = torch.tensor(row)
+        action_mask[i, PROMPT - 1 : PROMPT - 1 + len(row)] = True
+    logps, old = batch.log_probs(action_mask, g)
+    return SimpleNamespace(sequences=sequences, action_mask=action_mask, logps=logps, old=old, g=g)
+
+
+def grads(loss, x):
+    (grad,) = torch.autograd.grad(loss, x)
+    return grad
+
+
+def assert_same(ours, theirs, x):
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(grads(ours[0], x), grads(theirs[0], x), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ours[1], theirs[1])  # clip_ratio
+    torch.testing.assert_close(ours[2], theirs[2])  # ppo_kl
+
+
+AGGREGATION = [{}, {"dp_size": 2, "batch_num_tokens": torch.tensor(70.0), "global_batch_size": torch.tensor(13.0)}]
+
+
+@pytest.mark.parametrize("info", AGGREGATION)
+def test_one_item_per_sequence_is_gspo(tok, info):
+    b = openrlhf_batch(tok)
+    adv = torch.randn(b.logps.shape[0], 1, dtype=torch.float64, generator=b.g).expand_as(b.logps) * b.action_mask
+    items = torch.where(b.action_mask, 0, -1)
+    kwargs = dict(clip_eps_low=0.2, clip_eps_high=0.28, policy_loss_type="gspo")
+    theirs = PolicyLoss(**kwargs)(b.logps, b.old, adv, action_mask=b.action_mask, **info)
+    ours = adapter.RankGRPOPolicyLoss(**kwargs)(b.logps, b.old, adv, action_mask=b.action_mask, item_ids=items, **info)
+    assert theirs[1] > 0  # some sequences clip
+    assert_same(ours, theirs, b.logps)
+    assert ours[3] is None and ours[4] is None
+
+
+@pytest.mark.parametrize("info", AGGREGATION)
+@pytest.mark.parametrize("token_level_loss", [True, False])
+@pytest.mark.parametrize("dual_clip", [None, 3.0])
+def test_one_item_per_token_is_ppo(tok, info, token_level_loss, dual_clip):
+    b = openrlhf_batch(tok, seed=1)
+    adv = torch.randn(b.logps.shape, dtype=torch.float64, generator=b.g) * b.action_mask
+    items = torch.where(b.action_mask, torch.arange(b.logps.shape[1]).expand_as(b.logps), -1)
+    kwargs = dict(clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=dual_clip, token_level_loss=token_level_loss)
+    theirs = PolicyLoss(**kwargs)(b.logps, b.old, adv, action_mask=b.action_mask, **info)
+    ours = adapter.RankGRPOPolicyLoss(**kwargs)(b.logps, b.old, adv, action_mask=b.action_mask, item_ids=items, **info)
+    assert_same(ours, theirs, b.logps)
+
+
+@pytest.mark.parametrize("form", ["code", "rank"])
+@pytest.mark.parametrize("token_level_loss", [True, False])
+def test_real_items_match_reference(tok, form, token_level_loss):
+    b = openrlhf_batch(tok, seed=2)
+    items = adapter.RankItems.from_tokenizer(tok, batch.N, form=form)
+    rank_adv = rank_advantages(batch.hits(b.g), batch.G)
+    adv = items.token_advantages(rank_adv, b.sequences, b.action_mask)
+    item_ids = items.item_ids(b.sequences, b.action_mask)
+    loss_fn = adapter.RankGRPOPolicyLoss(clip_eps_low=0.06, clip_eps_high=0.08, token_level_loss=token_level_loss,
+                                         form=form, rec_num=batch.N)
+    with loss_fn.bind_item_ids(item_ids):
+        ours = loss_fn(b.logps, b.old, adv, action_mask=b.action_mask)
+    loss_type = "rank" if form == "rank" else ("bnpo" if token_level_loss else "grpo")
+    ref, stats = reference_loss_from_logps(b.logps, item_ids, adv, b.action_mask, b.old, epsilon_low=0.06,
+                                           epsilon_high=0.08, loss_type=loss_type, rec_num=batch.N)
+    torch.testing.assert_close(ours[0], ref, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(grads(ours[0], b.logps), grads(ref, b.logps), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ours[1], stats["clip_ratio_region"].float())
+    assert (item_ids[b.action_mask] >= 0).all() or form == "rank"
+    assert item_ids.max() == batch.N or form == "rank"  # the overflow row reaches bin N
+
+
+def test_experience_maker_gives_rank_advantages(tok):
+    b = openrlhf_batch(tok, seed=3)
+    rewards = batch.hits(b.g)
+    order = torch.randperm(rewards.shape[0], generator=b.g)  # experiences arrive out of rollout order
+    experiences = [
+        Experience(sequences=b.sequences[rows], action_mask=b.action_mask[rows], rewards=rewards[rows],
+                   index=rows.tolist(), info={})
+        for rows in order.split(3)
+    ]
+    maker = object.__new__(type("Maker", (adapter.RankGRPOExperienceMaker,),
+                                {"items": adapter.RankItems.from_tokenizer(tok, batch.N)}))
+    args = SimpleNamespace(algo=SimpleNamespace(kl=SimpleNamespace(use_loss=True)),
+                           rollout=SimpleNamespace(n_samples_per_prompt=batch.G))
+    maker.strategy, maker.kl_ctl = SimpleNamespace(args=args), SimpleNamespace(value=1e-3)
+    maker.compute_advantages_and_returns(experiences)
+
+    expected_rank = rank_advantages(rewards, batch.G)
+    grouped = adapter.group_rank_advantages(experiences, batch.G)
+    for rows, exp, got in zip(order.split(3), experiences, grouped):
+        torch.testing.assert_close(got, expected_rank[rows])
+        seg = maker.items.segments(exp.sequences, exp.action_mask)
+        torch.testing.assert_close(exp.advantages, token_advantages(expected_rank[rows], seg))
+
+
+def test_install_routes_training_step(tok, monkeypatch):
+    from openrlhf.trainer import ppo_trainer
+    from openrlhf.trainer.ray import ppo_actor
+
+    seen = {}
+
+    def original(self, experience, kl_ctl, step, loss_batch_info=None):
+        seen["item_ids"] = self.actor_loss_fn.bound_item_ids
+        return {"ok": 1}
+
+    for module, name in ((ppo_trainer, "RemoteExperienceMaker"), (ppo_actor, "PolicyLoss")):
+        monkeypatch.setattr(module, name, getattr(module, name))
+    monkeypatch.setattr(ppo_actor.ActorPPOTrainer, "training_step", original)
+    items = adapter.install(tok, batch.N)
+    assert issubclass(ppo_trainer.RemoteExperienceMaker, adapter.RankGRPOExperienceMaker)
+    trainer = SimpleNamespace(actor_loss_fn=ppo_actor.PolicyLoss(clip_eps_low=0.06, clip_eps_high=0.08))
+    b = openrlhf_batch(tok)
+    experience = SimpleNamespace(sequences=b.sequences, action_mask=b.action_mask)
+    assert ppo_actor.ActorPPOTrainer.training_step(trainer, experience, 0.0, 0) == {"ok": 1}
+    torch.testing.assert_close(seen["item_ids"], items.item_ids(b.sequences, b.action_mask))
+    assert trainer.actor_loss_fn.bound_item_ids is None
+
+
+def test_fused_actor_forward_matches_openrlhf(tok, monkeypatch):
+    from openrlhf.models.actor import Actor
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+    actor = Actor(model, temperature=0.7)
+    actor.packing_samples = False  # set by Actor.__init__ only when it loads a model by name
+    b = openrlhf_batch(tok)
+    attention = torch.ones_like(b.sequences)
+    attention[b.sequences == tok.pad_token_id] = 0
+
+    def run():
+        logps, output = actor(b.sequences, b.action_mask, attention_mask=attention, return_output=True,
+                              return_entropy=True)
+        grad = torch.autograd.grad(logps.sum(), model.model.layers[0].mlp.up_proj.weight)[0]
+        return logps, output.entropy[:, -b.action_mask.shape[1]:] * b.action_mask, grad
+
+    theirs = run()
+    monkeypatch.setattr(Actor, "forward", Actor.forward)
+    adapter.patch_actor_forward()
+    ours = run()
+    for a, b_ in zip(ours, theirs):
+        torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-5)
+
+
+def test_import_is_lazy():
+    code = "import sys, rankgrpo_kernels; print(sorted({'openrlhf', 'deepspeed', 'ray'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"

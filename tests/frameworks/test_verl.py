@@ -1,0 +1,214 @@
+"""The verl 0.9 adapter against verl's own code (run in .venv-verl, see conftest.py). No stubs: verl's base
+dependencies all install on a CPU machine."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from verl.trainer.ppo import core_algos
+from verl.utils import tensordict_utils as tu
+from verl.workers.config.actor import ActorConfig, PolicyLossConfig
+from verl.workers.utils import losses
+
+from rankgrpo_kernels import rank_advantages, segment_items, token_advantages
+from rankgrpo_kernels.integrations import verl as adapter
+from rankgrpo_kernels.reference import reference_loss_from_logps
+
+from . import batch
+
+PROMPT = 4
+MODES = ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    tok = batch.tokenizer()
+    adapter.install(tok, batch.N)
+    return tok
+
+
+def config(loss_agg_mode="token-mean", low=0.2, high=0.28, loss_mode=adapter.NAME, **info):
+    cfg = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size=2, clip_ratio=0.2, clip_ratio_low=low,
+                      clip_ratio_high=high, loss_agg_mode=loss_agg_mode,
+                      policy_loss=PolicyLossConfig(loss_mode=loss_mode))
+    cfg.global_batch_info.update(info)
+    return cfg
+
+
+def verl_batch(tok, seed=0):
+    """Right-padded responses (B, T), their mask, log-probs."""
+    g = torch.Generator().manual_seed(seed)
+    rows = batch.responses(tok, g)
+    T = max(map(len, rows))
+    responses = torch.full((len(rows), T), tok.pad_token_id)
+    mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        responses[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), True
+    logps, old = batch.log_probs(mask, g)
+    return SimpleNamespace(responses=responses, mask=mask, logps=logps, old=old, g=g)
+
+
+def grads(loss, x):
+    (grad,) = torch.autograd.grad(loss, x)
+    return grad
+
+
+def assert_same(ours, theirs, x, metrics=("actor/pg_clipfrac", "actor/ppo_kl")):
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(grads(ours[0], x), grads(theirs[0], x), rtol=1e-9, atol=1e-12)
+    for key in metrics:
+        assert ours[1][key] == pytest.approx(theirs[1][key], rel=1e-6, abs=1e-9), key
+
+
+INFO = [{}, {"dp_size": 2, "batch_num_tokens": 70.0, "global_batch_size": 13.0, "loss_scale_factor": 25}]
+
+
+@pytest.mark.parametrize("info", INFO)
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_one_item_per_sequence_is_gspo(tok, mode, info):
+    b = verl_batch(tok)
+    adv = torch.randn(b.logps.shape[0], 1, dtype=torch.float64, generator=b.g).expand_as(b.logps) * b.mask
+    args = dict(old_log_prob=b.old, log_prob=b.logps, advantages=adv, response_mask=b.mask, loss_agg_mode=mode,
+                config=config(mode, **info))
+    theirs = core_algos.get_policy_loss_fn("gspo")(**args)
+    with adapter.bind_item_ids(torch.where(b.mask, 0, -1)):
+        ours = core_algos.get_policy_loss_fn(adapter.NAME)(**args)
+    assert theirs[1]["actor/pg_clipfrac"] > 0
+    assert_same(ours, theirs, b.logps)
+
+
+@pytest.mark.parametrize("info", INFO)
+@pytest.mark.parametrize("mode", MODES)
+def test_one_item_per_token_is_vanilla_ppo(tok, mode, info):
+    b = verl_batch(tok, seed=1)
+    adv = torch.randn(b.logps.shape, dtype=torch.float64, generator=b.g) * b.mask
+    b.logps.data[0, :3] = b.old[0, :3] + 1.5  # ratios above clip_ratio_c = 3 with negative advantages: dual clip
+    adv[0, :3] = -1.0
+    args = dict(old_log_prob=b.old, log_prob=b.logps, advantages=adv, response_mask=b.mask, loss_agg_mode=mode,
+                config=config(mode, **info))
+    theirs = core_algos.get_policy_loss_fn("vanilla")(**args)
+    with adapter.bind_item_ids(torch.where(b.mask, torch.arange(b.mask.shape[1]).expand_as(b.mask), -1)):
+        ours = core_algos.get_policy_loss_fn(adapter.NAME)(**args)
+    assert_same(ours, theirs, b.logps)
+
+
+def loss_data(b, advantages, prompt_ids):
+    """The micro-batch verl's loss hook receives: a TensorDict, log-probs flat over prompt + response tokens."""
+    B, T = b.mask.shape
+    attention = torch.cat([torch.ones(B, PROMPT, dtype=torch.long), b.mask.long()], 1)
+    data = tu.get_tensordict(
+        {"prompts": prompt_ids, "responses": b.responses, "attention_mask": attention, "response_mask": b.mask.long(),
+         "old_log_probs": b.old, "advantages": advantages},
+        {"dp_size": 1, "batch_num_tokens": float(b.mask.sum()), "global_batch_size": float(B)},
+    )
+    pieces = []
+    for i in range(B):  # log-prob of token p + 1 sits at p (verl's left shift), outside the response: anything
+        n = int(b.mask[i].sum())
+        pieces += [torch.zeros(PROMPT - 1, dtype=b.logps.dtype), b.logps[i, :n], torch.zeros(1, dtype=b.logps.dtype)]
+    return data, {"log_probs": torch.cat(pieces)}
+
+
+@pytest.mark.parametrize("form", ["code", "rank"])
+def test_loss_hook_with_real_items_matches_reference(tok, form):
+    adapter.install(tok, batch.N, form=form)
+    try:
+        b = verl_batch(tok, seed=2)
+        rank_adv = rank_advantages(batch.hits(b.g).double(), batch.G)
+        packed = adapter.pack_rank_values(rank_adv, b.mask.shape[1])
+        data, output = loss_data(b, packed, torch.randint(0, len(tok), (b.mask.shape[0], PROMPT), generator=b.g))
+        loss, metrics = adapter.rank_grpo_ppo_loss(config("token-mean", low=0.06, high=0.08), output, data)
+
+        seg = segment_items(b.responses, b.mask, adapter._SETTINGS["table"], batch.N, eos_token_id=tok.eos_token_id,
+                            skip_blank_lines=True)
+        item_ids = seg.item_ids_for("rank" if form == "rank" else "bnpo")
+        adv = token_advantages(rank_adv, seg, length_shaping=form == "code")
+        kwargs = {"rec_num": batch.N} if form == "rank" else {"num_items_in_batch": float(b.mask.sum())}
+        ref, _ = reference_loss_from_logps(b.logps, item_ids, adv, b.mask, b.old, epsilon_low=0.06, epsilon_high=0.08,
+                                           delta=3.0, loss_type="rank" if form == "rank" else "dapo", **kwargs)
+    finally:
+        adapter.install(tok, batch.N)
+    loss_value = loss.value if hasattr(loss, "value") else loss
+    torch.testing.assert_close(loss_value, ref, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(grads(loss_value, b.logps), grads(ref, b.logps), rtol=1e-9, atol=1e-12)
+    assert seg.item_ids.max() == batch.N  # the overflow row reaches bin N
+
+
+def test_install_sets_the_actor_loss_hook(tok):
+    from verl.workers import engine_workers
+
+    assert engine_workers.ppo_loss is adapter.rank_grpo_ppo_loss
+    assert core_algos.get_policy_loss_fn(adapter.NAME) is adapter.compute_policy_loss_rank_grpo
+    b = verl_batch(tok, seed=5)  # other loss modes pass through to verl's ppo_loss untouched
+    adv = torch.randn(b.logps.shape, dtype=torch.float64, generator=b.g) * b.mask
+    data, output = loss_data(b, adv, torch.randint(0, len(tok), (b.mask.shape[0], PROMPT), generator=b.g))
+    cfg = config(loss_mode="vanilla")
+    ours = adapter.rank_grpo_ppo_loss(cfg, output, data)
+    theirs = losses.ppo_loss(cfg, output, data)
+    torch.testing.assert_close(ours[0], theirs[0])
+
+
+def test_advantage_estimator_gives_rank_advantages(tok):
+    g = torch.Generator().manual_seed(3)
+    rewards = batch.hits(g)
+    B, T = rewards.shape[0], 9
+    uids = np.repeat(np.array([f"prompt-{p}" for p in range(batch.PROMPTS)], dtype=object), batch.G)
+    perm = torch.randperm(B, generator=g)  # verl's batches need not keep a prompt's samples together
+    estimator = core_algos.get_adv_estimator_fn(adapter.NAME)
+    adv, returns = estimator(token_level_rewards=adapter.pack_rank_values(rewards[perm], T),
+                             response_mask=torch.ones(B, T), index=uids[perm.numpy()], config=None)
+    torch.testing.assert_close(adv[:, : batch.N], rank_advantages(rewards, batch.G)[perm])
+    assert (adv[:, batch.N :] == 0).all() and returns is adv
+
+
+def test_fused_logprobs_patch_matches_verl(tok, monkeypatch):
+    from verl.utils.experimental import torch_functional
+
+    monkeypatch.setattr(torch_functional, "FusedLinearForPPO", torch_functional.FusedLinearForPPO)  # undone after
+
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(1, 37, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, requires_grad=True)
+    ids = torch.randint(0, 50, (1, 37), generator=g)
+    theirs = torch_functional.FusedLinearForPPO()(hidden, weight, ids, temperature=0.7)
+    adapter.patch_fused_logprobs()
+    ours = torch_functional.FusedLinearForPPO()(hidden, weight, ids, temperature=0.7)
+    assert isinstance(torch_functional.FusedLinearForPPO(), adapter.FusedLogprobsForPPO)
+    for a, b_ in zip(ours, theirs):  # float32 both: verl's chunked autograd function against the fused kernels
+        torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn(1, 37, generator=g)
+    ours_grads = torch.autograd.grad((ours[0] * upstream).sum(), (hidden, weight))
+    theirs_grads = torch.autograd.grad((theirs[0] * upstream).sum(), (hidden, weight))
+    for a, b_ in zip(ours_grads, theirs_grads):
+        torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_model_forward(monkeypatch):
+    """verl's own fused forward (use_fused_kernels=True, backend torch) of a tiny Llama, through the patch."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from verl.models.transformers.monkey_patch import patch_forward_with_backends
+    from verl.utils.experimental import torch_functional
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    ids = torch.randint(0, 64, (2, 11))
+    logits = model(input_ids=ids).logits / 0.7
+    expected = torch.log_softmax(logits.float(), -1).gather(-1, ids.roll(-1, -1).unsqueeze(-1)).squeeze(-1)
+    monkeypatch.setattr(torch_functional, "FusedLinearForPPO", torch_functional.FusedLinearForPPO)
+    monkeypatch.setattr(type(model), "forward", type(model).forward)
+    adapter.patch_fused_logprobs()
+    patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend="torch")
+    output = model(input_ids=ids, return_dict=True, temperature=0.7)
+    torch.testing.assert_close(output.log_probs, expected, rtol=1e-5, atol=1e-5)
+    output.log_probs.sum().backward()
+    assert model.lm_head.weight.grad is not None and model.model.embed_tokens.weight.grad is not None
+
+
+def test_import_is_lazy():
+    code = "import sys, rankgrpo_kernels; print(sorted({'verl', 'ray', 'tensordict'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
