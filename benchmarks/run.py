@@ -148,7 +148,7 @@ def peak_memory_in_child(provider, shape_spec, dtype_name, device) -> int:
     """CPU memory of one provider, measured in a fresh process (``--measure-memory``)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     cmd = [sys.executable, __file__, "--measure-memory", provider, "--shapes", shape_spec, "--dtype", dtype_name,
-           "--device", str(device)]
+           "--device", str(device), "--providers", provider]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     return int(json.loads(out.strip().splitlines()[-1])["peak_bytes"])
 
@@ -354,13 +354,13 @@ def main(argv=None):
         shapes = [parse_shape(s) for s in args.shapes.split(",") if s]
     else:
         shapes = default_shapes(device.type)
+    providers.COMPILE_ON_CPU = bool(args.providers) and "compile" in args.providers.split(",")
     if args.measure_memory:  # child process of peak_memory_in_child
         batch = make_batch(shapes[0], dtype, device)
         loss_fn = PROVIDERS[args.measure_memory][1](batch)
         print(json.dumps({"peak_bytes": peak_memory_here(loss_fn, batch, device)}))
         return 0
     names = args.providers.split(",") if args.providers else list(PROVIDERS)
-    providers.COMPILE_ON_CPU = bool(args.providers) and "compile" in names
     unknown = set(names) - set(PROVIDERS)
     if unknown:
         raise SystemExit(f"unknown providers {sorted(unknown)}; choose from {list(PROVIDERS)}")

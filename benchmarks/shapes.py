@@ -14,6 +14,10 @@ class HeadShape:
     row_length: int = 512  # T, completion tokens per row (20 items of ~25 tokens)
     scaled_from: str | None = None  # the real head a CPU shape stands in for
 
+    def __post_init__(self):
+        if self.tokens % min(self.row_length, self.tokens):
+            raise SystemExit(f"{self.name}: N={self.tokens} is not a whole number of rows of {self.row_length} tokens")
+
     @property
     def rows(self) -> int:
         return max(1, self.tokens // self.row_length)
@@ -60,4 +64,5 @@ def parse_shape(text: str) -> HeadShape:
         n = int(n)
     except ValueError:
         raise SystemExit(f"unknown shape {text!r}: use one of {sorted(ALL_SHAPES)} or HxV@N") from None
-    return HeadShape(f"custom-{h}x{v}", h, v, n, row_length=min(512, n))
+    row_length = next(r for r in (512, 384, 256, 128, 64, 32, 16, 8, 4, 2, 1) if r <= n and n % r == 0)
+    return HeadShape(f"custom-{h}x{v}", h, v, n, row_length=row_length)

@@ -72,16 +72,23 @@ class ShardedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, vocab_start, temperature, budget, backend, return_entropy, group):
         local_targets = targets - vocab_start  # outside [0, V_r): another rank's row
-        impl = backends.load(backend)
-        logp_r, lse_r, entropy_r = impl.logprob_forward(hidden, weight, bias, local_targets, temperature, budget,
-                                                        return_entropy)
-        target_logit = _all_reduce(logp_r + lse_r, dist.ReduceOp.SUM, group)  # z_y on one rank, 0 on the others
+        owned = (local_targets >= 0) & (local_targets < weight.shape[0])
+        if weight.shape[0]:
+            logp_r, lse_r, entropy_r = backends.load(backend).logprob_forward(
+                hidden, weight, bias, local_targets, temperature, budget, return_entropy)
+        else:  # an empty shard holds no probability mass
+            lse_r = torch.full(targets.shape, float("-inf"), dtype=torch.promote_types(hidden.dtype, torch.float32),
+                               device=hidden.device)
+            logp_r, entropy_r = torch.zeros_like(lse_r), torch.zeros_like(lse_r)
+        # z_y = logp_r + lse_r on the rank owning the target, exactly 0 on the others (no inf - inf).
+        target_logit = _all_reduce(torch.where(owned, logp_r + lse_r, 0), dist.ReduceOp.SUM, group)
         lse_max = _all_reduce(lse_r.clone(), dist.ReduceOp.MAX, group)
         lse = lse_max + torch.log(_all_reduce(torch.exp(lse_r - lse_max), dist.ReduceOp.SUM, group))
         entropy = None
         if return_entropy:
-            mean_logit = _all_reduce(torch.exp(lse_r - lse) * (lse_r - entropy_r), dist.ReduceOp.SUM, group)
-            entropy = lse - mean_logit
+            share = torch.exp(lse_r - lse)  # this shard's probability mass
+            mean_logit = torch.where(share > 0, share * (lse_r - entropy_r), 0)
+            entropy = lse - _all_reduce(mean_logit, dist.ReduceOp.SUM, group)
             ctx.mark_non_differentiable(entropy)
         ctx.save_for_backward(hidden, weight, bias, local_targets, lse)
         ctx.settings = (temperature, budget, backend, group)
@@ -92,11 +99,17 @@ class ShardedLogprobs(torch.autograd.Function):
         hidden, weight, bias, local_targets, lse = ctx.saved_tensors
         temperature, budget, backend, group = ctx.settings
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias is not None)
-        # Every rank needs the same d_hidden contributions in: the loss's gradient is identical on all ranks.
-        d_hidden, d_weight, d_bias = backends.load(backend).logprob_backward(
-            hidden, weight, bias, local_targets, temperature, lse, grad_logp.contiguous(), budget, needs)
-        if d_hidden is not None:
-            d_hidden = _all_reduce(d_hidden, dist.ReduceOp.SUM, group)
+        if weight.shape[0]:
+            d_hidden, d_weight, d_bias = backends.load(backend).logprob_backward(
+                hidden, weight, bias, local_targets, temperature, lse, grad_logp.contiguous(), budget, needs)
+        else:
+            d_hidden = torch.zeros_like(hidden) if needs[0] else None
+            d_weight = torch.zeros_like(weight) if needs[1] else None
+            d_bias = torch.zeros_like(bias) if needs[2] else None
+        if d_hidden is not None:  # every rank holds part of each token's d_hidden: sum them in fp32
+            summed = _all_reduce(d_hidden.to(torch.promote_types(d_hidden.dtype, torch.float32)),
+                                 dist.ReduceOp.SUM, group)
+            d_hidden = summed.to(hidden.dtype)
         return d_hidden, d_weight, d_bias, None, None, None, None, None, None, None
 
 

@@ -141,7 +141,7 @@ def _token_batch(B, T, device, *, item_ids, advantages, completion_mask, old_log
         if x is not None:
             checks.append((f"{name} contain NaN on tokens in the loss", (torch.isnan(x) & mask).any()))
     if cfg.loss_type == "dapo" and isinstance(num_items_in_batch, torch.Tensor):
-        checks.append(("num_items_in_batch must be > 0", ~(normaliser > 0)))
+        checks.append(("num_items_in_batch must be finite and > 0", ~((normaliser > 0) & torch.isfinite(normaliser))))
 
     batch = TokenBatch(
         logps=None, old_logps=old_logps, ref_logps=ref_logps, advantages=per_token,

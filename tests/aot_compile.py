@@ -1,5 +1,6 @@
 """Compile every Triton kernel ahead of time for sm_90a and sm_80 (no GPU needed) and report, as JSON lines,
-registers, shared memory, spills (``ptxas -v`` with the ptxas Triton itself uses, and cuobjdump's local memory) and which matrix instructions it uses.
+registers, shared memory, spills (``ptxas -v`` with the ptxas Triton itself uses, and cuobjdump's local memory)
+and which matrix instructions it uses.
 
 Run by tests/test_triton_aot.py in a fresh process, since TRITON_INTERPRET=1 replaces the kernels' JIT objects.
 """
@@ -69,7 +70,7 @@ def small_kernels():
         ("logprob_combine", logprob_forward._logprob_combine_kernel, combine,
          dict(WITH_ENTROPY=True, BLOCK_N=logprob_forward.COMBINE_BLOCK, BLOCK_S=64), False, default),
         ("segment_loss", segment_loss._segment_loss_kernel, seg,
-         dict(HAS_OLD=True, HAS_REF=True, HAS_DELTA=True, WEIGHTING=2, BLOCK_T=segment_loss.BLOCK_T,
+         dict(HAS_OLD=True, HAS_REF=True, ADD_KL=True, HAS_DELTA=True, WEIGHTING=2, BLOCK_T=segment_loss.BLOCK_T,
               BLOCK_B=segment_loss.BLOCK_B), False, default),
     ]
 

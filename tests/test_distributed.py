@@ -97,6 +97,10 @@ def test_ranks_without_any_target_contribute_correctly():
     _run((5, 18, 18), targets_in_first_shard=True)
 
 
+def test_an_empty_shard_contributes_nothing():
+    _run((41, 0))
+
+
 @pytest.mark.skipif(not interpreting(), reason="Triton backend on CPU needs TRITON_INTERPRET=1")
 def test_sharded_triton_backend():
     _run((20, 21), backend="triton", dtype=torch.float32)

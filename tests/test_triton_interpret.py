@@ -103,3 +103,29 @@ def test_float64_is_refused_with_the_fix():
     hidden, weight, _, targets = _head(1, 3, 16, 20, torch.float64, False)
     with pytest.raises(TypeError, match="backend='torch'"):
         triton_backend.logprob_forward(hidden.reshape(3, 16), weight, None, targets.reshape(3), 1.0, 0)
+
+
+@pytest.mark.parametrize("B,T", [(0, 4), (2, 0)])
+def test_empty_batches(B, T):
+    hidden, weight, b, targets = _head(max(B, 1), max(T, 1), 16, 20, torch.float32, True)
+    hidden = hidden.detach()[:B, :T].requires_grad_()
+    targets = targets[:B, :T]
+    ids = torch.zeros(B, T, dtype=torch.long, device=DEVICE)
+    loss, _ = rank_grpo_loss(hidden, weight, targets, bias=b, item_ids=ids, advantages=torch.ones(B, T, device=DEVICE),
+                             backend="triton")
+    assert loss.item() == 0.0
+    assert torch.autograd.grad(loss, hidden)[0].shape == hidden.shape
+
+
+def test_infinite_reference_logps_without_kl_weight():
+    """beta = 0: the KL only feeds the statistics, so -inf reference log-probs must not turn the loss into NaN."""
+    hidden, weight, b, targets = _head(2, 6, 16, 30, torch.float32, False)
+    batch = random_loss_batch(2, 6, 2, dtype=torch.float32)
+    ref = batch["ref_logps"].to(DEVICE)
+    ref[0, 1] = float("-inf")
+    kwargs = dict(item_ids=batch["item_ids"].to(DEVICE), advantages=batch["advantages"].to(DEVICE),
+                  ref_logps=ref, beta=0.0)
+    ours, _ = rank_grpo_loss(hidden, weight, targets, backend="triton", **kwargs)
+    torch_loss, _ = rank_grpo_loss(hidden, weight, targets, backend="torch", **kwargs)
+    assert torch.isfinite(ours)
+    torch.testing.assert_close(ours, torch_loss, **TOL[torch.float32])

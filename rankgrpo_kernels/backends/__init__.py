@@ -44,10 +44,13 @@ def choose(name: str, device: torch.device, dtype: torch.dtype) -> str:
         load(name)  # validates the name and that it imports
         if name == "triton" and device.type != "cuda" and not interpreting():
             raise ValueError("backend='triton' runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1)")
+        if name == "triton" and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+            raise ValueError("backend='triton' needs an Ampere (sm_80) or newer GPU; use backend='torch'")
         if name == "cuda" and device.type != "cuda":
             raise ValueError("backend='cuda' runs on CUDA tensors")
         return name
-    if device.type == "cuda" and dtype in (torch.float32, torch.bfloat16, torch.float16):
+    if (device.type == "cuda" and dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and torch.cuda.get_device_capability(device)[0] >= 8):
         try:
             load("triton")
             return "triton"

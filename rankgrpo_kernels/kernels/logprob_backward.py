@@ -89,14 +89,15 @@ def logprob_backward(hidden, weight, bias, targets, temperature, lse, grad_logp,
     d_bias = torch.zeros(V, **f32) if need_b else None
     dummy = lse  # stands in for pointers of gradients that are not asked for
     grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(V, cfg.block_v))
-    _logprob_backward_kernel[grid](
-        hidden, weight, bias if bias is not None else hidden, targets, lse, grad_logp, order, count,
-        d_hidden if need_h else dummy, d_weight if need_w else dummy, d_bias if need_b else dummy,
-        V, H, hidden.stride(0), weight.stride(0), 1.0 / temperature,
-        HAS_BIAS=bias is not None, NEED_DH=need_h, NEED_DW=need_w, NEED_DB=need_b,
-        PRECISION=dot_precision(hidden.dtype), BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    if N and V:
+        _logprob_backward_kernel[grid](
+            hidden, weight, bias if bias is not None else hidden, targets, lse, grad_logp, order, count,
+            d_hidden if need_h else dummy, d_weight if need_w else dummy, d_bias if need_b else dummy,
+            V, H, hidden.stride(0), weight.stride(0), 1.0 / temperature,
+            HAS_BIAS=bias is not None, NEED_DH=need_h, NEED_DW=need_w, NEED_DB=need_b,
+            PRECISION=dot_precision(hidden.dtype), BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return (
         d_hidden.to(hidden.dtype) if need_h else None,
         d_weight.to(weight.dtype) if need_w else None,

@@ -132,11 +132,13 @@ def logprob_forward(hidden, weight, bias, targets, temperature, return_entropy=F
     """
     N, H = hidden.shape
     V = weight.shape[0]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    if N == 0:
+        return torch.empty(0, **f32), torch.empty(0, **f32), torch.empty(0, **f32) if return_entropy else None
     cfg = cfg or forward_config(hidden.device, hidden.dtype)
     splits = num_vocab_splits(N, V, cfg, hidden.device)
     vocab_per_split = triton.cdiv(triton.cdiv(V, splits), cfg.block_v) * cfg.block_v
     splits = triton.cdiv(V, vocab_per_split)  # no empty split
-    f32 = dict(dtype=torch.float32, device=hidden.device)
     partial_max, partial_sum, partial_target = (torch.empty(splits, N, **f32) for _ in range(3))
     partial_sum_z = torch.empty(splits, N, **f32) if return_entropy else partial_sum
     grid = (triton.cdiv(N, cfg.block_n), splits)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import LOG_RATIO_LIMIT
+from ..reference import LOG_RATIO_LIMIT, STAT_NAMES
 from ..segment_loss import ROW_SUMS, WEIGHTING, LossConfig, TokenBatch
 
 BLOCK_T, BLOCK_B = 64, 32  # tokens x items compared per step
@@ -68,7 +68,8 @@ def _segment_loss_kernel(
     logp_ptr, old_ptr, ref_ptr, adv_ptr, group_ptr, num_bins_ptr, normaliser_ptr, tokens_ptr,
     bin_count_ptr, bin_log_w_ptr, bin_dloss_ptr, grad_ptr, row_sums_ptr,
     B, T, beta, lo, hi, delta, log_ratio_limit,
-    HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_DELTA: tl.constexpr, WEIGHTING: tl.constexpr,
+    HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, ADD_KL: tl.constexpr, HAS_DELTA: tl.constexpr,
+    WEIGHTING: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -143,12 +144,13 @@ def _segment_loss_kernel(
             ref_ratio = tl.exp(log_ref_ratio)
             kl = tl.where(in_loss, ref_ratio - log_ref_ratio - 1.0, 0.0)
             kl_sum += tl.sum(kl, axis=0)
-            if WEIGHTING == 2:  # the paper form adds the token-mean KL
-                kl_weight = tl.where(in_loss, 1.0 / tokens, 0.0)
-            else:
-                kl_weight = c
-            loss += beta * tl.sum(kl_weight * kl, axis=0)
-            grad += tl.where(ref_minus_l <= log_ratio_limit, beta * kl_weight * (1.0 - ref_ratio), 0.0)
+            if ADD_KL:  # beta != 0 (0 * an infinite KL would be NaN)
+                if WEIGHTING == 2:  # the paper form adds the token-mean KL
+                    kl_weight = tl.where(in_loss, 1.0 / tokens, 0.0)
+                else:
+                    kl_weight = c
+                loss += beta * tl.sum(kl_weight * kl, axis=0)
+                grad += tl.where(ref_minus_l <= log_ratio_limit, beta * kl_weight * (1.0 - ref_ratio), 0.0)
         tl.store(grad_ptr + base + t, grad, mask=t < T)
     out = row_sums_ptr + row * 5
     tl.store(out, loss)
@@ -163,6 +165,8 @@ def segment_loss(batch: TokenBatch, cfg: LossConfig):
     B, T = batch.mask.shape
     device = batch.mask.device
     f32 = dict(dtype=torch.float32, device=device)
+    if B * T == 0:
+        return torch.zeros((), **f32), torch.zeros(len(STAT_NAMES), **f32), torch.zeros(B, T, **f32)
     rows = torch.arange(B, device=device).unsqueeze(1) * T
     group = torch.where(batch.mask, batch.group - rows, -1).to(torch.int32).contiguous()
     num_bins = (group.amax(1) + 1).to(torch.int32)
@@ -180,7 +184,8 @@ def segment_loss(batch: TokenBatch, cfg: LossConfig):
         batch.normaliser.to(torch.float32).reshape(1), tokens, scratch[0], scratch[1], scratch[2], grad, row_sums,
         B, T, cfg.beta, 1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high,
         cfg.delta if cfg.delta is not None else 0.0, LOG_RATIO_LIMIT,
-        HAS_OLD=batch.old_logps is not None, HAS_REF=batch.ref_logps is not None, HAS_DELTA=cfg.delta is not None,
+        HAS_OLD=batch.old_logps is not None, HAS_REF=batch.ref_logps is not None, ADD_KL=cfg.beta != 0.0,
+        HAS_DELTA=cfg.delta is not None,
         WEIGHTING=WEIGHTING[cfg.loss_type], BLOCK_T=BLOCK_T, BLOCK_B=BLOCK_B,
     )
     sums = row_sums.sum(0)
