@@ -164,46 +164,48 @@ def relative_error(got, want) -> float:
                for g, w in zip(got, want))
 
 
+def bench_shape(shape, provider_names, dtype, device, reps, progress) -> list[dict]:
+    """Rows of one shape: each provider checked against eager, then timed and measured (its inputs freed after)."""
+    rows, key = [], shape.key
+    batch = make_batch(shape, dtype, device)
+    built = {}
+    for name in provider_names:
+        try:
+            built[name] = PROVIDERS[name][1](batch)
+        except Unavailable as exc:
+            rows.append(dict(provider=name, shape=key, status=f"skipped: {exc}"))
+    # The eager result is the yardstick for every provider (itself included, as a determinism check).
+    expected = eager_result(batch, batch.loss_inputs)
+    gemm = gemm_seconds(shape, dtype, device, reps)
+    for name, loss_fn in built.items():
+        progress(f"{key} {name}")
+        loss = loss_fn()
+        got = (loss.detach(), *torch.autograd.grad(loss, (batch.hidden, batch.weight)))
+        want = eager_result(batch, token_level_inputs(batch)) if name in TOKEN_LEVEL else expected
+        error = relative_error(got, want)
+        row = dict(provider=name, shape=key, hidden=shape.hidden, vocab=shape.vocab, tokens=shape.tokens,
+                   scaled_from=shape.scaled_from, max_rel_error=error)
+        if not error <= TOLERANCE[dtype]:
+            rows.append(dict(row, status=f"wrong: relative error {error:.2e} > {TOLERANCE[dtype]:.0e}"))
+            continue
+        both = timings(lambda: fwd_bwd(loss_fn, batch), reps, device, warm_up=False)  # the check warmed up
+        fwd = timings(lambda: fwd_only(loss_fn, batch), reps, device)
+        if device.type == "cuda":
+            peak = peak_memory_here(loss_fn, batch, device)
+        else:
+            peak = peak_memory_in_child(name, shape.spec, str(dtype).split(".")[-1], device)
+        median = statistics.median(both)
+        rows.append(dict(
+            row, status="ok", fwd_bwd_ms=1e3 * median, fwd_bwd_p20_ms=1e3 * percentile(both, 0.2),
+            fwd_bwd_p80_ms=1e3 * percentile(both, 0.8), fwd_ms=1e3 * statistics.median(fwd),
+            tokens_per_s=shape.tokens / median, peak_mib=peak / 2**20, three_gemm_ms=1e3 * gemm["three"],
+            four_gemm_ms=1e3 * gemm["four"], vs_three_gemm=median / gemm["three"], vs_four_gemm=median / gemm["four"],
+        ))
+    return rows
+
+
 def bench_loss(shapes, provider_names, dtype, device, reps, progress):
-    rows, gemm = [], {}
-    for shape in shapes:
-        key = shape.key
-        batch = make_batch(shape, dtype, device)
-        built = {}
-        for name in provider_names:
-            try:
-                built[name] = PROVIDERS[name][1](batch)
-            except Unavailable as exc:
-                rows.append(dict(provider=name, shape=key, status=f"skipped: {exc}"))
-        # The eager result is the yardstick for every provider (itself included, as a determinism check).
-        expected = eager_result(batch, batch.loss_inputs)
-        gemm[key] = gemm_seconds(shape, dtype, device, reps)
-        for name, loss_fn in built.items():
-            progress(f"{key} {name}")
-            loss = loss_fn()
-            got = (loss.detach(), *torch.autograd.grad(loss, (batch.hidden, batch.weight)))
-            want = eager_result(batch, token_level_inputs(batch)) if name in TOKEN_LEVEL else expected
-            error = relative_error(got, want)
-            row = dict(provider=name, shape=key, hidden=shape.hidden, vocab=shape.vocab, tokens=shape.tokens,
-                       scaled_from=shape.scaled_from, max_rel_error=error)
-            if not error <= TOLERANCE[dtype]:
-                rows.append(dict(row, status=f"wrong: relative error {error:.2e} > {TOLERANCE[dtype]:.0e}"))
-                continue
-            both = timings(lambda: fwd_bwd(loss_fn, batch), reps, device, warm_up=False)  # the check warmed up
-            fwd = timings(lambda: fwd_only(loss_fn, batch), reps, device)
-            if device.type == "cuda":
-                peak = peak_memory_here(loss_fn, batch, device)
-            else:
-                peak = peak_memory_in_child(name, shape.spec, str(dtype).split(".")[-1], device)
-            median = statistics.median(both)
-            rows.append(dict(
-                row, status="ok", fwd_bwd_ms=1e3 * median, fwd_bwd_p20_ms=1e3 * percentile(both, 0.2),
-                fwd_bwd_p80_ms=1e3 * percentile(both, 0.8), fwd_ms=1e3 * statistics.median(fwd),
-                tokens_per_s=shape.tokens / median, peak_mib=peak / 2**20, three_gemm_ms=1e3 * gemm[key]["three"],
-                four_gemm_ms=1e3 * gemm[key]["four"], vs_three_gemm=median / gemm[key]["three"],
-                vs_four_gemm=median / gemm[key]["four"],
-            ))
-        del batch, built
+    rows = [row for shape in shapes for row in bench_shape(shape, provider_names, dtype, device, reps, progress)]
     for row in rows:  # ratios to eager, measured in the same run
         base = next((r for r in rows if r["shape"] == row["shape"] and r["provider"] == "eager"
                      and r["status"] == "ok"), None)

@@ -177,3 +177,15 @@ def stats_dict(stats: torch.Tensor, has_kl: bool, has_entropy: bool) -> dict[str
     if not has_entropy:
         del named["entropy"]
     return named
+
+
+def loss_from_row_sums(row_sums: torch.Tensor, tokens: torch.Tensor, batch: TokenBatch):
+    """(loss, stats) from the per-row sums (B, ROW_SUMS) that the compiled segment-loss kernels write; ``tokens``
+    is the number of loss tokens, clamped to >= 1. Summing rows here keeps the reduction order fixed."""
+    sums = row_sums.sum(0)
+    low, high = sums[1] / tokens, sums[2] / tokens
+    entropy_mean = torch.zeros_like(low)
+    if batch.entropy is not None:
+        entropy_mean = torch.where(batch.mask, batch.entropy.detach().to(sums.dtype), 0).sum() / tokens
+    # The KL entry is 0 without ref_logps, and then not reported.
+    return sums[0], torch.stack([low, high, low + high, sums[3] / tokens, sums[4] / tokens, entropy_mean])

@@ -1,4 +1,5 @@
-"""The CUDA backend (``csrc/``) against the reference, as ``test_gpu.py`` checks Triton; ``pytest -m gpu``.
+"""The CUDA backend (``csrc/``) at its interface and determinism; ``pytest -m gpu``. (``test_gpu.py`` checks it
+against the reference at real heads, with Triton and torch.)
 
 The GPU tests are skipped without one; they compile the extension just in time (ninja) unless ``pip install
 --no-build-isolation .`` prebuilt it. Tolerances as in ``test_gpu.py`` (bf16 at real LM-head sizes) and
@@ -13,14 +14,14 @@ import importlib
 import pytest
 import torch
 
-from rankgrpo_kernels import fused_logprobs, rank_grpo_loss
+from rankgrpo_kernels import rank_grpo_loss
 from rankgrpo_kernels.backends import torch_chunked
 from rankgrpo_kernels.reference import reference_logprobs, reference_loss
 from rankgrpo_kernels.segment_loss import LossConfig, TokenBatch, dense_groups
 from rankgrpo_kernels.segment_loss import segment_loss as torch_segment_loss
 
 from .helpers import random_loss_batch
-from .test_gpu import HEADS, _batch, _relative
+from .test_gpu import _batch
 
 gpu = pytest.mark.gpu
 TOL = {torch.float32: dict(rtol=2e-5, atol=2e-6), torch.bfloat16: dict(rtol=2e-2, atol=2e-3),
@@ -36,31 +37,6 @@ def cuda_backend():
 def test_cpu_only_torch_gives_the_fix():
     with pytest.raises(ImportError, match="CUDA build of torch.*backend='triton' or 'torch'"):
         importlib.import_module("rankgrpo_kernels.backends.cuda_backend")
-
-
-@gpu
-@pytest.mark.parametrize("head", list(HEADS))
-def test_bf16_real_head_matches_reference(head):
-    H, V = HEADS[head]
-    hidden, weight, targets, kwargs = _batch(4, 512, H, V, torch.bfloat16)
-    loss, stats = rank_grpo_loss(hidden, weight, targets, backend="cuda", **kwargs)
-    grads = torch.autograd.grad(loss, (hidden, weight))
-    ref_h, ref_w = (x.detach().float().requires_grad_() for x in (hidden, weight))
-    ref_loss, ref_stats = reference_loss(ref_h, ref_w, targets, **kwargs)
-    ref_grads = torch.autograd.grad(ref_loss, (ref_h, ref_w))
-    assert _relative(loss, ref_loss) < 1e-3
-    for got, want in zip(grads, ref_grads):
-        assert got.dtype == torch.bfloat16 and _relative(got, want) < 2e-2
-    torch.testing.assert_close(stats["kl"], ref_stats["kl"].float(), rtol=1e-3, atol=1e-6)
-
-
-@gpu
-def test_fp32_logprobs_match_reference():
-    hidden, weight, targets, _ = _batch(2, 256, 896, 32000, torch.float32)
-    logp, entropy = fused_logprobs(hidden, weight, targets, return_entropy=True, backend="cuda")
-    ref_logp, ref_entropy = reference_logprobs(hidden, weight, targets, return_entropy=True)
-    torch.testing.assert_close(logp, ref_logp, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(entropy, ref_entropy, rtol=1e-4, atol=1e-4)
 
 
 @gpu
@@ -140,22 +116,6 @@ def test_loss_through_the_public_api(loss_type):
         torch.testing.assert_close(stats[name], ref_stats[name], **TOL[torch.float32])
     for x, y in zip(torch.autograd.grad(loss, (hidden, weight, b)), torch.autograd.grad(ref_loss, (hidden, weight, b))):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
-
-
-@gpu
-def test_memory_stays_far_below_the_logits():
-    H, V = HEADS["qwen2.5-0.5b"]
-    hidden, weight, targets, kwargs = _batch(8, 1024, H, V, torch.bfloat16)
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    loss, _ = rank_grpo_loss(hidden, weight, targets, backend="cuda", **kwargs)
-    torch.autograd.grad(loss, (hidden, weight))
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    gradients_fp32 = 4 * (hidden.numel() + weight.numel())
-    logits = 4 * targets.numel() * V
-    assert peak < gradients_fp32 * 1.5 + 0.02 * logits, (peak, logits)
 
 
 @gpu

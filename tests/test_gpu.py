@@ -38,7 +38,7 @@ def _relative(got, want):
     return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
 @pytest.mark.parametrize("head", list(HEADS))
 def test_bf16_real_head_matches_reference(backend, head):
     H, V = HEADS[head]
@@ -54,21 +54,23 @@ def test_bf16_real_head_matches_reference(backend, head):
     torch.testing.assert_close(stats["kl"], ref_stats["kl"].float(), rtol=1e-3, atol=1e-6)
 
 
-def test_fp32_logprobs_match_reference():
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_fp32_logprobs_match_reference(backend):
     hidden, weight, targets, _ = _batch(2, 256, 896, 32000, torch.float32)
-    logp, entropy = fused_logprobs(hidden, weight, targets, return_entropy=True, backend="triton")
+    logp, entropy = fused_logprobs(hidden, weight, targets, return_entropy=True, backend=backend)
     ref_logp, ref_entropy = reference_logprobs(hidden, weight, targets, return_entropy=True)
     torch.testing.assert_close(logp, ref_logp, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(entropy, ref_entropy, rtol=1e-4, atol=1e-4)
 
 
-def test_triton_memory_stays_far_below_the_logits():
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_memory_stays_far_below_the_logits(backend):
     H, V = HEADS["qwen2.5-0.5b"]
     hidden, weight, targets, kwargs = _batch(8, 1024, H, V, torch.bfloat16)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    loss, _ = rank_grpo_loss(hidden, weight, targets, backend="triton", **kwargs)
+    loss, _ = rank_grpo_loss(hidden, weight, targets, backend=backend, **kwargs)
     torch.autograd.grad(loss, (hidden, weight))
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base

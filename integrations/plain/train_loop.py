@@ -32,7 +32,7 @@ from rankgrpo_kernels.integrations.plain import (
     rank_grpo_step_inputs,
     trim_completions,
 )
-from rankgrpo_kernels.integrations.tiny_recommender import build_tiny_recommender, hit_rate_per_rank
+from rankgrpo_kernels.integrations.tiny_recommender import build_tiny_recommender, hit_rate_per_rank, print_report
 
 
 def sample_completions(model, tokenizer, prompts: list[str], num_generations: int, temperature: float,
@@ -98,13 +98,7 @@ def main() -> None:
                             "rank " + " ".join(f"{r:.2f}" for r in ranks))
 
     after = hit_rate_per_rank(model, tokenizer, world.rows, N)
-    window = max(1, len(history) // 4)
-    first, last = (torch.tensor(part).mean(0).tolist() for part in (history[:window], history[-window:]))
-    print(f"\ntraining reward per rank, first {window} steps: " + " ".join(f"{r:.2f}" for r in first))
-    print(f"training reward per rank, last {window} steps:  " + " ".join(f"{r:.2f}" for r in last))
-    print("hit rate per rank of sampled lists, before: " + " ".join(f"{r:.2f}" for r in before))
-    print("hit rate per rank of sampled lists, after:  " + " ".join(f"{r:.2f}" for r in after))
-    print(f"done in {time.perf_counter() - start:.0f} s")
+    print_report(history, before, after, time.perf_counter() - start)
 
 
 if __name__ == "__main__":

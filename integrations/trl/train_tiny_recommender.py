@@ -24,7 +24,9 @@ from tqdm.auto import tqdm
 from transformers import PrinterCallback, TrainerCallback
 from transformers.utils import logging as transformers_logging
 
-from rankgrpo_kernels.integrations.tiny_recommender import build_tiny_recommender, hit_rate_per_rank, hit_reward
+from rankgrpo_kernels.integrations.tiny_recommender import (
+    build_tiny_recommender, hit_rate_per_rank, hit_reward, print_report,
+)
 from rankgrpo_kernels.integrations.trl import RankGRPOConfig, RankGRPOTrainer
 
 
@@ -84,13 +86,7 @@ def main() -> None:
         trainer.train()
         after = hit_rate_per_rank(trainer.model, world.tokenizer, world.rows, args.rec_num)
 
-    window = max(1, len(bar.history) // 4)
-    first, last = (torch.tensor(part).mean(0).tolist() for part in (bar.history[:window], bar.history[-window:]))
-    print(f"\ntraining reward per rank, first {window} steps: " + " ".join(f"{r:.2f}" for r in first))
-    print(f"training reward per rank, last {window} steps:  " + " ".join(f"{r:.2f}" for r in last))
-    print("hit rate per rank of sampled lists, before: " + " ".join(f"{r:.2f}" for r in before))
-    print("hit rate per rank of sampled lists, after:  " + " ".join(f"{r:.2f}" for r in after))
-    print(f"done in {time.perf_counter() - start:.0f} s")
+    print_report(bar.history, before, after, time.perf_counter() - start)
 
 
 if __name__ == "__main__":

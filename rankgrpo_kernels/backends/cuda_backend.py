@@ -32,7 +32,7 @@ import torch
 
 from ..config import plan_chunks
 from ..reference import LOG_RATIO_LIMIT
-from ..segment_loss import ROW_SUMS, WEIGHTING, LossConfig, TokenBatch
+from ..segment_loss import ROW_SUMS, WEIGHTING, LossConfig, TokenBatch, loss_from_row_sums
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BACKWARD_ROWS_PER_BLOCK = 32  # csrc/rankgrpo_cuda.h: kBackwardRowsPerBlock
@@ -224,11 +224,5 @@ def segment_loss(batch: TokenBatch, cfg: LossConfig):
                       tokens, torch.empty(3, B, T, **f32), grad, row_sums, cfg.beta, 1.0 - cfg.epsilon_low,
                       1.0 + cfg.epsilon_high, cfg.delta, WEIGHTING[cfg.loss_type], LOG_RATIO_LIMIT,
                       _stream(device))
-    sums = row_sums.sum(0)
-    kl_mean = sums[4] / tokens[0]  # 0 without ref_logps, and then not reported
-    entropy_mean = torch.zeros((), **f32)
-    if batch.entropy is not None:
-        entropy_mean = torch.where(batch.mask, batch.entropy.detach().float(), 0).sum() / tokens[0]
-    low, high = sums[1] / tokens[0], sums[2] / tokens[0]
-    stats = torch.stack([low, high, low + high, sums[3] / tokens[0], kl_mean, entropy_mean])
-    return sums[0], stats, grad
+    loss, stats = loss_from_row_sums(row_sums, tokens[0], batch)
+    return loss, stats, grad

@@ -85,7 +85,7 @@ def logprob_backward(hidden, weight, bias, targets, temperature, lse, grad_logp,
     Only the tokens with ``grad_logp != 0`` are recomputed (one host sync to count them).
     """
     need_h, need_w, need_b = needs
-    N, V = hidden.shape[0], weight.shape[0]
+    V = weight.shape[0]
     acc = _acc_dtype(hidden.dtype)
     inv_t = 1.0 / temperature
     active = grad_logp.nonzero().squeeze(1)

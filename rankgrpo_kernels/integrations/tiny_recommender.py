@@ -185,3 +185,18 @@ def hit_rate_per_rank(model, tokenizer, rows: list[dict], rec_num: int, samples_
     hits = torch.tensor([item_hits(text, titles, rec_num) for text, titles in zip(texts, relevant)])
     model.train(was_training)
     return hits.mean(0).tolist()
+
+
+def print_report(history: list[list[float]], before: list[float], after: list[float], seconds: float) -> None:
+    """What the examples print: training reward per rank early vs late, and hit rates before vs after."""
+    window = max(1, len(history) // 4)
+    first, last = (torch.tensor(part).mean(0).tolist() for part in (history[:window], history[-window:]))
+
+    def ranks(values):
+        return " ".join(f"{v:.2f}" for v in values)
+
+    print(f"\ntraining reward per rank, first {window} steps: {ranks(first)}")
+    print(f"training reward per rank, last {window} steps:  {ranks(last)}")
+    print(f"hit rate per rank of sampled lists, before: {ranks(before)}")
+    print(f"hit rate per rank of sampled lists, after:  {ranks(after)}")
+    print(f"done in {seconds:.0f} s")

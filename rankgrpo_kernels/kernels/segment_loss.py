@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..reference import LOG_RATIO_LIMIT, STAT_NAMES
-from ..segment_loss import ROW_SUMS, WEIGHTING, LossConfig, TokenBatch
+from ..segment_loss import ROW_SUMS, WEIGHTING, LossConfig, TokenBatch, loss_from_row_sums
 
 BLOCK_T, BLOCK_B = 64, 32  # tokens x items compared per step
 
@@ -188,11 +188,5 @@ def segment_loss(batch: TokenBatch, cfg: LossConfig):
         HAS_DELTA=cfg.delta is not None,
         WEIGHTING=WEIGHTING[cfg.loss_type], BLOCK_T=BLOCK_T, BLOCK_B=BLOCK_B,
     )
-    sums = row_sums.sum(0)
-    kl_mean = sums[4] / tokens[0]  # 0 without ref_logps, and then not reported
-    entropy_mean = torch.zeros((), **f32)
-    if batch.entropy is not None:
-        entropy_mean = torch.where(batch.mask, batch.entropy.detach().float(), 0).sum() / tokens[0]
-    low, high = sums[1] / tokens[0], sums[2] / tokens[0]
-    stats = torch.stack([low, high, low + high, sums[3] / tokens[0], kl_mean, entropy_mean])
-    return sums[0], stats, grad
+    loss, stats = loss_from_row_sums(row_sums, tokens[0], batch)
+    return loss, stats, grad
