@@ -18,12 +18,10 @@ import copy
 import random
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers.utils import logging as transformers_logging
 
 from rankgrpo_kernels.integrations.plain import (
     completion_logprobs,
@@ -32,7 +30,9 @@ from rankgrpo_kernels.integrations.plain import (
     rank_grpo_step_inputs,
     trim_completions,
 )
-from rankgrpo_kernels.integrations.tiny_recommender import build_tiny_recommender, hit_rate_per_rank, print_report
+from rankgrpo_kernels.integrations.tiny_recommender import (
+    build_tiny_recommender, hit_rate_per_rank, print_report, quiet_cpu_run,
+)
 
 
 def sample_completions(model, tokenizer, prompts: list[str], num_generations: int, temperature: float,
@@ -57,9 +57,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (tiny matrices: one is fastest)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    transformers_logging.disable_progress_bar()  # weight loading bars would break the training bar's line
-    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated")  # transformers 5 renames
+    quiet_cpu_run(args.threads)
     start = time.perf_counter()
     rng = random.Random(args.seed)
     N, G, T = args.rec_num, args.num_generations, args.temperature

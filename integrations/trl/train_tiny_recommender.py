@@ -15,17 +15,14 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
-import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PrinterCallback, TrainerCallback
-from transformers.utils import logging as transformers_logging
 
 from rankgrpo_kernels.integrations.tiny_recommender import (
-    build_tiny_recommender, hit_rate_per_rank, hit_reward, print_report,
+    build_tiny_recommender, hit_rate_per_rank, hit_reward, print_report, quiet_cpu_run,
 )
 from rankgrpo_kernels.integrations.trl import RankGRPOConfig, RankGRPOTrainer
 
@@ -61,9 +58,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (tiny matrices: one is fastest)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    transformers_logging.disable_progress_bar()  # weight loading bars would break the training bar's line
-    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated")  # transformers 5 renames
+    quiet_cpu_run(args.threads)
     start = time.perf_counter()
 
     with tempfile.TemporaryDirectory() as workdir:

@@ -200,3 +200,14 @@ def print_report(history: list[list[float]], before: list[float], after: list[fl
     print(f"hit rate per rank of sampled lists, before: {ranks(before)}")
     print(f"hit rate per rank of sampled lists, after:  {ranks(after)}")
     print(f"done in {seconds:.0f} s")
+
+
+def quiet_cpu_run(threads: int) -> None:
+    """What the examples set before training: CPU threads, no weight-loading bars, no transformers renames."""
+    import warnings
+
+    from transformers.utils import logging as transformers_logging
+
+    torch.set_num_threads(threads)
+    transformers_logging.disable_progress_bar()  # weight loading bars would break the training bar's line
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated")  # transformers 5 renames
