@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from rankgrpo_kernels import backends, rank_grpo_loss, rank_grpo_loss_from_logps
-from rankgrpo_kernels.kernels.config import interpreting
+from rankgrpo_kernels.kernels.tiles import interpreting
 from rankgrpo_kernels.reference import reference_loss
 
 # The released Rank-GRPO run: bnpo, eps 0.06 / 0.08, k3 KL with beta 1e-3.

@@ -4,7 +4,7 @@ from .catalog import Catalog, make_rank_hit_reward, normalize_title, parse_item,
 from .functional import fused_logprobs, rank_grpo_loss, rank_grpo_loss_from_logps
 from .modules import RankGRPOLoss
 from .rewards import rank_advantages, rank_rewards, token_advantages
-from .segment_loss import LossConfig
+from .contract import LossConfig
 from .segments import Segments, line_table, newline_counts, segment_items, split_items
 
 __version__ = "0.1.0"

@@ -7,8 +7,8 @@ import math
 import torch
 
 from . import backends, distributed, ops
-from .config import memory_budget, validate_values
-from .segment_loss import LossConfig, TokenBatch, dense_groups, stats_dict
+from .settings import memory_budget, validate_values
+from .contract import LossConfig, TokenBatch, dense_groups, stats_dict
 
 _LOSS_DOC = """
     The loss (a 0-dim float32 tensor, float64 for float64 inputs) and a dict of detached 0-dim statistics:

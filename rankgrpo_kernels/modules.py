@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .functional import rank_grpo_loss, rank_grpo_loss_from_logps
-from .segment_loss import LossConfig
+from .contract import LossConfig
 
 
 class RankGRPOLoss(nn.Module):

@@ -19,8 +19,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .reference import STAT_NAMES
-from .segment_loss import LossConfig, TokenBatch
+from .contract import STAT_NAMES, LossConfig, TokenBatch
 
 _EMPTY = (0,)
 

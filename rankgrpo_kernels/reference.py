@@ -34,9 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LOG_RATIO_LIMIT = 20.0
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "rank")
-STAT_NAMES = ("clip_ratio_low", "clip_ratio_high", "clip_ratio_region", "ratio_mean", "kl", "entropy")
+from .contract import LOG_RATIO_LIMIT, LOSS_TYPES
 
 
 def reference_loss_from_logps(

@@ -26,7 +26,7 @@ from triton.compiler import ASTSource  # noqa: E402
 import torch  # noqa: E402
 
 from rankgrpo_kernels.kernels import logprob_backward, logprob_forward, segment_loss  # noqa: E402
-from rankgrpo_kernels.kernels.config import CONFIGS, KernelConfig, dot_precision  # noqa: E402
+from rankgrpo_kernels.kernels.tiles import CONFIGS, KernelConfig, dot_precision  # noqa: E402
 
 TRITON_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from rankgrpo_kernels import rank_grpo_loss
-from rankgrpo_kernels.backends import torch_chunked
+from rankgrpo_kernels.backends import torch_backend
 from rankgrpo_kernels.reference import reference_logprobs, reference_loss
-from rankgrpo_kernels.segment_loss import LossConfig, TokenBatch, dense_groups
-from rankgrpo_kernels.segment_loss import segment_loss as torch_segment_loss
+from rankgrpo_kernels.contract import LossConfig, TokenBatch, dense_groups
+from rankgrpo_kernels.backends.torch_backend import segment_loss as torch_segment_loss
 
 from .helpers import random_loss_batch
 from .test_gpu import _batch
@@ -52,14 +52,14 @@ def test_backend_matches_chunked_torch(cuda_backend, dtype, bias, temperature, b
     targets = torch.randint(0, V, (N,), device="cuda", generator=g)
     got = cuda_backend.logprob_forward(hidden, weight, b, targets, temperature, budget, True)
     f32 = [None if x is None else x.float() for x in (hidden, weight, b)]
-    want = torch_chunked.logprob_forward(*f32, targets, temperature, budget, True)
+    want = torch_backend.logprob_forward(*f32, targets, temperature, budget, True)
     for x, y in zip(got, want):
         torch.testing.assert_close(x, y, **TOL[torch.float32])
     grad_logp = torch.randn(N, device="cuda", generator=g)
     grad_logp[::3] = 0  # tokens without gradient are skipped
     needs = (True, True, bias)
     got = cuda_backend.logprob_backward(hidden, weight, b, targets, temperature, want[1], grad_logp, budget, needs)
-    ref = torch_chunked.logprob_backward(*f32, targets, temperature, want[1], grad_logp, budget, needs)
+    ref = torch_backend.logprob_backward(*f32, targets, temperature, want[1], grad_logp, budget, needs)
     for x, y in zip(got, ref):
         if y is not None:
             assert x.dtype == dtype

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rankgrpo_kernels import fused_logprobs, ops, rank_grpo_loss, rank_grpo_loss_from_logps
-from rankgrpo_kernels.segment_loss import dense_groups
+from rankgrpo_kernels.contract import dense_groups
 
 from .helpers import random_loss_batch
 

@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 
 from rankgrpo_kernels import fused_logprobs, rank_grpo_loss  # noqa: E402
 from rankgrpo_kernels.backends import triton_backend  # noqa: E402
-from rankgrpo_kernels.kernels.config import interpreting  # noqa: E402
+from rankgrpo_kernels.kernels.tiles import interpreting  # noqa: E402
 from rankgrpo_kernels.reference import reference_logprobs, reference_loss  # noqa: E402
 
 from .helpers import random_loss_batch  # noqa: E402

@@ -15,8 +15,8 @@ import importlib
 
 import torch
 
-from ..kernels.config import interpreting
-from . import torch_chunked
+from ..kernels.tiles import interpreting
+from . import torch_backend
 
 NAMES = ("torch", "triton", "cuda")
 
@@ -24,7 +24,7 @@ NAMES = ("torch", "triton", "cuda")
 def load(name: str):
     """The backend module ``name``; ValueError naming the fix when it cannot run here."""
     if name == "torch":
-        return torch_chunked
+        return torch_backend
     if name == "triton":
         try:
             return importlib.import_module(".triton_backend", __name__)

@@ -1,6 +1,6 @@
 """The CUDA backend: hand-written kernels in ``csrc/`` around cuBLAS GEMMs on bounded vocabulary slabs.
 
-Same interface as ``torch_chunked``. With ``z = (h W^T + b) / T`` over (token chunk x vocabulary slab) tiles sized
+Same interface as ``torch_backend``. With ``z = (h W^T + b) / T`` over (token chunk x vocabulary slab) tiles sized
 by ``budget_bytes`` (``config.plan_chunks``):
 
 forward   ``acc = h W[v0:v1]^T`` by cuBLAS in fp32 (``torch.mm(..., out_dtype=float32)``), then the
@@ -30,9 +30,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import plan_chunks
-from ..reference import LOG_RATIO_LIMIT
-from ..segment_loss import ROW_SUMS, WEIGHTING, LossConfig, TokenBatch, loss_from_row_sums
+from ..settings import plan_chunks
+from ..contract import LOG_RATIO_LIMIT, ROW_SUMS, WEIGHTING, LossConfig, TokenBatch, loss_from_row_sums
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BACKWARD_ROWS_PER_BLOCK = 32  # csrc/rankgrpo_cuda.h: kBackwardRowsPerBlock

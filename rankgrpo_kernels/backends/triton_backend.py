@@ -1,5 +1,5 @@
 """The Triton backend: fused kernels for the log-prob forward, the segment loss and the backward (CUDA GPUs, or
-the CPU under ``TRITON_INTERPRET=1`` for tests). Same interface as ``torch_chunked``; ``budget_bytes`` is unused
+the CPU under ``TRITON_INTERPRET=1`` for tests). Same interface as ``torch_backend``; ``budget_bytes`` is unused
 since no kernel holds more than its register tiles and (vocabulary splits x tokens) fp32 partials.
 
 Under ``torch.use_deterministic_algorithms(True)`` the backward runs the torch backend's chunked GEMMs instead of
@@ -13,7 +13,7 @@ import torch
 from ..kernels import logprob_backward as _backward
 from ..kernels import logprob_forward as _forward
 from ..kernels.segment_loss import segment_loss
-from . import torch_chunked
+from . import torch_backend
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -38,7 +38,7 @@ def logprob_forward(hidden, weight, bias, targets, temperature, budget_bytes, re
 
 def logprob_backward(hidden, weight, bias, targets, temperature, lse, grad_logp, budget_bytes, needs):
     if torch.are_deterministic_algorithms_enabled():
-        return torch_chunked.logprob_backward(hidden, weight, bias, targets, temperature, lse, grad_logp,
+        return torch_backend.logprob_backward(hidden, weight, bias, targets, temperature, lse, grad_logp,
                                               budget_bytes, needs)
     return _backward.logprob_backward(_rows_contiguous(hidden), _rows_contiguous(weight), bias,
                                       targets.contiguous(), temperature, lse, grad_logp.contiguous(), needs)

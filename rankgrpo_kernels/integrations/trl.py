@@ -52,9 +52,8 @@ import torch
 from packaging.version import Version
 
 from ..functional import fused_logprobs, rank_grpo_loss
-from ..reference import LOSS_TYPES
+from ..contract import LOSS_TYPES, LossConfig
 from ..rewards import ADVANTAGE_SCALES, rank_advantages, rank_rewards, token_advantages
-from ..segment_loss import LossConfig
 from ..segments import Segments, line_table, segment_items
 from .hf_model import call_head, check_plain_logits, completion_hidden_states, output_head, unwrap_peft
 from .plain import per_rank_tensor

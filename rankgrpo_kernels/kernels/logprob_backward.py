@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import KernelConfig, backward_config, dot_precision
+from .tiles import KernelConfig, backward_config, dot_precision
 from .logprob_forward import dot, logits_tile
 
 

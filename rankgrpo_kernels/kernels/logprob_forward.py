@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import KernelConfig, dot_precision, forward_config
+from .tiles import KernelConfig, dot_precision, forward_config
 
 COMBINE_BLOCK = 32  # tokens per program of the combine kernel (x 64 splits: no spills)
 

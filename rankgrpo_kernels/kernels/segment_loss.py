@@ -19,8 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import LOG_RATIO_LIMIT, STAT_NAMES
-from ..segment_loss import ROW_SUMS, WEIGHTING, LossConfig, TokenBatch, loss_from_row_sums
+from ..contract import LOG_RATIO_LIMIT, ROW_SUMS, STAT_NAMES, WEIGHTING, LossConfig, TokenBatch, loss_from_row_sums
 
 BLOCK_T, BLOCK_B = 64, 32  # tokens x items compared per step
 

@@ -1,0 +1,112 @@
+"""The contract every layer shares: loss types, statistic names, limits, the loss settings and the token-level batch.
+
+``reference.py`` (the spec), the public API and every backend import these names from here, so that the kernels
+and the spec can never disagree on a constant. Nothing here computes the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# The log of every ratio (an item's mean log-ratio, r - l in the k3 KL) is clamped to at most this: e^20 ~ 4.9e8,
+# far beyond any ratio PPO clipping lets through, so finite inputs stay finite.
+LOG_RATIO_LIMIT = 20.0
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "rank")
+STAT_NAMES = ("clip_ratio_low", "clip_ratio_high", "clip_ratio_region", "ratio_mean", "kl", "entropy")
+
+# What the compiled segment-loss kernels (Triton and CUDA) take: the policy weighting of each loss type
+# (0: 1 / (B M_i), 1: 1 / normaliser, 2: 1 / (normaliser n_k)) and the per-row sums they write
+# (loss, clipped low, clipped high, ratio, KL).
+WEIGHTING = {"grpo": 0, "bnpo": 1, "dr_grpo": 1, "dapo": 1, "rank": 2}
+ROW_SUMS = 5
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The per-run settings of the Rank-GRPO objective (see ``rank_grpo_loss_from_logps`` for their meaning)."""
+
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    delta: float | None = None
+    beta: float = 0.0
+    loss_type: str = "bnpo"
+
+    def __post_init__(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if not (0.0 <= self.epsilon_low < 1.0):
+            raise ValueError(f"epsilon_low must be in [0, 1), got {self.epsilon_low!r}")
+        if not (0.0 <= self.epsilon_high < float("inf")):
+            raise ValueError(f"epsilon_high must be finite and >= 0, got {self.epsilon_high!r}")
+        if self.delta is not None and not (1.0 < self.delta < float("inf")):
+            raise ValueError(f"delta must be None or a finite number > 1, got {self.delta!r}")
+        if not (0.0 <= self.beta < float("inf")):
+            raise ValueError(f"beta must be finite and >= 0, got {self.beta!r}")
+
+
+@dataclass
+class TokenBatch:
+    """Token-level inputs of the segment loss, all (B, T) on one device.
+
+    ``group`` holds dense group ids in [0, B*T) (one per distinct (row, item id)), -1 outside the loss;
+    ``mask`` is True exactly where ``group >= 0``. ``normaliser`` is the scalar of the loss type
+    (sum M for bnpo, B * L_max for dr_grpo, num_items_in_batch for dapo, B * N for rank; unused by grpo).
+    """
+
+    logps: torch.Tensor
+    old_logps: torch.Tensor | None
+    ref_logps: torch.Tensor | None
+    advantages: torch.Tensor
+    group: torch.Tensor
+    mask: torch.Tensor
+    normaliser: torch.Tensor
+    entropy: torch.Tensor | None = None
+
+
+def dense_groups(item_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Map each distinct item id of a row to a dense id in [row*T, row*T + T); -1 where ``mask`` is False.
+
+    Sorting each row keeps this free of host synchronisation and of any bound on the id values.
+    """
+    B, T = item_ids.shape
+    key = torch.where(mask, item_ids.long(), torch.iinfo(torch.int64).max)
+    sorted_key, order = key.sort(dim=1, stable=True)
+    starts = torch.ones_like(sorted_key, dtype=torch.bool)
+    starts[:, 1:] = sorted_key[:, 1:] != sorted_key[:, :-1]
+    rank = torch.empty_like(order).scatter_(1, order, starts.long().cumsum(1) - 1)
+    rows = torch.arange(B, device=item_ids.device).unsqueeze(1) * T
+    return torch.where(mask, rank + rows, -1)
+
+
+def stats_dict(stats: torch.Tensor, has_kl: bool, has_entropy: bool) -> dict[str, torch.Tensor]:
+    """Name the entries of the statistics vector of ``segment_loss``, leaving out those that were not computed."""
+    named = dict(zip(STAT_NAMES, stats.unbind(0)))
+    if not has_kl:
+        del named["kl"]
+    if not has_entropy:
+        del named["entropy"]
+    return named
+
+
+def loss_from_row_sums(row_sums: torch.Tensor, tokens: torch.Tensor, batch: TokenBatch):
+    """(loss, stats) from the per-row sums (B, ROW_SUMS) that the compiled segment-loss kernels write; ``tokens``
+    is the number of loss tokens, clamped to >= 1. Summing rows here keeps the reduction order fixed."""
+    sums = row_sums.sum(0)
+    low, high = sums[1] / tokens, sums[2] / tokens
+    entropy_mean = torch.zeros_like(low)
+    if batch.entropy is not None:
+        entropy_mean = torch.where(batch.mask, batch.entropy.detach().to(sums.dtype), 0).sum() / tokens
+    # The KL entry is 0 without ref_logps, and then not reported.
+    return sums[0], torch.stack([low, high, low + high, sums[3] / tokens, sums[4] / tokens, entropy_mean])
+
+
+def row_relative_groups(batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the compiled segment-loss kernels take: group ids relative to their row (int32 (B, T), -1 outside the
+    loss) and the number of groups of each row (int32 (B,))."""
+    B, T = batch.mask.shape
+    rows = torch.arange(B, device=batch.mask.device).unsqueeze(1) * T
+    group = torch.where(batch.mask, batch.group - rows, -1).to(torch.int32).contiguous()
+    num_bins = (group.amax(1) + 1).to(torch.int32) if T else torch.zeros(B, dtype=torch.int32, device=group.device)
+    return group, num_bins
