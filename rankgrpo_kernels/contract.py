@@ -51,18 +51,33 @@ class TokenBatch:
     """Token-level inputs of the segment loss, all (B, T) on one device.
 
     ``group`` holds dense group ids in [0, B*T) (one per distinct (row, item id)), -1 outside the loss;
-    ``mask`` is True exactly where ``group >= 0``. ``normaliser`` is the scalar of the loss type
-    (sum M for bnpo, B * L_max for dr_grpo, num_items_in_batch for dapo, B * N for rank; unused by grpo).
+    ``mask`` is True exactly where ``group >= 0``. ``normaliser`` is the scalar of the loss type (B for grpo,
+    sum M for bnpo, B * L_max for dr_grpo, num_items_in_batch for dapo, B * N for rank) and ``tokens`` the number
+    of loss tokens (clamped to >= 1), both of the whole batch: a slice of rows (``rows``) keeps them, so its loss
+    and statistics are its exact share of the batch's and the shares add up.
     """
 
-    logps: torch.Tensor
+    logps: torch.Tensor | None
     old_logps: torch.Tensor | None
     ref_logps: torch.Tensor | None
     advantages: torch.Tensor
     group: torch.Tensor
     mask: torch.Tensor
     normaliser: torch.Tensor
+    tokens: torch.Tensor
     entropy: torch.Tensor | None = None
+
+    def rows(self, start: int, stop: int) -> "TokenBatch":
+        """Rows [start, stop) with their group ids rebased to the slice; normaliser and tokens stay the batch's."""
+        T = self.mask.shape[1]
+
+        def take(x):
+            return None if x is None else x[start:stop]
+
+        mask = self.mask[start:stop]
+        return TokenBatch(take(self.logps), take(self.old_logps), take(self.ref_logps), self.advantages[start:stop],
+                          torch.where(mask, self.group[start:stop] - start * T, -1), mask, self.normaliser,
+                          self.tokens, take(self.entropy))
 
 
 def dense_groups(item_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -90,10 +105,11 @@ def stats_dict(stats: torch.Tensor, has_kl: bool, has_entropy: bool) -> dict[str
     return named
 
 
-def loss_from_row_sums(row_sums: torch.Tensor, tokens: torch.Tensor, batch: TokenBatch):
-    """(loss, stats) from the per-row sums (B, ROW_SUMS) that the compiled segment-loss kernels write; ``tokens``
-    is the number of loss tokens, clamped to >= 1. Summing rows here keeps the reduction order fixed."""
+def loss_from_row_sums(row_sums: torch.Tensor, batch: TokenBatch):
+    """(loss, stats) from the per-row sums (B, ROW_SUMS) that the compiled segment-loss kernels write. Summing rows
+    here keeps the reduction order fixed."""
     sums = row_sums.sum(0)
+    tokens = batch.tokens.to(sums.dtype)
     low, high = sums[1] / tokens, sums[2] / tokens
     entropy_mean = torch.zeros_like(low)
     if batch.entropy is not None:

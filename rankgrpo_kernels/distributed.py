@@ -11,7 +11,7 @@ Three all-reduces combine them:
 
 The O(N) segment loss then runs identically on every rank. In the backward each rank forms ``dZ`` for its rows with
 the global ``lse``, keeps ``d_weight`` and ``d_bias`` local and all-reduces ``d_hidden``. Since this lives at the
-level of the backends' log-probs, it works for every backend.
+level of the log-probs (``lm_head``'s recompute path), it works for every backend.
 
 Equivalent PyTorch (on one rank holding the whole head)::
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from . import backends
+from . import lm_head
 
 
 def shard_range(weight: torch.Tensor, group) -> tuple[int, int]:
@@ -74,8 +74,8 @@ class ShardedLogprobs(torch.autograd.Function):
         local_targets = targets - vocab_start  # outside [0, V_r): another rank's row
         owned = (local_targets >= 0) & (local_targets < weight.shape[0])
         if weight.shape[0]:
-            logp_r, lse_r, entropy_r = backends.load(backend).logprob_forward(
-                hidden, weight, bias, local_targets, temperature, budget, return_entropy)
+            logp_r, lse_r, entropy_r = lm_head.logprobs(backend, hidden, weight, bias, local_targets,
+                                                        temperature, budget, return_entropy)
         else:  # an empty shard holds no probability mass
             lse_r = torch.full(targets.shape, float("-inf"), dtype=torch.promote_types(hidden.dtype, torch.float32),
                                device=hidden.device)
@@ -100,8 +100,9 @@ class ShardedLogprobs(torch.autograd.Function):
         temperature, budget, backend, group = ctx.settings
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias is not None)
         if weight.shape[0]:
-            d_hidden, d_weight, d_bias = backends.load(backend).logprob_backward(
-                hidden, weight, bias, local_targets, temperature, lse, grad_logp.contiguous(), budget, needs)
+            d_hidden, d_weight, d_bias = lm_head.logprob_grads(backend, hidden, weight, bias,
+                                                               local_targets, temperature, lse, grad_logp, budget,
+                                                               needs)
         else:
             d_hidden = torch.zeros_like(hidden) if needs[0] else None
             d_weight = torch.zeros_like(weight) if needs[1] else None

@@ -66,3 +66,28 @@ class TinyTokenizer:
 
     def encode(self, pieces):
         return [self.index[p] for p in pieces]
+
+
+def random_head(B, T, H, V, dtype, *, bias=True, scale=1.0, device="cpu", seed=0):
+    """hidden (B, T, H), weight (V, H), bias (V,) or None (all requiring grad) and targets (B, T) in [0, V)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = (scale * torch.randn(B, T, H, generator=g, dtype=torch.float64)).to(device, dtype).requires_grad_()
+    weight = (torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5).to(device, dtype).requires_grad_()
+    b = (0.1 * torch.randn(V, generator=g, dtype=torch.float64)).to(device, dtype).requires_grad_() if bias else None
+    return hidden, weight, b, torch.randint(0, V, (B, T), generator=g).to(device)
+
+
+def loss_inputs_near_policy(hidden, weight, bias, targets, temperature, K, *, old_scale=0.1, mask_prob=0.2):
+    """Random items, a mask and advantages, with old/ref log-probs near the model's own (as in real training)."""
+    from rankgrpo_kernels.reference import reference_logprobs
+
+    B, T, _ = hidden.shape
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    batch = random_loss_batch(B, T, K, dtype=dtype, old_scale=old_scale, mask_prob=mask_prob)
+    with torch.no_grad():
+        logps = reference_logprobs(hidden.double(), weight.double(), targets,
+                                   bias=None if bias is None else bias.double(), temperature=temperature).to(dtype)
+    batch["old_logps"] = logps.cpu() + (batch["old_logps"] - batch["logps"])
+    batch["ref_logps"] = logps.cpu() + (batch["ref_logps"] - batch["logps"])
+    del batch["logps"]
+    return {k: v.to(hidden.device) for k, v in batch.items()}

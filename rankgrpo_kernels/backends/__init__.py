@@ -1,59 +1,106 @@
-"""Backends compute the LM head's log-probs, their gradients and the segment loss. Each is a module with
+"""The backend registry. A backend is a module implementing the two non-GEMM pieces of ``lm_head`` over plain tensors:
 
-    logprob_forward(hidden, weight, bias, targets, temperature, budget_bytes, return_entropy) -> logp, lse, entropy
-    logprob_backward(hidden, weight, bias, targets, temperature, lse, grad_logp, budget_bytes, needs) -> dh, dW, db
-    segment_loss(batch, cfg) -> loss, stats, grad_logp
+    row_pass(logits, bias, targets, row_mask, inv_temperature, lse_in, grad_dtype, want_entropy)
+        -> logp, lse, entropy-or-None, D-or-None          (see ``torch_backend.row_pass`` for the contract)
+    segment_loss(batch: TokenBatch, cfg: LossConfig) -> loss, stats, grad_logp
 
-over flattened tokens (hidden (N, H), targets (N,)); ``cuda`` is the extension in ``csrc/`` (CUDA GPUs only). A target outside [0, V) lies in another vocabulary shard: it
-adds no target logit in the forward and no one-hot term in the backward (``distributed.py`` builds on this). ``torch`` runs anywhere; ``triton`` needs Triton and a CUDA
-GPU (or ``TRITON_INTERPRET=1``); ``auto`` picks Triton for CUDA tensors of fp32/bf16/fp16 when it imports.
+The GEMMs around them are the vendor's (``lm_head``). Each entry below says where the backend runs; ``choose``
+resolves ``"auto"`` and refuses a backend that cannot run here with a message naming the fix. A new backend is one
+module and one entry: ``tests/test_backends.py`` runs every available entry through the same conformance suite.
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 
 import torch
 
 from ..kernels.tiles import interpreting
-from . import torch_backend
 
-NAMES = ("torch", "triton", "cuda")
+HALF = (torch.bfloat16, torch.float16)
+TORCH_OUT_DTYPE = (2, 8)  # torch.mm(..., out_dtype=float32) for half operands on CUDA, used by every GEMM
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    module: str  # relative to this package
+    dtypes: tuple[torch.dtype, ...]
+    needs_cuda: bool  # True: CUDA tensors only (Triton also runs on the CPU under TRITON_INTERPRET=1)
+    d_in_place_any_dtype: bool  # the row pass writes D over the fp32 logits in any dtype (else only in fp32)
+    summary: str
+
+    def grad_in_place(self, acc_dtype: torch.dtype, grad_dtype: torch.dtype | None) -> bool:
+        """Whether D overwrites the logits buffer (else the row pass needs one (C, V) tensor of ``grad_dtype``)."""
+        return grad_dtype is None or grad_dtype == acc_dtype or self.d_in_place_any_dtype
+
+    def refusal(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        """Why this backend cannot run on ``device`` with ``dtype`` (None if it can)."""
+        if dtype not in self.dtypes:
+            return f"backend={self.name!r} takes {self.dtypes}, got {dtype}; use backend='torch'"
+        on_cpu_interpreter = self.name == "triton" and device.type == "cpu" and interpreting()
+        if self.needs_cuda and device.type != "cuda" and not on_cpu_interpreter:
+            return f"backend={self.name!r} runs on CUDA tensors, got {device.type}; use backend='torch'"
+        if device.type == "cuda" and self.needs_cuda and torch.cuda.get_device_capability(device)[0] < 8:
+            return f"backend={self.name!r} needs an Ampere (sm_80) or newer GPU; use backend='torch'"
+        if device.type == "cuda" and dtype in HALF and torch_version() < TORCH_OUT_DTYPE:
+            return (f"bf16/fp16 on CUDA needs torch >= 2.8 (GEMMs with fp32 output, out_dtype=); this is "
+                    f"torch {torch.__version__}: pip install -U 'torch>=2.8'")
+        if torch.compiler.is_compiling():  # imports do not trace; the op itself raises if the module cannot load
+            return None
+        try:
+            load(self.name)
+        except ValueError as exc:
+            return str(exc)
+        return None
+
+
+REGISTRY = {
+    backend.name: backend
+    for backend in (
+        Backend("torch", ".torch_backend", (torch.float64, torch.float32, *HALF), False, False,
+                "torch ops, any device; the CPU path"),
+        Backend("triton", ".triton_backend", (torch.float32, *HALF), True, True,
+                "Triton row pass and segment loss (CUDA sm_80+, or the CPU interpreter)"),
+        Backend("cuda", ".cuda_backend", (torch.float32, *HALF), True, True,
+                "CUDA row pass and segment loss from csrc/ (CUDA sm_80+)"),
+    )
+}
+AUTO_ORDER = ("triton", "torch")  # what "auto" tries, first that can run
+
+
+def torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
 
 
 def load(name: str):
-    """The backend module ``name``; ValueError naming the fix when it cannot run here."""
-    if name == "torch":
-        return torch_backend
-    if name == "triton":
-        try:
-            return importlib.import_module(".triton_backend", __name__)
-        except ImportError as exc:
-            raise ValueError(f"backend='triton' needs the triton package ({exc}); use backend='torch'") from exc
-    if name == "cuda":
-        try:
-            return importlib.import_module(".cuda_backend", __name__)
-        except ImportError as exc:  # CudaBackendUnavailable names the fix
-            raise ValueError(f"backend='cuda' cannot run here: {exc}") from exc
-    raise ValueError(f"backend must be 'auto' or one of {NAMES}, got {name!r}")
+    """The backend module ``name``; ValueError naming the fix when it does not import here."""
+    if name not in REGISTRY:
+        raise ValueError(f"backend must be 'auto' or one of {tuple(REGISTRY)}, got {name!r}")
+    try:
+        return importlib.import_module(REGISTRY[name].module, __name__)
+    except ImportError as exc:  # e.g. no triton package; the CUDA backend's error names its fix
+        raise ValueError(f"backend={name!r} cannot run here: {exc}") from exc
 
 
 def choose(name: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Resolve ``auto`` to a backend name for tensors on ``device`` of ``dtype``."""
-    if name != "auto":
-        load(name)  # validates the name and that it imports
-        if name == "triton" and device.type != "cuda" and not interpreting():
-            raise ValueError("backend='triton' runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1)")
-        if name == "triton" and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
-            raise ValueError("backend='triton' needs an Ampere (sm_80) or newer GPU; use backend='torch'")
-        if name == "cuda" and device.type != "cuda":
-            raise ValueError("backend='cuda' runs on CUDA tensors")
-        return name
-    if (device.type == "cuda" and dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and torch.cuda.get_device_capability(device)[0] >= 8):
-        try:
-            load("triton")
-            return "triton"
-        except ValueError:
-            pass
-    return "torch"
+    """Resolve ``auto`` to a backend name for tensors on ``device`` of ``dtype``; refuse what cannot run."""
+    if name == "auto":
+        for candidate in AUTO_ORDER:
+            if (device.type == "cuda" or not REGISTRY[candidate].needs_cuda) and \
+                    REGISTRY[candidate].refusal(device, dtype) is None:
+                return candidate
+        return "torch"
+    if name not in REGISTRY:
+        raise ValueError(f"backend must be 'auto' or one of {tuple(REGISTRY)}, got {name!r}")
+    reason = REGISTRY[name].refusal(device, dtype)
+    if reason is not None:
+        raise ValueError(reason)
+    return name
+
+
+def available(device: torch.device, dtype: torch.dtype) -> list[str]:
+    """The backends that can run on ``device`` with ``dtype`` here (what the conformance tests iterate over)."""
+    return [name for name, backend in REGISTRY.items() if backend.refusal(device, dtype) is None]

@@ -1,0 +1,157 @@
+"""Input checks at the public boundary and the token-level batch the ops take.
+
+Every check names the argument it refuses. Shape, dtype and device checks are free; value checks (NaN, ids in
+range) are collected as 0-dim flags and read with one host sync (``raise_on_bad_values``), skipped under
+``torch.compile`` and with ``RANKGRPO_VALIDATE=0``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import distributed
+from .contract import LossConfig, TokenBatch, dense_groups
+from .settings import validate_values
+
+
+def check_tensor(x, name, shape=None, kind="float", device=None, optional=False):
+    """Check type, dtype kind ('float' | 'int' | 'mask'), shape and device of one argument."""
+    if x is None:
+        if not optional:
+            raise ValueError(f"{name} is required")
+        return
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if kind == "float" and not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if kind == "int" and (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
+    if shape is not None and tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+    if device is not None and x.device != device:
+        raise ValueError(f"{name} is on {x.device} but the other inputs are on {device}")
+
+
+def raise_on_bad_values(checks):
+    """One host sync for all value checks: ``checks`` is a list of (message, bool 0-dim tensor that is True if bad)."""
+    if not checks or not validate_values() or torch.compiler.is_compiling():
+        return
+    flags = torch.stack([flag for _, flag in checks]).tolist()
+    for (message, _), bad in zip(checks, flags):
+        if bad:
+            raise ValueError(message)
+
+
+def _positive_int(value, name):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+def per_token_advantages(advantages, item_ids, advantage_level, B, T):
+    """(B, T) advantages from per-token, per-row ((B,) or (B, 1)) or, with ``advantage_level="rank"``, per-rank
+    (B, K) ones (token t takes ``advantages[b, item_ids[b, t]]``, 0 for ids >= K); and the per-rank tensor or None."""
+    if advantage_level not in ("auto", "rank"):
+        raise ValueError(f"advantage_level must be 'auto' or 'rank', got {advantage_level!r}")
+    if advantage_level == "rank":
+        if advantages.dim() != 2 or advantages.shape[0] != B or advantages.shape[1] < 1:
+            raise ValueError(f"advantages per rank must be (B, K) with B={B}, K >= 1; got {tuple(advantages.shape)}")
+        K = advantages.shape[1]
+        in_range = (item_ids >= 0) & (item_ids < K)
+        return torch.where(in_range, advantages.gather(1, item_ids.long().clamp(0, K - 1)), 0), advantages
+    if tuple(advantages.shape) in ((B,), (B, 1)):  # one advantage per row, as TRL passes them
+        return advantages.reshape(B, 1).expand(B, T), None
+    if tuple(advantages.shape) == (B, T):
+        return advantages, None
+    raise ValueError(
+        f"advantages must be (B,) or (B, 1) per row or (B, T) per token with B={B}, T={T}, or (B, K) per rank "
+        f"with advantage_level='rank'; got {tuple(advantages.shape)}"
+    )
+
+
+def normaliser(cfg: LossConfig, mask, dtype, *, max_completion_length, num_items_in_batch, rec_num, per_rank):
+    """The scalar of the loss type (see ``TokenBatch``)."""
+    B, T = mask.shape
+    device = mask.device
+    if cfg.loss_type == "grpo":
+        return torch.tensor(float(B), dtype=dtype, device=device)
+    if cfg.loss_type == "bnpo":
+        return mask.sum().clamp(min=1).to(dtype)
+    if cfg.loss_type == "dr_grpo":
+        length = _positive_int(T if max_completion_length is None else max_completion_length, "max_completion_length")
+        return torch.tensor(float(B * length), dtype=dtype, device=device)
+    if cfg.loss_type == "dapo":
+        if num_items_in_batch is None:
+            raise ValueError("loss_type='dapo' needs num_items_in_batch (the step's total count of loss tokens)")
+        if not isinstance(num_items_in_batch, torch.Tensor) and not (0 < float(num_items_in_batch) < math.inf):
+            raise ValueError(f"num_items_in_batch must be a finite number > 0, got {num_items_in_batch!r}")
+        return torch.as_tensor(num_items_in_batch, dtype=dtype, device=device).reshape(())
+    n_ranks = rec_num if rec_num is not None else (per_rank.shape[1] if per_rank is not None else None)
+    if n_ranks is None:
+        raise ValueError("loss_type='rank' needs rec_num (N) when advantages are not per rank")
+    return torch.tensor(float(B * _positive_int(n_ranks, "rec_num")), dtype=dtype, device=device)
+
+
+def token_batch(B, T, device, cfg: LossConfig, *, item_ids, advantages, completion_mask, old_logps, ref_logps,
+                advantage_level, max_completion_length, num_items_in_batch, rec_num, entropy=None, logps=None):
+    """Validate the loss inputs and bring them to the token level; returns the ``TokenBatch`` (``logps`` as given,
+    None for the fused path) and the value checks."""
+    check_tensor(item_ids, "item_ids", (B, T), "int", device)
+    check_tensor(advantages, "advantages", None, "float", device)
+    check_tensor(completion_mask, "completion_mask", (B, T), None, device, optional=True)
+    check_tensor(old_logps, "old_logps", (B, T), "float", device, optional=True)
+    check_tensor(ref_logps, "ref_logps", (B, T), "float", device, optional=True)
+    check_tensor(entropy, "entropy", (B, T), "float", device, optional=True)
+    if cfg.beta != 0.0 and ref_logps is None:
+        raise ValueError(f"beta={cfg.beta} needs ref_logps (or set beta=0.0)")
+
+    mask = item_ids >= 0
+    if completion_mask is not None:
+        mask = mask & completion_mask.bool()
+    per_token, per_rank = per_token_advantages(advantages, item_ids, advantage_level, B, T)
+    dtype = torch.promote_types(advantages.dtype, torch.float32)
+    scale = normaliser(cfg, mask, dtype, max_completion_length=max_completion_length,
+                       num_items_in_batch=num_items_in_batch, rec_num=rec_num, per_rank=per_rank)
+
+    checks = [("advantages must be finite on tokens in the loss", (~torch.isfinite(per_token) & mask).any())]
+    if logps is not None:  # a non-finite log-prob would otherwise reach the loss (see README, "Non-finite inputs")
+        checks.append(("logps must be finite on tokens in the loss", (~torch.isfinite(logps) & mask).any()))
+    for name, x in (("old_logps", old_logps), ("ref_logps", ref_logps)):
+        if x is not None:
+            checks.append((f"{name} contain NaN on tokens in the loss", (torch.isnan(x) & mask).any()))
+    if cfg.loss_type == "dapo" and isinstance(num_items_in_batch, torch.Tensor):
+        checks.append(("num_items_in_batch must be finite and > 0", ~((scale > 0) & torch.isfinite(scale))))
+
+    batch = TokenBatch(logps, old_logps, ref_logps, per_token, dense_groups(item_ids, mask), mask, scale,
+                       mask.sum().clamp(min=1).to(dtype), entropy)
+    return batch, checks
+
+
+def check_head(hidden, weight, target_ids, bias, temperature):
+    """Validate the LM-head inputs; returns (B, T)."""
+    check_tensor(hidden, "hidden", None, "float")
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be (B, T, H), got shape {tuple(hidden.shape)}")
+    B, T, H = hidden.shape
+    check_tensor(weight, "weight", None, "float", hidden.device)
+    distributed.check_not_sharded_parameter(weight)
+    if weight.dim() != 2 or weight.shape[1] != H:
+        raise ValueError(f"weight must be (V, H) with H={H} (hidden's last dim), got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+    check_tensor(target_ids, "target_ids", (B, T), "int", hidden.device)
+    if target_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"target_ids must be int64 or int32, got {target_ids.dtype}")
+    check_tensor(bias, "bias", (weight.shape[0],), "float", hidden.device, optional=True)
+    if bias is not None and bias.dtype != hidden.dtype:
+        raise TypeError(f"bias dtype {bias.dtype} must match hidden dtype {hidden.dtype}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (0 < temperature < math.inf):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return B, T
+
+
+def target_checks(target_ids, vocab, mask):
+    out_of_range = ((target_ids < 0) | (target_ids >= vocab)) & mask
+    return [(f"target_ids must lie in [0, V) = [0, {vocab}) on tokens in the loss", out_of_range.any())]
