@@ -1,11 +1,13 @@
-// The O(N) Rank-GRPO segment loss with its analytic gradient g_t = dL/dl_t, one block per row, no atomics.
-// Mirrors rankgrpo_kernels/segment_loss.py exactly (ties, delta, the LOG_RATIO_LIMIT clamp, loss types, KL).
+// The Rank-GRPO segment loss with its analytic gradient g_t = dL/dl_t: one block per row, O(T) per row of T tokens
+// (plus O(items)), every sum in a fixed order (deterministic, no atomics, no host sync).
+// Mirrors rankgrpo_kernels/kernels/segment_loss.py (ties, delta, the LOG_RATIO_LIMIT clamp, loss types, KL).
 //
 // Row i has T tokens; group[t] is the token's row-relative item id in [0, num_bins) or -1 outside the loss.
-// With c_t the loss type's weight (grpo 1/(B M_i); bnpo, dr_grpo, dapo 1/normaliser; rank 1/(normaliser n_k)):
+// With c_t the loss type's weight (grpo 1/(normaliser M_i), M_i the row's loss tokens; bnpo, dr_grpo, dapo
+// 1/normaliser; rank 1/(normaliser n_k)):
 //
-//   pass 1 (warp per item):  n_k = |S_k|,  log w_k = mean_{t in S_k} (l_t - o_t)          (0 on-policy)
-//   pass 2 (warp per item):  D_k = sum_{t in S_k} c_t (-a_t act_t)                          (dL/dw_k)
+//   pass 1:  n_k = |S_k|,  log w_k = mean_{t in S_k} (l_t - o_t)                           (0 on-policy)
+//   pass 2:  D_k = sum_{t in S_k} c_t (-a_t act_t)                                           (dL/dw_k)
 //   pass 3 (thread per token):
 //     w = exp(min(log w_k, LIMIT)),  v1 = min(w, delta) a,  v2 = clip(w, 1 - eps_low, 1 + eps_high) a
 //     act = d min(v1, v2)/dw / a: the taken branch's derivative, the mean of both on ties (as torch.min)
@@ -13,9 +15,13 @@
 //     g_t = D_k w_k [log w_k <= LIMIT] / n_k + beta kw_t (1 - e^(r-l)) [r - l <= LIMIT]
 //   and the row's sums (loss, clipped low, clipped high, ratio, KL) in fixed-order block reductions.
 //
-// Per item the work is (tokens x items) comparisons spread over 8 warps, fine for the ~20 items of a ranked list.
+// Passes 1 and 2 walk the row in chunks of kThreads tokens, a token per thread, and add per-item sums into the
+// row's bins (the scratch): in each warp the lanes holding one item (__match_any_sync) sum their values in lane
+// order, then the lowest of them adds the sum into the item's bin, the warps taking turns (warp 0 first) between
+// block barriers. Each bin is thus summed chunk by chunk, warp by warp, lane by lane: a fixed order. Per chunk the
+// work is a load per token, at most 32 shared-memory adds per lane and kWarps barriers: O(T) per row.
 //
-// Equivalent PyTorch: rankgrpo_kernels.segment_loss.segment_loss(batch, cfg).
+// Equivalent PyTorch: rankgrpo_kernels.backends.torch_backend.segment_loss(batch, cfg).
 #include "common.cuh"
 
 namespace rankgrpo {
@@ -38,7 +44,7 @@ struct Params {
   float* bin_dloss;
   float* grad;
   float* row_sums;
-  int64_t B, T;
+  int64_t T;
   float beta, lo, hi, delta, log_ratio_limit;
   bool has_delta;
   int weighting;
@@ -65,47 +71,81 @@ __device__ __forceinline__ float policy_weight(const Params& p, float row_weight
   return p.weighting == 2 ? 1.0f / (*p.normaliser * fmaxf(n_k, 1.0f)) : row_weight;
 }
 
+// The sum of `value` over this lane's peers (the lanes of its warp with the same key: `peers`, from
+// __match_any_sync), added in lane order, so that all of them get the same bits. `stage` holds the warp's 32 floats.
+__device__ __forceinline__ float peer_sum(unsigned peers, float value, float* stage) {
+  stage[threadIdx.x % kWarpSize] = value;
+  __syncwarp();
+  float sum = 0.0f;
+  for (unsigned rest = peers; rest != 0u; rest &= rest - 1u) sum += stage[__ffs(static_cast<int>(rest)) - 1];
+  __syncwarp();  // every lane has read `stage` before it is written again
+  return sum;
+}
+
+// Whether this lane is the lowest of its peers and holds an item: the one lane that adds their sum to the bin.
+__device__ __forceinline__ bool adds_to_bin(unsigned peers, int key) {
+  return key >= 0 && __ffs(static_cast<int>(peers)) - 1 == static_cast<int>(threadIdx.x % kWarpSize);
+}
+
+// Runs `add` on the threads where `adds` holds, one warp after another (warp 0 first), with a block barrier after
+// each warp: the warps' additions into one bin happen in a fixed order. Every thread of the block calls it.
+template <typename Add>
+__device__ __forceinline__ void in_warp_order(bool adds, Add&& add) {
+  for (int w = 0; w < kWarps; ++w) {
+    if (static_cast<int>(threadIdx.x) / kWarpSize == w && adds) add();
+    __syncthreads();
+  }
+}
+
 __global__ void __launch_bounds__(kThreads) segment_loss_kernel(Params p) {
   __shared__ float partial[kWarps];
+  __shared__ float stage[kThreads];
   const int64_t base = static_cast<int64_t>(blockIdx.x) * p.T;
   const int num_bins = p.num_bins[blockIdx.x];
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  float* const warp_stage = stage + threadIdx.x / kWarpSize * kWarpSize;
 
-  // Pass 1: n_k and log w_k.
-  for (int k = warp; k < num_bins; k += kWarps) {
-    float count = 0.0f, log_ratio_sum = 0.0f;
-    for (int64_t t = lane; t < p.T; t += kWarpSize) {
-      if (p.group[base + t] != k) continue;
-      count += 1.0f;
-      if (p.old_logps != nullptr) log_ratio_sum += p.logps[base + t] - p.old_logps[base + t];
-    }
-    count = warp_sum(count);
-    log_ratio_sum = warp_sum(log_ratio_sum);
-    if (lane == 0) {
-      p.bin_count[base + k] = count;
-      p.bin_log_w[base + k] = log_ratio_sum / fmaxf(count, 1.0f);
-    }
-  }
-  float in_loss_count = 0.0f;
-  for (int64_t t = threadIdx.x; t < p.T; t += kThreads) in_loss_count += p.group[base + t] >= 0 ? 1.0f : 0.0f;
-  const float row_tokens = block_sum<kThreads>(in_loss_count, partial);  // also orders pass 1 before pass 2
-  const float row_weight = p.weighting == 0 ? 1.0f / (static_cast<float>(p.B) * fmaxf(row_tokens, 1.0f))
-                                            : 1.0f / *p.normaliser;
-
-  // Pass 2: D_k = sum_{t in k} c_t (-a_t act_t).
-  for (int k = warp; k < num_bins; k += kWarps) {
-    const float log_w = p.bin_log_w[base + k], n_k = p.bin_count[base + k];
-    const float c = policy_weight(p, row_weight, n_k);
-    float dloss = 0.0f;
-    for (int64_t t = lane; t < p.T; t += kWarpSize) {
-      if (p.group[base + t] != k) continue;
-      const float a = p.advantages[base + t];
-      dloss += -c * a * item_terms(p, log_w, a).act;
-    }
-    dloss = warp_sum(dloss);
-    if (lane == 0) p.bin_dloss[base + k] = dloss;
+  for (int k = threadIdx.x; k < num_bins; k += kThreads) {
+    p.bin_count[base + k] = 0.0f;
+    p.bin_log_w[base + k] = 0.0f;
+    p.bin_dloss[base + k] = 0.0f;
   }
   __syncthreads();
+
+  // Pass 1: n_k and sum_{t in k} (l_t - o_t), then log w_k.
+  float in_loss_count = 0.0f;
+  for (int64_t t0 = 0; t0 < p.T; t0 += kThreads) {
+    const int64_t t = t0 + threadIdx.x;
+    const int k = t < p.T ? p.group[base + t] : -1;
+    float diff = 0.0f;
+    if (k >= 0) {
+      in_loss_count += 1.0f;
+      if (p.old_logps != nullptr) diff = p.logps[base + t] - p.old_logps[base + t];
+    }
+    const unsigned peers = __match_any_sync(kFullMask, k);
+    const float diff_sum = peer_sum(peers, diff, warp_stage);
+    in_warp_order(adds_to_bin(peers, k), [&] {
+      p.bin_count[base + k] += static_cast<float>(__popc(peers));
+      p.bin_log_w[base + k] += diff_sum;
+    });
+  }
+  for (int k = threadIdx.x; k < num_bins; k += kThreads) p.bin_log_w[base + k] /= fmaxf(p.bin_count[base + k], 1.0f);
+  const float row_tokens = block_sum<kThreads>(in_loss_count, partial);  // also orders pass 1 before pass 2
+  const float row_weight = p.weighting == 0 ? 1.0f / (*p.normaliser * fmaxf(row_tokens, 1.0f)) : 1.0f / *p.normaliser;
+
+  // Pass 2: D_k = sum_{t in k} c_t (-a_t act_t); the last barrier of in_warp_order orders it before pass 3.
+  for (int64_t t0 = 0; t0 < p.T; t0 += kThreads) {
+    const int64_t t = t0 + threadIdx.x;
+    const int k = t < p.T ? p.group[base + t] : -1;
+    float term = 0.0f;
+    if (k >= 0) {
+      const float a = p.advantages[base + t];
+      const float c = policy_weight(p, row_weight, p.bin_count[base + k]);
+      term = -c * a * item_terms(p, p.bin_log_w[base + k], a).act;
+    }
+    const unsigned peers = __match_any_sync(kFullMask, k);
+    const float term_sum = peer_sum(peers, term, warp_stage);
+    in_warp_order(adds_to_bin(peers, k), [&] { p.bin_dloss[base + k] += term_sum; });
+  }
 
   // Pass 3: g_t, the row's loss and statistics.
   float loss = 0.0f, low = 0.0f, high = 0.0f, ratio = 0.0f, kl_sum = 0.0f;
@@ -163,7 +203,7 @@ int segment_loss(const float* logps, const float* old_logps, const float* ref_lo
   if (B == 0) return 0;
   const Params p{logps, old_logps, ref_logps, advantages, group, num_bins, normaliser, tokens,
                  scratch, scratch + B * T, scratch + 2 * B * T, grad, row_sums,
-                 B, T, beta, lo, hi, delta, log_ratio_limit, has_delta, weighting};
+                 T, beta, lo, hi, delta, log_ratio_limit, has_delta, weighting};
   segment_loss_kernel<<<static_cast<unsigned>(B), kThreads, 0, stream>>>(p);
   return launch_status();
 }

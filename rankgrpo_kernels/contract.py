@@ -17,8 +17,8 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "rank")
 STAT_NAMES = ("clip_ratio_low", "clip_ratio_high", "clip_ratio_region", "ratio_mean", "kl", "entropy")
 
 # What the compiled segment-loss kernels (Triton and CUDA) take: the policy weighting of each loss type
-# (0: 1 / (B M_i), 1: 1 / normaliser, 2: 1 / (normaliser n_k)) and the per-row sums they write
-# (loss, clipped low, clipped high, ratio, KL).
+# (0: 1 / (normaliser M_i) with normaliser = B, 1: 1 / normaliser, 2: 1 / (normaliser n_k)) and the per-row sums
+# they write (loss, clipped low, clipped high, ratio, KL).
 WEIGHTING = {"grpo": 0, "bnpo": 1, "dr_grpo": 1, "dapo": 1, "rank": 2}
 ROW_SUMS = 5
 
@@ -120,7 +120,7 @@ def loss_from_row_sums(row_sums: torch.Tensor, batch: TokenBatch):
 
 def row_relative_groups(batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """What the compiled segment-loss kernels take: group ids relative to their row (int32 (B, T), -1 outside the
-    loss) and the number of groups of each row (int32 (B,))."""
+    loss) and the number of groups of each row (int32 (B,); the CUDA kernel sizes its per-item slots with it)."""
     B, T = batch.mask.shape
     rows = torch.arange(B, device=batch.mask.device).unsqueeze(1) * T
     group = torch.where(batch.mask, batch.group - rows, -1).to(torch.int32).contiguous()

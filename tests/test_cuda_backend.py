@@ -78,12 +78,12 @@ def test_segment_loss_matches_torch(cuda_backend, loss_type, old, ref, delta):
     batch["completion_mask"][1] = False  # an all-masked row
     batch["logps"][2, ~batch["completion_mask"][2]] = float("nan")  # padding may hold NaN
     mask = batch["completion_mask"]
-    normaliser = torch.tensor({"grpo": 1.0, "bnpo": float(mask.sum()), "dr_grpo": B * 128.0, "dapo": 400.0,
+    normaliser = torch.tensor({"grpo": float(B), "bnpo": float(mask.sum()), "dr_grpo": B * 128.0, "dapo": 400.0,
                                "rank": B * K * 1.0}[loss_type], device="cuda")
     tokens = TokenBatch(logps=batch["logps"], old_logps=batch["old_logps"] if old else None,
                         ref_logps=batch["ref_logps"] if ref else None, advantages=batch["advantages"],
                         group=dense_groups(batch["item_ids"], mask), mask=mask, normaliser=normaliser,
-                        entropy=-batch["logps"].abs())
+                        tokens=mask.sum().clamp(min=1).float(), entropy=-batch["logps"].abs())
     cfg = LossConfig(epsilon_low=0.1, epsilon_high=0.2, delta=delta, beta=0.04 if ref else 0.0, loss_type=loss_type)
     loss, stats, grad = cuda_backend.segment_loss(tokens, cfg)
     want_loss, want_stats, want_grad = torch_segment_loss(tokens, cfg)

@@ -1,16 +1,48 @@
-"""The segment loss in one Triton program per row: item ratios, clipping, KL, the loss, statistics and ``g``.
+"""The segment loss in one Triton program per row: item ratios, clipping, KL, the row's loss and statistics, and
+``g = dL/dlogp``, in O(T) per row of T tokens (plus O(items)); every sum in a fixed order (deterministic, no
+atomics, no host sync).
 
-The maths is ``rankgrpo_kernels.segment_loss`` (its docstring gives ``g = dL/dlogp``). Each program owns one row
-of T tokens whose items carry row-relative group ids in [0, num_bins) (-1 outside the loss) and makes three
-passes over the row, every sum in a fixed order (deterministic, no atomics, no host sync):
+Row i holds T tokens with log-probs ``l``, old log-probs ``o``, reference log-probs ``r``, advantages ``a`` and
+row-relative item ids ``k`` in [0, T) (one id per item of the row), -1 outside the loss. With ``n_k`` the item's
+token count, ``c_t`` the policy weight (``weighting`` 0: ``1 / (normaliser M_i)`` with M_i the row's loss tokens,
+1: ``1 / normaliser``, 2: ``1 / (normaliser n_k)``) and ``lo, hi = clip_low, clip_high``:
 
-1. per item: masked token count ``n_k`` and mean log-ratio ``log w_k``;
-2. per item: ``sum_{t in k} c_t * (-a_t * act_t)``, the loss's derivative with respect to ``w_k``;
-3. per token: ``g_t``, and the row's loss and statistics sums, reduced over rows afterwards by torch.
+    log w_k = mean_{t in k} (l_t - o_t)        w_k = exp(min(log w_k, limit))        (o = l when old is None)
+    v1 = min(w, delta) a,  v2 = clip(w, lo, hi) a,  act = d min(v1, v2) / dw / a   (ties: the mean of both sides)
+    D_k = sum_{t in k} c_t (-a_t act_t)                                             (dL/dw_k)
+    g_t = D_k w_k [log w_k <= limit] / n_k + beta kw_t (1 - e^(r_t - l_t)) [r_t - l_t <= limit]
+    row sums: sum_t -c_t min(v1, v2) + beta kw_t KL_t,  #(min(w, delta) < lo, a < 0),  #(min(w, delta) > hi, a > 0),
+              sum_t w_t,  sum_t KL_t   with KL = e^x - x - 1, x = min(r - l, limit), kw = c (weighting 2: 1 / tokens)
 
-Per item the work is (tokens x items) comparisons in registers, fine for the ~20 items of a ranked list.
+The launcher sorts each row's item ids stably (``torch.sort``, on the device), so that each item's tokens form one
+contiguous run of the sorted order. Three passes walk the row in blocks of ``BLOCK_T`` tokens:
 
-Equivalent PyTorch: ``rankgrpo_kernels.segment_loss.segment_loss(batch, cfg)``.
+1. sorted order: a segmented scan (``tl.associative_scan`` keyed by item, the running sums of the previous block
+   carried into the next) gives ``n_k`` and ``sum (l - o)`` at each run's last token, which writes its item's bin;
+2. sorted order: the same scan of ``c_t (-a_t act_t)`` gives ``D_k``;
+3. token order: ``g_t`` and the row's five sums, reduced over rows afterwards by the caller.
+
+The bins live in the scratch (3, B, T); no value is written twice and no bin is read before the pass that writes
+it has ended (a barrier separates the passes). Per token the work is a constant (a ``log BLOCK_T`` scan).
+
+Equivalent PyTorch (fp32; ``m = group >= 0``, ``k = group.clamp(min=0)``)::
+
+    def per_item(x):  # (B, T) bins: the sum of x over each item's tokens
+        return torch.zeros(B, T).scatter_add(1, k, torch.where(m, x, 0))
+    n = per_item(torch.ones(B, T)).clamp(min=1)
+    log_w = per_item(l - o) / n
+    w = log_w.clamp(max=limit).exp()
+    w_t, n_t = w.gather(1, k), n.gather(1, k)
+    wu = w_t.clamp(max=delta)                         # w_t when delta is None
+    v1, v2 = wu * a, w_t.clamp(lo, hi) * a
+    d1, d2 = (w_t <= delta).float(), ((w_t >= lo) & (w_t <= hi)).float()   # d1 = 1 when delta is None
+    act = torch.where(v1 < v2, d1, torch.where(v1 > v2, d2, (d1 + d2) / 2))
+    c = m / normaliser * [1 / m.sum(1, keepdim=True).clamp(min=1), 1, 1 / n_t][weighting]
+    x = (r - l).clamp(max=limit); kl = m * (x.exp() - x - 1); kw = m / tokens if weighting == 2 else c
+    grad = m * (per_item(-c * a * act) * w * (log_w <= limit) / n).gather(1, k) \
+        + beta * kw * (1 - x.exp()) * (r - l <= limit)
+    row_sums = torch.stack([(-c * torch.minimum(v1, v2) + beta * kw * kl).sum(1), (m & (wu < lo) & (a < 0)).sum(1),
+                            (m & (wu > hi) & (a > 0)).sum(1), (m * w_t).sum(1), kl.sum(1)], 1)
 """
 
 from __future__ import annotations
@@ -19,9 +51,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..contract import LOG_RATIO_LIMIT, ROW_SUMS, STAT_NAMES, WEIGHTING, LossConfig, TokenBatch, loss_from_row_sums
-
-BLOCK_T, BLOCK_B = 64, 32  # tokens x items compared per step
+BLOCK_T = 256  # tokens per step of a row's program
+ROW_SUMS = 5  # loss, clipped low, clipped high, ratio, KL
 
 
 @triton.jit
@@ -44,81 +75,105 @@ def _item_terms(log_w, a, lo, hi, delta, log_ratio_limit, HAS_DELTA: tl.constexp
 
 @triton.jit
 def _policy_weight(row_weight, normaliser, n_items, WEIGHTING: tl.constexpr):
-    if WEIGHTING == 2:  # paper form: 1 / (B N n_k)
+    if WEIGHTING == 2:  # paper form: 1 / (normaliser n_k), normaliser = B N
         return 1.0 / (normaliser * tl.maximum(n_items, 1.0))
     return tl.zeros_like(n_items) + row_weight
 
 
 @triton.jit
-def _token_terms(group_ptr, adv_ptr, bin_log_w_ptr, bin_count_ptr, base, t, T, row_weight, normaliser,
-                 WEIGHTING: tl.constexpr):
-    """A block of tokens: item ids, loss mask, advantages, their item's log-ratio and size, the policy weight."""
-    group = tl.load(group_ptr + base + t, mask=t < T, other=-1)
-    in_loss = group >= 0
-    a = tl.load(adv_ptr + base + t, mask=in_loss, other=0.0).to(tl.float32)
-    log_w = tl.load(bin_log_w_ptr + base + group, mask=in_loss, other=0.0)
-    n_items = tl.load(bin_count_ptr + base + group, mask=in_loss, other=1.0)
-    c = tl.where(in_loss, _policy_weight(row_weight, normaliser, n_items, WEIGHTING), 0.0)
-    return group, in_loss, a, log_w, n_items, c
+def _same_item_sums(item_a, count_a, sum_a, item_b, count_b, sum_b):
+    """Segmented-scan combine over tokens sorted by item: an interval's summary is its last token's item and the
+    sums over that item's tokens in it. Associative on sorted items (equal ends imply an equal middle)."""
+    same = item_a == item_b
+    return item_b, count_b + tl.where(same, count_a, 0.0), sum_b + tl.where(same, sum_a, 0.0)
+
+
+@triton.jit
+def _same_item_sum(item_a, sum_a, item_b, sum_b):
+    """``_same_item_sums`` with one sum."""
+    return item_b, sum_b + tl.where(item_a == item_b, sum_a, 0.0)
+
+
+@triton.jit
+def _sorted_block(sorted_ptr, order_ptr, base, s, T):
+    """Sorted positions ``s`` of a row: their item (T past the row, which keeps the block sorted), whether the token
+    is in the loss, its index in the row, and whether it ends its item's run."""
+    item = tl.load(sorted_ptr + base + s, mask=s < T, other=T)
+    next_item = tl.load(sorted_ptr + base + s + 1, mask=s + 1 < T, other=T)
+    in_loss = (item >= 0) & (s < T)
+    token = tl.load(order_ptr + base + s, mask=in_loss, other=0)
+    return item, in_loss, token, in_loss & (item != next_item)
+
+
+@triton.jit
+def _last(x, BLOCK_T: tl.constexpr):
+    """The last entry of a block."""
+    return tl.sum(tl.where(tl.arange(0, BLOCK_T) == BLOCK_T - 1, x, 0.0), axis=0)
 
 
 @triton.jit
 def _segment_loss_kernel(
-    logp_ptr, old_ptr, ref_ptr, adv_ptr, group_ptr, num_bins_ptr, normaliser_ptr, tokens_ptr,
+    logp_ptr, old_ptr, ref_ptr, adv_ptr, group_ptr, sorted_ptr, order_ptr, normaliser_ptr, tokens_ptr,
     bin_count_ptr, bin_log_w_ptr, bin_dloss_ptr, grad_ptr, row_sums_ptr,
-    B, T, beta, lo, hi, delta, log_ratio_limit,
+    T, beta, lo, hi, delta, log_ratio_limit,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, ADD_KL: tl.constexpr, HAS_DELTA: tl.constexpr,
-    WEIGHTING: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr,
+    WEIGHTING: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = row * T
-    num_bins = tl.load(num_bins_ptr + row)
     normaliser = tl.load(normaliser_ptr)
     tokens = tl.load(tokens_ptr)
+    head = tl.arange(0, BLOCK_T) == 0
 
-    # Pass 1: n_k and log w_k per item.
+    # Pass 1 (sorted order): n_k and log w_k at the end of each item's run.
     row_tokens = 0.0
-    for b0 in range(0, num_bins, BLOCK_B):
-        bins = b0 + tl.arange(0, BLOCK_B)
-        count = tl.zeros((BLOCK_B,), dtype=tl.float32)
-        log_ratio_sum = tl.zeros((BLOCK_B,), dtype=tl.float32)
-        for t0 in range(0, T, BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T)
-            group = tl.load(group_ptr + base + t, mask=t < T, other=-1)
-            hit = group[:, None] == bins[None, :]
-            count += tl.sum(tl.where(hit, 1.0, 0.0), axis=0)
-            if HAS_OLD:
-                in_loss = group >= 0
-                diff = tl.load(logp_ptr + base + t, mask=in_loss, other=0.0) - tl.load(old_ptr + base + t,
-                                                                                        mask=in_loss, other=0.0)
-                log_ratio_sum += tl.sum(tl.where(hit, diff[:, None], 0.0), axis=0)
+    carry_item = -1
+    carry_count = 0.0
+    carry_sum = 0.0
+    for s0 in range(0, T, BLOCK_T):
+        item, in_loss, token, run_end = _sorted_block(sorted_ptr, order_ptr, base, s0 + tl.arange(0, BLOCK_T), T)
+        count = tl.where(in_loss, 1.0, 0.0)
         row_tokens += tl.sum(count, axis=0)
-        bin_ok = bins < num_bins
-        tl.store(bin_count_ptr + base + bins, count, mask=bin_ok)
-        tl.store(bin_log_w_ptr + base + bins, log_ratio_sum / tl.maximum(count, 1.0), mask=bin_ok)
+        if HAS_OLD:
+            diff = tl.load(logp_ptr + base + token, mask=in_loss, other=0.0) - tl.load(old_ptr + base + token,
+                                                                                   mask=in_loss, other=0.0)
+        else:
+            diff = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        continues = head & (item == carry_item)  # the previous block's last run goes on here
+        count = tl.where(continues, count + carry_count, count)
+        diff = tl.where(continues, diff + carry_sum, diff)
+        _, count, diff = tl.associative_scan((item, count, diff), 0, _same_item_sums)
+        tl.store(bin_count_ptr + base + item, count, mask=run_end)
+        tl.store(bin_log_w_ptr + base + item, diff / tl.maximum(count, 1.0), mask=run_end)
+        carry_item = tl.max(item, axis=0)
+        carry_count = _last(count, BLOCK_T)
+        carry_sum = _last(diff, BLOCK_T)
     tl.debug_barrier()
 
-    if WEIGHTING == 0:  # grpo: 1 / (B M_i)
-        row_weight = 1.0 / (B * tl.maximum(row_tokens, 1.0))
+    if WEIGHTING == 0:  # grpo: 1 / (normaliser M_i)
+        row_weight = 1.0 / (normaliser * tl.maximum(row_tokens, 1.0))
     else:
         row_weight = 1.0 / normaliser
 
-    # Pass 2: dL/dw_k = sum_{t in k} c_t * (-a_t * act_t).
-    for b0 in range(0, num_bins, BLOCK_B):
-        bins = b0 + tl.arange(0, BLOCK_B)
-        dloss = tl.zeros((BLOCK_B,), dtype=tl.float32)
-        for t0 in range(0, T, BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T)
-            group, in_loss, a, log_w, n_items, c = _token_terms(
-                group_ptr, adv_ptr, bin_log_w_ptr, bin_count_ptr, base, t, T, row_weight, normaliser, WEIGHTING)
-            _, _, _, act = _item_terms(log_w, a, lo, hi, delta, log_ratio_limit, HAS_DELTA)
-            hit = group[:, None] == bins[None, :]
-            dloss += tl.sum(tl.where(hit, (-c * a * act)[:, None], 0.0), axis=0)
-        tl.store(bin_dloss_ptr + base + bins, dloss, mask=bins < num_bins)
+    # Pass 2 (sorted order): D_k = sum_{t in k} c_t * (-a_t * act_t) at the end of each item's run.
+    carry_item = -1
+    carry_sum = 0.0
+    for s0 in range(0, T, BLOCK_T):
+        item, in_loss, token, run_end = _sorted_block(sorted_ptr, order_ptr, base, s0 + tl.arange(0, BLOCK_T), T)
+        a = tl.load(adv_ptr + base + token, mask=in_loss, other=0.0)
+        log_w = tl.load(bin_log_w_ptr + base + item, mask=in_loss, other=0.0)
+        n_items = tl.load(bin_count_ptr + base + item, mask=in_loss, other=1.0)
+        c = tl.where(in_loss, _policy_weight(row_weight, normaliser, n_items, WEIGHTING), 0.0)
+        _, _, _, act = _item_terms(log_w, a, lo, hi, delta, log_ratio_limit, HAS_DELTA)
+        dloss = -c * a * act
+        dloss = tl.where(head & (item == carry_item), dloss + carry_sum, dloss)
+        _, dloss = tl.associative_scan((item, dloss), 0, _same_item_sum)
+        tl.store(bin_dloss_ptr + base + item, dloss, mask=run_end)
+        carry_item = tl.max(item, axis=0)
+        carry_sum = _last(dloss, BLOCK_T)
     tl.debug_barrier()
 
-    # Pass 3: g_t, the row's loss and its statistics.
+    # Pass 3 (token order): g_t, the row's loss and its statistics.
     loss = 0.0
     low = 0.0
     high = 0.0
@@ -126,9 +181,13 @@ def _segment_loss_kernel(
     kl_sum = 0.0
     for t0 in range(0, T, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
-        group, in_loss, a, log_w, n_items, c = _token_terms(
-            group_ptr, adv_ptr, bin_log_w_ptr, bin_count_ptr, base, t, T, row_weight, normaliser, WEIGHTING)
+        group = tl.load(group_ptr + base + t, mask=t < T, other=-1)
+        in_loss = group >= 0
+        a = tl.load(adv_ptr + base + t, mask=in_loss, other=0.0)
+        log_w = tl.load(bin_log_w_ptr + base + group, mask=in_loss, other=0.0)
+        n_items = tl.load(bin_count_ptr + base + group, mask=in_loss, other=1.0)
         dloss = tl.load(bin_dloss_ptr + base + group, mask=in_loss, other=0.0)
+        c = tl.where(in_loss, _policy_weight(row_weight, normaliser, n_items, WEIGHTING), 0.0)
         w, w_unclipped, branch_min, _ = _item_terms(log_w, a, lo, hi, delta, log_ratio_limit, HAS_DELTA)
         unsaturated = tl.where(log_w <= log_ratio_limit, 1.0, 0.0)
         grad = tl.where(in_loss, dloss * w * unsaturated / tl.maximum(n_items, 1.0), 0.0)
@@ -151,7 +210,7 @@ def _segment_loss_kernel(
                 loss += beta * tl.sum(kl_weight * kl, axis=0)
                 grad += tl.where(ref_minus_l <= log_ratio_limit, beta * kl_weight * (1.0 - ref_ratio), 0.0)
         tl.store(grad_ptr + base + t, grad, mask=t < T)
-    out = row_sums_ptr + row * 5
+    out = row_sums_ptr + row * 5  # ROW_SUMS
     tl.store(out, loss)
     tl.store(out + 1, low)
     tl.store(out + 2, high)
@@ -159,33 +218,37 @@ def _segment_loss_kernel(
     tl.store(out + 4, kl_sum)
 
 
-def segment_loss(batch: TokenBatch, cfg: LossConfig):
-    """Same contract as ``rankgrpo_kernels.segment_loss.segment_loss``: (loss, stats, grad (B, T)) in fp32."""
-    B, T = batch.mask.shape
-    device = batch.mask.device
-    f32 = dict(dtype=torch.float32, device=device)
+def segment_loss_rows(logps, old_logps, ref_logps, advantages, group, normaliser, tokens, *, beta, clip_low,
+                      clip_high, delta, weighting, log_ratio_limit):
+    """Per-token gradient and per-row sums of the segment loss, from plain tensors on one device.
+
+    logps, advantages (B, T) float; old_logps, ref_logps (B, T) float or None (on-policy; no KL); group (B, T) int
+    row-relative item ids in [0, T), -1 outside the loss; normaliser and tokens one-element tensors (the loss type's
+    normaliser; the loss tokens of the batch, >= 1); clip_low, clip_high the clip range of the ratio
+    (1 - eps_low, 1 + eps_high); delta a float or None; weighting 0 (grpo), 1 (bnpo, dr_grpo, dapo), 2 (rank).
+    Rows are independent: a slice of a batch's rows gets its share of the batch's sums when ``normaliser`` and
+    ``tokens`` are the whole batch's.
+
+    Returns grad (B, T) fp32 (``dL/dlogps``) and row_sums (B, 5) fp32 (loss, clipped low, clipped high, ratio, KL).
+    """
+    B, T = group.shape
+    f32 = dict(dtype=torch.float32, device=group.device)
     if B * T == 0:
-        return torch.zeros((), **f32), torch.zeros(len(STAT_NAMES), **f32), torch.zeros(B, T, **f32)
-    rows = torch.arange(B, device=device).unsqueeze(1) * T
-    group = torch.where(batch.mask, batch.group - rows, -1).to(torch.int32).contiguous()
-    num_bins = (group.amax(1) + 1).to(torch.int32)
-    tokens = batch.mask.sum().clamp(min=1).to(torch.float32).reshape(1)
-    logps = batch.logps.detach().to(torch.float32).contiguous()
+        return torch.zeros(B, T, **f32), torch.zeros(B, ROW_SUMS, **f32)
+    group = group.to(torch.int32).contiguous()
+    sorted_group, order = group.sort(dim=1, stable=True)  # each item one contiguous run; stable: deterministic
 
     def operand(x):
-        return logps if x is None else x.detach().to(torch.float32).contiguous()
+        return x.detach().to(torch.float32).contiguous()
 
-    scratch = torch.empty(3, B * T, **f32)
-    grad = torch.empty(B, T, **f32)
-    row_sums = torch.empty(B, ROW_SUMS, **f32)
+    logps = operand(logps)
+    grad, row_sums = torch.empty(B, T, **f32), torch.empty(B, ROW_SUMS, **f32)
     _segment_loss_kernel[(B,)](
-        logps, operand(batch.old_logps), operand(batch.ref_logps), operand(batch.advantages), group, num_bins,
-        batch.normaliser.to(torch.float32).reshape(1), tokens, scratch[0], scratch[1], scratch[2], grad, row_sums,
-        B, T, cfg.beta, 1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high,
-        cfg.delta if cfg.delta is not None else 0.0, LOG_RATIO_LIMIT,
-        HAS_OLD=batch.old_logps is not None, HAS_REF=batch.ref_logps is not None, ADD_KL=cfg.beta != 0.0,
-        HAS_DELTA=cfg.delta is not None,
-        WEIGHTING=WEIGHTING[cfg.loss_type], BLOCK_T=BLOCK_T, BLOCK_B=BLOCK_B,
+        logps, logps if old_logps is None else operand(old_logps), logps if ref_logps is None else operand(ref_logps),
+        operand(advantages), group, sorted_group, order.to(torch.int32), operand(normaliser).reshape(1),
+        operand(tokens).reshape(1), *torch.empty(3, B, T, **f32), grad, row_sums,
+        T, beta, clip_low, clip_high, 0.0 if delta is None else delta, log_ratio_limit,
+        HAS_OLD=old_logps is not None, HAS_REF=ref_logps is not None, ADD_KL=beta != 0.0,
+        HAS_DELTA=delta is not None, WEIGHTING=weighting, BLOCK_T=BLOCK_T,
     )
-    loss, stats = loss_from_row_sums(row_sums, tokens[0], batch)
-    return loss, stats, grad
+    return grad, row_sums
