@@ -3,7 +3,7 @@
 Nothing here is fast and nothing is clever. Gradients come from autograd, groups from ``torch.unique``, and the
 eager baseline holds the full (tokens x vocab) logits. Every function runs in float64.
 
-Notation (see ``shared/spec/rank-grpo-math.md``): ``l_t`` log-prob of token t under the policy, ``o_t`` under the
+Notation (see ``docs/rank-grpo-math.md``): ``l_t`` log-prob of token t under the policy, ``o_t`` under the
 behaviour (old) policy, ``r_t`` under the reference policy, ``a_t`` the token's advantage, ``M_t`` the loss mask.
 Tokens of one row that share an item id ``k >= 0`` form one group with the rank-level ratio
 

@@ -11,7 +11,8 @@ Two modes, one rule each:
   score the very items the loss sees.
 
 In both modes, items ``>= max_items`` share the overflow bin ``max_items`` and tokens outside the completion
-get -1.
+get -1. Tokens outside the completion mask count for nothing: an EOS id there (a prompt's chat template, padding
+with pad == EOS) is neither the row's EOS nor a termination.
 """
 
 from __future__ import annotations
@@ -76,9 +77,9 @@ class Segments:
                    the completion. The code form's groups (EOS and overflow included).
     content_mask   (B, T) bool: tokens of items 0..max_items-1, EOS excluded (the paper form's item tokens).
     overflow_mask  (B, T) bool: completion tokens in the overflow bin (an EOS there included).
-    eos_mask       (B, T) bool: the first EOS token, where it lies inside the completion.
+    eos_mask       (B, T) bool: the first EOS token among the completion's (masked-in) tokens.
     items_emitted  (B,) int64: items the row produced (not capped at max_items).
-    terminated     (B,) bool: the row holds an EOS.
+    terminated     (B,) bool: the completion's tokens hold an EOS (EOS ids outside the mask do not count).
     """
 
     item_ids: torch.Tensor
@@ -152,11 +153,13 @@ def segment_items(
     per_token = table[ids].long() * (valid & known).unsqueeze(-1)
     newlines = per_token[..., NEWLINES]
 
+    # Only completion tokens can be the EOS: masked positions may hold the EOS id (a chat-templated prompt inside
+    # the window, padding with pad == EOS after a row cut off at the length limit) and must not end the list.
     if eos_token_id is None:
         is_eos = torch.zeros_like(valid)
     else:
-        is_eos = completion_ids == eos_token_id
-    eos_mask = is_eos & (is_eos.long().cumsum(1) == 1) & valid
+        is_eos = (completion_ids == eos_token_id) & valid
+    eos_mask = is_eos & (is_eos.long().cumsum(1) == 1)
     terminated = is_eos.any(1)
 
     if skip_blank_lines:

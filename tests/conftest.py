@@ -21,7 +21,8 @@ settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True
 settings.register_profile("explore", max_examples=1000, deadline=None)
 settings.load_profile(os.environ.get("RANKGRPO_HYPOTHESIS_PROFILE", "ci"))
 
-SPEC_DIR = Path(os.environ.get("RANKGRPO_SPEC_DIR", Path(__file__).resolve().parents[2] / "shared" / "spec"))
+# The golden values of the spec (docs/rank-grpo-math.md, tables in docs/golden_tables.md), inside the repository.
+GOLDEN_PATH = Path(__file__).resolve().parent / "data" / "golden.json"
 
 
 @pytest.fixture(autouse=True)
@@ -31,10 +32,7 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def golden():
-    path = SPEC_DIR / "golden.json"
-    if not path.exists():
-        raise FileNotFoundError(f"golden values not found at {path}; set RANKGRPO_SPEC_DIR to shared/spec")
-    return json.loads(path.read_text())
+    return json.loads(GOLDEN_PATH.read_text())
 
 
 def pytest_collection_modifyitems(config, items):

@@ -16,31 +16,37 @@ LINE_PIECES = ["A", "b", " ", "(1999)", "\n", "\n\n", ")\n", " \n", "1.", "\t", 
 
 
 def slow_segmentation(tokenizer, ids, valid, max_items, eos_id):
-    """The authors' per-row, per-token loop with one decode per token, plus their EOS and item counts."""
-    item_ids, eos_mask, emitted = [], [], []
+    """The authors' per-row, per-token loop with one decode per token over the valid tokens only (masked ones, a
+    prompt before or padding after, are skipped), plus their EOS, item counts and termination."""
+    item_ids, eos_mask, emitted, terminated = [], [], [], []
     for row, row_valid in zip(ids.tolist(), valid.tolist()):
-        n_valid = sum(row_valid)
+        positions = [t for t, v in enumerate(row_valid) if v]
         out, item = [-1] * len(row), 0
-        for t in range(n_valid):
+        for t in positions:
             out[t] = min(item, max_items)
             item += tokenizer.decode([row[t]], clean_up_tokenization_spaces=False).replace("\r\n", "\n").count("\n")
-        first_eos = row.index(eos_id) if eos_id in row else len(row)
-        eos_mask.append([t == first_eos and t < n_valid for t in range(len(row))])
-        natural = [sum(tokenizer.decode([x]).count("\n") for x in row[:t]) for t in range(n_valid)]
+        first_eos = next((t for t in positions if row[t] == eos_id), None)
+        eos_mask.append([t == first_eos for t in range(len(row))])
+        terminated.append(first_eos is not None)
+        natural = [sum(tokenizer.decode([row[s]]).count("\n") for s in positions if s < t) for t in positions]
         emitted.append(max(natural, default=-1) + 1)
         item_ids.append(out)
-    return torch.tensor(item_ids), torch.tensor(eos_mask), torch.tensor(emitted)
+    return torch.tensor(item_ids), torch.tensor(eos_mask), torch.tensor(emitted), torch.tensor(terminated)
 
 
 @st.composite
 def token_rows(draw, pieces):
+    """Rows whose completion is a window [start, start + length): a masked prefix (a prompt, which may hold EOS
+    ids), the completion, masked padding (which may hold EOS ids)."""
     tokenizer = TinyTokenizer(pieces)
     B = draw(st.integers(1, 4))
     T = draw(st.integers(1, 16))
     ids = torch.tensor(draw(st.lists(st.lists(st.integers(0, len(tokenizer) - 1), min_size=T, max_size=T),
                                      min_size=B, max_size=B)))
+    starts = torch.tensor(draw(st.lists(st.integers(0, T), min_size=B, max_size=B)))
     lengths = torch.tensor(draw(st.lists(st.integers(0, T), min_size=B, max_size=B)))
-    valid = torch.arange(T) < lengths[:, None]  # left-aligned completions, padding after
+    pos = torch.arange(T)
+    valid = (pos >= starts[:, None]) & (pos < starts[:, None] + lengths[:, None])
     return tokenizer, ids, valid, draw(st.integers(1, 6))
 
 
@@ -48,35 +54,41 @@ def token_rows(draw, pieces):
 def test_authors_mode_matches_slow_loop(rows):
     tokenizer, ids, valid, max_items = rows
     seg = segment_items(ids, valid, newline_counts(tokenizer), max_items, eos_token_id=tokenizer.eos_token_id)
-    item_ids, eos_mask, emitted = slow_segmentation(tokenizer, ids, valid, max_items, tokenizer.eos_token_id)
+    item_ids, eos_mask, emitted, terminated = slow_segmentation(tokenizer, ids, valid, max_items,
+                                                                tokenizer.eos_token_id)
     assert torch.equal(seg.item_ids, item_ids)
     assert torch.equal(seg.eos_mask, eos_mask)
     assert torch.equal(seg.items_emitted, emitted)
     assert torch.equal(seg.overflow_mask, valid & (item_ids == max_items))
     assert torch.equal(seg.content_mask, valid & (item_ids < max_items) & ~eos_mask)
-    assert torch.equal(seg.terminated, (ids == tokenizer.eos_token_id).any(1))
+    assert torch.equal(seg.terminated, terminated)
 
 
 @given(token_rows(LINE_PIECES))
 def test_aligned_mode_matches_split_items(rows):
     tokenizer, ids, valid, _ = rows
-    is_eos = ids == tokenizer.eos_token_id
+    is_eos = (ids == tokenizer.eos_token_id) & valid
     valid &= is_eos.long().cumsum(1) - is_eos.long() == 0  # as trainers mask: up to and including the first EOS
     max_items = ids.shape[1] + 1  # no overflow here: every item is compared with its line
     seg = segment_items(ids, valid, line_table(tokenizer), max_items, eos_token_id=tokenizer.eos_token_id,
                         skip_blank_lines=True)
     for b in range(ids.shape[0]):
-        row = [i for i, v in zip(ids[b].tolist(), valid[b].tolist()) if v]
+        positions = [t for t, v in enumerate(valid[b].tolist()) if v]
+        row = [ids[b, t].item() for t in positions]
         eos_at = row.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in row else len(row)
         text = tokenizer.decode(row[:eos_at])
         items = split_items(text)
         assert seg.items_emitted[b].item() == len(items)
+        assert seg.terminated[b].item() == (eos_at < len(row))
         for k, expected in enumerate(items):
             tokens = [i for i, item in zip(ids[b].tolist(), seg.item_ids[b].tolist())
                       if item == k and i != tokenizer.eos_token_id]
             assert tokenizer.decode(tokens).strip() == expected
         if eos_at < len(row):  # the EOS joins the last item, or item 0 of an empty list
-            assert seg.item_ids[b, eos_at].item() == max(len(items) - 1, 0)
+            assert seg.eos_mask[b].nonzero().flatten().tolist() == [positions[eos_at]]
+            assert seg.item_ids[b, positions[eos_at]].item() == max(len(items) - 1, 0)
+        else:
+            assert not seg.eos_mask[b].any()
 
 
 def test_hand_written_authors_mode():

@@ -63,7 +63,9 @@ class RankItems:
             raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
 
     def segments(self, sequences: torch.Tensor, action_mask: torch.Tensor) -> Segments:
-        """Items of the action tokens ``sequences[:, -A:]`` under ``action_mask`` (B, A)."""
+        """Items of the action tokens ``sequences[:, -A:]`` under ``action_mask`` (B, A). The window also holds
+        prompt tokens (A = S - 1), outside the mask: the EOS id a chat template writes there (Qwen's
+        ``<|im_end|>``) ends nothing, since ``segment_items`` looks for the EOS inside the mask only."""
         actions = sequences[:, -action_mask.shape[1]:]
         return segment_items(actions, action_mask, self.table.to(actions.device), self.rec_num,
                              eos_token_id=self.eos_token_id, skip_blank_lines=self.skip_blank_lines)

@@ -17,18 +17,27 @@ verl's registries see no token ids, so the work is split three ways:
 ``install(tokenizer, rec_num)`` registers all three; ``patch_fused_logprobs()`` swaps verl's
 ``FusedLinearForPPO`` (the ``use_fused_kernels=True`` path) for ``fused_logprobs``. Run both in every process, the
 Ray workers included (see ``integrations/verl/README.md``). All tensors here are (B, T) over the response tokens.
+
+The loss hook and the policy loss need settings (N = ``rec_num``, the tokenizer's newline table and EOS id,
+``form``, ``skip_blank_lines``); the estimator needs none. They come from ``install(tokenizer, rec_num)`` or from the
+actor's config that verl hands to both: ``actor_rollout_ref.actor.policy_loss`` as a ``RankGRPOPolicyLossConfig``
+(``rec_num``, ``form``, ``skip_blank_lines``) and the tokenizer verl loads for the actor
+(``config.model_config.tokenizer``). A value given both ways must agree; one given neither way is an error that
+names both.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from verl.trainer.ppo import core_algos
 from verl.utils import torch_functional as verl_F
+from verl.workers.config.actor import PolicyLossConfig
 from verl.workers.utils import losses
 
 from ..functional import fused_logprobs, rank_grpo_loss_from_logps
@@ -38,7 +47,92 @@ from ..segments import line_table, segment_items
 NAME = "rank_grpo"
 FORMS = ("code", "rank")
 _ITEM_IDS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("rank_grpo_item_ids", default=None)
-_SETTINGS: dict[str, Any] = {}
+_SETTINGS: dict[str, Any] = {}  # what install() was given in this process
+_CONFIG_KEYS = ("rec_num", "form", "skip_blank_lines")
+_DEFAULTS = {"form": "code", "skip_blank_lines": True}
+SETUP_HINT = (
+    "call rankgrpo_kernels.integrations.verl.install(tokenizer, rec_num) in every process (the Ray workers' "
+    "worker_process_setup_hook, integrations/verl/README.md), or install() there and the settings in verl's config: "
+    "actor_rollout_ref.actor.policy_loss._target_=rankgrpo_kernels.integrations.verl.RankGRPOPolicyLossConfig "
+    "+actor_rollout_ref.actor.policy_loss.rec_num=N"
+)
+
+
+@dataclass
+class RankGRPOPolicyLossConfig(PolicyLossConfig):
+    """verl's ``PolicyLossConfig`` (``actor_rollout_ref.actor.policy_loss``) with the Rank-GRPO settings, so that a
+    run can carry them in its config instead of ``install()``'s arguments::
+
+        actor_rollout_ref.actor.policy_loss._target_=rankgrpo_kernels.integrations.verl.RankGRPOPolicyLossConfig
+        actor_rollout_ref.actor.policy_loss.loss_mode=rank_grpo +actor_rollout_ref.actor.policy_loss.rec_num=20
+
+    ``None`` leaves a setting to ``install()`` (or its default: ``form="code"``, ``skip_blank_lines=True``). The
+    tokenizer comes from ``actor_rollout_ref.model`` (verl loads it for the actor). The setup hook still runs
+    ``install()`` (without arguments) in every process: it registers the estimator, the policy loss and the hook.
+    """
+
+    loss_mode: str = NAME
+    rec_num: Optional[int] = None
+    form: Optional[str] = None
+    skip_blank_lines: Optional[bool] = None
+
+    def __post_init__(self):
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+        for key in _CONFIG_KEYS:
+            if getattr(self, key) is not None:
+                _check_setting(key, getattr(self, key))
+
+
+def _get(section, key):
+    """``section[key]`` for verl's configs (``DictConfig``, ``BaseConfig``, dict), None when absent."""
+    if section is None:
+        return None
+    getter = getattr(section, "get", None)
+    return getter(key) if callable(getter) else getattr(section, key, None)
+
+
+def _check_setting(key: str, value):
+    if key == "rec_num" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"rec_num must be an int >= 1, got {value!r}")
+    if key == "form" and value not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {value!r}")
+    if key == "skip_blank_lines" and not isinstance(value, bool):
+        raise ValueError(f"skip_blank_lines must be a bool, got {value!r}")
+    return value
+
+
+def _setting(key: str, section, where: str):
+    """One setting from verl's config ``section`` or from ``install()``; both must agree; a default or an error."""
+    from_config, from_install = _get(section, key), _SETTINGS.get(key)
+    if from_config is not None:
+        _check_setting(key, from_config)
+    if from_config is not None and from_install is not None and from_config != from_install:
+        raise ValueError(f"Rank-GRPO's {key} is {from_config!r} in verl's config ({where}) but install() was given "
+                         f"{from_install!r}: set it one way, or the same in both")
+    value = from_config if from_config is not None else from_install
+    if value is None:
+        if key in _DEFAULTS:
+            return _DEFAULTS[key]
+        raise RuntimeError(f"Rank-GRPO's verl adapter has no {key} in this process ({where}): {SETUP_HINT}")
+    return value
+
+
+def _segmentation(config) -> dict[str, Any]:
+    """Everything the loss hook needs, from ``install()`` or the actor's config (``ActorConfig``)."""
+    where = "actor_rollout_ref.actor.policy_loss"
+    policy_loss = _get(config, "policy_loss")
+    settings = {key: _setting(key, policy_loss, where) for key in _CONFIG_KEYS}
+    if "table" in _SETTINGS:
+        settings.update(table=_SETTINGS["table"], eos_token_id=_SETTINGS["eos_token_id"])
+    else:
+        tokenizer = _get(_get(config, "model_config"), "tokenizer")
+        if tokenizer is None:
+            raise RuntimeError("Rank-GRPO's verl adapter has no tokenizer in this process (neither install() nor the "
+                               f"actor's config.model_config.tokenizer): {SETUP_HINT}")
+        settings.update(table=line_table(tokenizer), eos_token_id=tokenizer.eos_token_id)
+    return settings
 
 
 def pack_rank_values(values: torch.Tensor, response_length: int) -> torch.Tensor:
@@ -61,15 +155,15 @@ def compute_rank_grpo_advantage(token_level_rewards: torch.Tensor, response_mask
                                 config=None, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """verl advantage estimator: packed per-rank rewards (B, T) -> packed per-rank group advantages (B, T).
 
-    Rows with the same ``index`` (uid) form a group; ``rank_advantages`` normalises each rank over it.
+    Rows with the same ``index`` (uid) form a group; ``rank_advantages`` normalises each column over it. Every
+    column is normalised, so N is not needed here: the zeros after the N ranks stay zeros (0 / (0 + 1e-4)), and
+    the loss hook reads the first N columns only.
     """
-    N = _SETTINGS["rec_num"]
     order, group = _group_rows(index)
     order = order.to(token_level_rewards.device)
-    adv = torch.empty_like(token_level_rewards[:, :N], dtype=torch.float32)
-    adv[order] = rank_advantages(token_level_rewards[order, :N].float(), group)
-    packed = pack_rank_values(adv, token_level_rewards.shape[1])
-    return packed, packed
+    adv = torch.empty_like(token_level_rewards, dtype=torch.float32)
+    adv[order] = rank_advantages(token_level_rewards[order].float(), group)
+    return adv, adv
 
 
 @contextlib.contextmanager
@@ -108,9 +202,11 @@ def compute_policy_loss_rank_grpo(old_log_prob, log_prob, advantages, response_m
     low = config.clip_ratio_low if config.clip_ratio_low is not None else config.clip_ratio
     high = config.clip_ratio_high if config.clip_ratio_high is not None else config.clip_ratio
     kwargs = {}
-    per_sample = _SETTINGS.get("form") == "rank" or loss_agg_mode == "seq-mean-token-mean"  # 1/B -> dp/samples
-    if _SETTINGS.get("form") == "rank":
-        loss_type, kwargs = "rank", {"rec_num": _SETTINGS["rec_num"]}
+    policy_loss, where = _get(config, "policy_loss"), "actor_rollout_ref.actor.policy_loss"
+    paper = _setting("form", policy_loss, where) == "rank"
+    per_sample = paper or loss_agg_mode == "seq-mean-token-mean"  # 1/B -> dp/samples
+    if paper:
+        loss_type, kwargs = "rank", {"rec_num": _setting("rec_num", policy_loss, where)}
     elif loss_agg_mode == "seq-mean-token-mean":
         loss_type = "grpo"
     elif loss_agg_mode == "token-mean" and info.get("batch_num_tokens") is None:
@@ -154,15 +250,17 @@ def rank_grpo_ppo_loss(config, model_output, data, dp_group=None):
     advantages ``data["advantages"][:, :N]`` into per-token ones (the code form's, length shaping included, or
     ``A[i, k]`` on item tokens for the paper form) and runs ``ppo_loss`` with the item ids bound, so that its
     policy loss ``"rank_grpo"`` (``actor.policy_loss.loss_mode``) sees them. Returns ``ppo_loss``'s
-    ``(loss, metrics)``; other loss modes go to ``ppo_loss`` unchanged.
+    ``(loss, metrics)``; other loss modes go to ``ppo_loss`` unchanged. Settings: ``install()`` or the actor's
+    config (``RankGRPOPolicyLossConfig`` and ``config.model_config.tokenizer``), module docstring.
     """
     if config.policy_loss.get("loss_mode", "vanilla") != NAME:
         return losses.ppo_loss(config, model_output, data, dp_group)
+    settings = _segmentation(config)
     responses, mask = _padded(data["responses"]), _padded(data["response_mask"])
-    segments = segment_items(responses, mask, _SETTINGS["table"].to(responses.device), _SETTINGS["rec_num"],
-                             eos_token_id=_SETTINGS["eos_token_id"], skip_blank_lines=_SETTINGS["skip_blank_lines"])
-    paper = _SETTINGS["form"] == "rank"
-    rank_adv = _padded(data["advantages"])[:, : _SETTINGS["rec_num"]]
+    segments = segment_items(responses, mask, settings["table"].to(responses.device), settings["rec_num"],
+                             eos_token_id=settings["eos_token_id"], skip_blank_lines=settings["skip_blank_lines"])
+    paper = settings["form"] == "rank"
+    rank_adv = _padded(data["advantages"])[:, : settings["rec_num"]]
     data = data.copy()
     data["advantages"] = token_advantages(rank_adv, segments, length_shaping=not paper)
     with bind_item_ids(segments.item_ids_for("rank" if paper else "bnpo")):
@@ -195,16 +293,23 @@ def patch_fused_logprobs() -> None:
     torch_functional.FusedLinearForPPO = FusedLogprobsForPPO
 
 
-def install(tokenizer, rec_num: int, *, form: str = "code", skip_blank_lines: bool = True) -> None:
+def install(tokenizer=None, rec_num: int | None = None, *, form: str | None = None,
+            skip_blank_lines: bool | None = None) -> None:
     """Register the ``"rank_grpo"`` advantage estimator and policy loss, set the segmentation they use, and make
     ``rank_grpo_ppo_loss`` the actor's loss hook (``verl.workers.engine_workers.ppo_loss``, which the actor worker
-    binds with ``set_loss_fn`` when it builds the model)."""
+    binds with ``set_loss_fn`` when it builds the model).
+
+    Settings left out (None) come from verl's config (module docstring); ``form`` defaults to ``"code"`` and
+    ``skip_blank_lines`` to True. Each call replaces the settings of the previous one.
+    """
     from verl.workers import engine_workers
 
-    if form not in FORMS:
-        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-    _SETTINGS.update(table=line_table(tokenizer), rec_num=rec_num, eos_token_id=tokenizer.eos_token_id,
-                     skip_blank_lines=skip_blank_lines, form=form)
+    given = {"rec_num": rec_num, "form": form, "skip_blank_lines": skip_blank_lines}
+    settings = {key: _check_setting(key, value) for key, value in given.items() if value is not None}
+    if tokenizer is not None:
+        settings.update(table=line_table(tokenizer), eos_token_id=tokenizer.eos_token_id)
+    _SETTINGS.clear()
+    _SETTINGS.update(settings)
     if core_algos.ADV_ESTIMATOR_REGISTRY.get(NAME) is not compute_rank_grpo_advantage:
         core_algos.register_adv_est(NAME)(compute_rank_grpo_advantage)
     core_algos.register_policy_loss(NAME)(compute_policy_loss_rank_grpo)

@@ -24,6 +24,21 @@ def tokenizer():
     return build_tokenizer(N)
 
 
+# Qwen's chat format: "<|im_end|>" closes every turn and is the EOS, so every chat prompt holds the EOS id.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def chat_tokenizer():
+    """The tiny tokenizer with Qwen's chat template and EOS ``<|im_end|>`` (local, no download)."""
+    tok = build_tokenizer(N)
+    tok.add_special_tokens({"eos_token": "<|im_end|>", "additional_special_tokens": ["<|im_start|>"]})
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
 def responses(tok, generator: torch.Generator) -> list[list[int]]:
     """B = PROMPTS * G token-id lists, the last one cut off before its EOS."""
     rows = []

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import textwrap
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -15,8 +17,9 @@ import torch
 from openrlhf.models.loss import PolicyLoss
 from openrlhf.trainer.ppo_utils.experience import Experience
 
-from rankgrpo_kernels import rank_advantages, token_advantages
+from rankgrpo_kernels import rank_advantages, segment_items, token_advantages
 from rankgrpo_kernels.integrations import openrlhf as adapter
+from rankgrpo_kernels.integrations.plain import item_hits
 from rankgrpo_kernels.reference import reference_loss_from_logps
 
 from . import batch
@@ -179,6 +182,114 @@ def test_fused_actor_forward_matches_openrlhf(tok, monkeypatch):
     ours = run()
     for a, b_ in zip(ours, theirs):
         torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-5)
+
+
+# --- Chat-templated prompts through OpenRLHF 0.11's own rollout code --------------------------------------------
+
+README = Path(__file__).resolve().parents[2] / "integrations" / "openrlhf" / "README.md"
+RELEVANT = ["Orbit Nine", "Grave Tide", "Pizza Kings", "Moon Drift", "Silent Field"]
+CHATS = [  # (user message, response, finished with EOS): N = 3
+    ("Three sci-fi films?", "Star Harbor\nMoon Drift\nOrbit Nine", True),   # exactly N items
+    ("Horror please.", "Night Cellar\nGrave Tide", True),                     # 2 items: early stop
+    ("Some comedies?", "Lucky Socks\nDinner Chaos\nUncle Bernie\nPizza Kings", True),  # overflow
+    ("Dramas?", "Quiet River\nSilent Field\nLetters", False),                # cut off at max_tokens
+]
+
+
+@pytest.fixture(scope="module")
+def chat_tok(tmp_path_factory):
+    """Qwen-like tiny tokenizer (EOS <|im_end|>, written by the chat template after every turn), saved to disk."""
+    tok = batch.chat_tokenizer()
+    path = tmp_path_factory.mktemp("chat_tokenizer")
+    tok.save_pretrained(path)
+    return tok, path
+
+
+def readme_reward_module(path, tmp_path):
+    """The README's reward_func.py, with its tokenizer path pointed at the local tokenizer."""
+    text = README.read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    (code,) = [b for b in blocks if b.lstrip().startswith("# reward_func.py")]
+    code = textwrap.dedent(code)
+    assert '"path/to/sft"' in code
+    module = tmp_path / "reward_func.py"
+    module.write_text(code.replace('"path/to/sft"', repr(str(path))))
+    return module
+
+
+def rollout(tok, reward_module, chats, pad_token_id):
+    """Each chat through OpenRLHF's SingleTurnAgentExecutor.execute (the reward function called as OpenRLHF calls
+    it, on the query it decodes) with a stand-in for vLLM that answers the scripted response, then
+    SamplesGenerator._process_response_into_experience and Experience.concat_experiences: the batch layout the
+    experience maker and the actor see."""
+    import asyncio
+
+    from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator
+    from openrlhf.utils.agent import SingleTurnAgentExecutor
+
+    executor = SingleTurnAgentExecutor(remote_rm_url=str(reward_module))
+    experiences, responses = [], []
+    for user, response, finished in chats:
+        messages = [{"role": "system", "content": "You recommend movies."}, {"role": "user", "content": user}]
+        prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        action = tok.encode(response) + ([tok.eos_token_id] if finished else [])
+
+        class Engine:  # vLLM's answer: the response tokens, EOS included when it stopped on it
+            async def generate(self, prompt_token_ids, params, multi_modal_data=None):
+                out = SimpleNamespace(token_ids=action, finish_reason="stop" if finished else "length", logprobs=None)
+                return SimpleNamespace(outputs=[out])
+
+        params = SimpleNamespace(max_tokens=64, logprobs=None)
+        output = asyncio.run(executor.execute(prompt, "|".join(RELEVANT), params, 512, tok, Engine()))
+        experiences.append(SamplesGenerator._process_response_into_experience(None, output, max_len=512))
+        responses.append(action)
+    return Experience.concat_experiences(experiences, pad_token_id), responses
+
+
+@pytest.mark.parametrize("pad", ["pad", "eos"])
+def test_chat_prompts_holding_the_eos_id(chat_tok, tmp_path, pad):
+    """Prompts from a chat template that writes the EOS id: the response's own EOS gets the length shaping, each
+    item its rank's advantage, exactly as when the response is segmented alone; rows padded with pad == EOS after
+    a cut-off response get no shaping."""
+    tok, path = chat_tok
+    pad_id = tok.pad_token_id if pad == "pad" else tok.eos_token_id
+    exp, responses = rollout(tok, readme_reward_module(path, tmp_path), CHATS, pad_id)
+    A = exp.action_mask.shape[1]
+    assert ((exp.sequences[:, -A:] == tok.eos_token_id) & ~exp.action_mask.bool()).sum(1).min() >= 2  # prompts
+    items = adapter.RankItems.from_tokenizer(tok, batch.N)
+    rank_adv = torch.tensor([[1.0, 2.0, 3.0]]).repeat(len(CHATS), 1)
+    adv = items.token_advantages(rank_adv, exp.sequences, exp.action_mask)
+    item_ids = items.item_ids(exp.sequences, exp.action_mask)
+    for i, (response, (_, text, finished)) in enumerate(zip(responses, CHATS)):
+        where = exp.action_mask[i].bool()
+        assert exp.sequences[i, -A:][where].tolist() == response
+        ids = torch.tensor([response])
+        alone = segment_items(ids, torch.ones_like(ids, dtype=torch.bool), items.table, batch.N,
+                              eos_token_id=tok.eos_token_id, skip_blank_lines=True)
+        assert adv[i][where].tolist() == token_advantages(rank_adv[:1], alone)[0].tolist()
+        assert item_ids[i][where].tolist() == alone.item_ids[0].tolist()
+        assert (adv[i][~where] == 0).all() and (item_ids[i][~where] == -1).all()
+        n_items = len(text.split("\n"))
+        # EOS: +0.1 after exactly N items, -0.1 after fewer (early stop), -0.1 in the overflow bin after more
+        shaping = (0.1 if n_items == batch.N else -0.1) if finished else None
+        last = adv[i][where][-1].item()
+        if shaping is None:  # cut off: the last token is an item token with its rank's advantage
+            assert last == 3.0
+        else:
+            assert last == pytest.approx(shaping)
+
+
+def test_readme_reward_function_on_openrlhf_queries(chat_tok, tmp_path):
+    """The README's reward function, called by OpenRLHF 0.11 on the query it decodes (special tokens kept): the
+    last item of a finished list is read without the EOS text, and its hit counts; the rewards become (B, N)."""
+    tok, path = chat_tok
+    exp, _ = rollout(tok, readme_reward_module(path, tmp_path), CHATS, tok.pad_token_id)
+    rec_num = 20  # the README's
+    assert exp.rewards is not None and exp.rewards.shape == (len(CHATS), rec_num)
+    expected = [item_hits(text, RELEVANT, rec_num=rec_num) for _, text, _ in CHATS]
+    assert exp.rewards.tolist() == expected
+    assert expected[0][:3] == [0.0, 1.0, 1.0] and expected[1][:2] == [0.0, 1.0]  # last items of finished lists hit
+    torch.testing.assert_close(exp.scores, torch.tensor(expected).mean(-1))
 
 
 def test_import_is_lazy():

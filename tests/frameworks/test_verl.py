@@ -165,6 +165,94 @@ def test_advantage_estimator_gives_rank_advantages(tok):
     assert (adv[:, batch.N :] == 0).all() and returns is adv
 
 
+def test_missing_setup_is_an_error_that_names_install(tok, monkeypatch):
+    """No install() settings and a config without them: the hook says how to set them up, not KeyError."""
+    monkeypatch.setattr(adapter, "_SETTINGS", {})
+    b = verl_batch(tok, seed=6)
+    packed = adapter.pack_rank_values(rank_advantages(batch.hits(b.g).double(), batch.G), b.mask.shape[1])
+    data, output = loss_data(b, packed, torch.randint(0, len(tok), (b.mask.shape[0], PROMPT), generator=b.g))
+    with pytest.raises(RuntimeError, match=r"install\(tokenizer, rec_num\).*RankGRPOPolicyLossConfig"):
+        adapter.rank_grpo_ppo_loss(config(), output, data)
+    with pytest.raises(RuntimeError, match=r"no rec_num .*install\(tokenizer, rec_num\)"):
+        cfg = config()
+        cfg.model_config = SimpleNamespace(tokenizer=tok)  # as verl's actor worker sets it
+        adapter.rank_grpo_ppo_loss(cfg, output, data)
+
+
+def test_advantage_estimator_needs_no_settings(tok, monkeypatch):
+    monkeypatch.setattr(adapter, "_SETTINGS", {})
+    rewards = batch.hits(torch.Generator().manual_seed(7))
+    uids = np.repeat(np.array([f"p{p}" for p in range(batch.PROMPTS)], dtype=object), batch.G)
+    adv, _ = core_algos.get_adv_estimator_fn(adapter.NAME)(
+        token_level_rewards=adapter.pack_rank_values(rewards, 7), response_mask=torch.ones(len(uids), 7), index=uids,
+        config=None)
+    torch.testing.assert_close(adv, adapter.pack_rank_values(rank_advantages(rewards, batch.G), 7))
+
+
+@pytest.fixture(scope="module")
+def verl_run_config(tok, tmp_path_factory):
+    """verl's own ppo_trainer config (hydra) with the Rank-GRPO settings in it, and a local model path (the tiny
+    tokenizer, a 1-layer Llama config) from which verl loads the actor's tokenizer."""
+    import os
+
+    import verl
+    from hydra import compose, initialize_config_dir
+    from transformers import LlamaConfig
+
+    path = tmp_path_factory.mktemp("verl_model")
+    tok.save_pretrained(path)
+    LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, architectures=["LlamaForCausalLM"]).save_pretrained(path)
+
+    def compose_with(*overrides):
+        with initialize_config_dir(config_dir=os.path.join(os.path.dirname(verl.__file__), "trainer", "config"),
+                                   version_base=None):
+            return compose("ppo_trainer", overrides=[
+                "actor_rollout_ref.rollout.n=4", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+                f"actor_rollout_ref.model.path={path}", "actor_rollout_ref.actor.policy_loss.loss_mode=rank_grpo",
+                "actor_rollout_ref.actor.clip_ratio_low=0.06", "actor_rollout_ref.actor.clip_ratio_high=0.08",
+                *overrides])
+
+    return compose_with
+
+
+def actor_config_from(cfg):
+    """The ActorConfig verl's actor worker builds (engine_workers.py: omega_conf_to_dataclass, then model_config)."""
+    from verl.utils.config import omega_conf_to_dataclass
+
+    actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
+    actor.model_config = omega_conf_to_dataclass(cfg.actor_rollout_ref.model)
+    return actor
+
+
+@pytest.mark.parametrize("form", ["code", "rank"])
+def test_settings_from_verls_config(tok, verl_run_config, monkeypatch, form):
+    """Without install()'s settings, the hook and the policy loss take them from verl's config: rec_num and form from
+    actor_rollout_ref.actor.policy_loss (a RankGRPOPolicyLossConfig), the tokenizer from actor_rollout_ref.model."""
+    cfg = verl_run_config(
+        "actor_rollout_ref.actor.policy_loss._target_=rankgrpo_kernels.integrations.verl.RankGRPOPolicyLossConfig",
+        f"+actor_rollout_ref.actor.policy_loss.rec_num={batch.N}", f"+actor_rollout_ref.actor.policy_loss.form={form}")
+    actor = actor_config_from(cfg)
+    assert isinstance(actor.policy_loss, adapter.RankGRPOPolicyLossConfig) and actor.policy_loss.rec_num == batch.N
+    b = verl_batch(tok, seed=8)
+    packed = adapter.pack_rank_values(rank_advantages(batch.hits(b.g).double(), batch.G), b.mask.shape[1])
+    data, output = loss_data(b, packed, torch.randint(0, len(tok), (b.mask.shape[0], PROMPT), generator=b.g))
+    adapter.install(tok, batch.N, form=form)
+    try:
+        expected, _ = adapter.rank_grpo_ppo_loss(config("token-mean", low=0.06, high=0.08), output, data)
+    finally:
+        adapter.install(tok, batch.N)
+    monkeypatch.setattr(adapter, "_SETTINGS", {})
+    loss, _ = adapter.rank_grpo_ppo_loss(actor, output, data)
+    value = lambda x: x.value if hasattr(x, "value") else x  # noqa: E731
+    torch.testing.assert_close(value(loss), value(expected), rtol=1e-12, atol=0)
+    monkeypatch.setattr(adapter, "_SETTINGS", {})
+    adapter.install(rec_num=batch.N + 1)  # a setting given both ways must agree
+    with pytest.raises(ValueError, match=r"rec_num is 3 in verl's config .* install\(\) was given 4"):
+        adapter.rank_grpo_ppo_loss(actor, output, data)
+    adapter.install(tok, batch.N)
+
+
 def test_fused_logprobs_patch_matches_verl(tok, monkeypatch):
     from verl.utils.experimental import torch_functional
 
