@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include <optional>
+#include <utility>
 
 #include "rankgrpo_cuda.h"
 
@@ -46,58 +47,6 @@ float* f32(const Tensor& t, const char* name) {
 }
 
 // logits (rows, cols) fp32 = h W[v0:v0+cols]^T; bias[v0:v0+cols]; targets, running_*, target_logit (rows,).
-void logprob_slab_forward(const Tensor& logits, const OptTensor& bias, int64_t vocab_start, const Tensor& targets,
-                          double inv_temperature, const Tensor& running_max, const Tensor& running_sum,
-                          const OptTensor& running_sum_z, const Tensor& target_logit, int64_t stream) {
-  const int64_t rows = logits.size(0), cols = logits.size(1);
-  check_tensor(targets, "targets", at::kLong);
-  TORCH_CHECK(targets.numel() == rows && running_max.numel() == rows && running_sum.numel() == rows &&
-                  target_logit.numel() == rows, "per-token tensors must have one entry per logits row");
-  TORCH_CHECK(!bias.has_value() || bias->numel() == cols, "bias slab must have one entry per logits column");
-  const auto bias_dtype = bias.has_value() ? bias->scalar_type() : at::kFloat;
-  check_launch(rankgrpo::logprob_slab_forward(
-                   f32(logits, "logits"), rows, cols, data_or_null<const void>(bias, "bias", bias_dtype),
-                   operand_dtype(bias_dtype), vocab_start, targets.data_ptr<int64_t>(),
-                   static_cast<float>(inv_temperature), f32(running_max, "running_max"),
-                   f32(running_sum, "running_sum"), data_or_null<float>(running_sum_z, "running_sum_z", at::kFloat),
-                   f32(target_logit, "target_logit"), as_stream(stream)),
-               "logprob_slab_forward");
-}
-
-void logprob_finish(const Tensor& running_max, const Tensor& running_sum, const OptTensor& running_sum_z,
-                    const Tensor& target_logit, const Tensor& logp, const Tensor& lse, const OptTensor& entropy,
-                    int64_t stream) {
-  TORCH_CHECK(running_sum_z.has_value() == entropy.has_value(), "running_sum_z and entropy come together");
-  check_launch(rankgrpo::logprob_finish(
-                   running_max.numel(), f32(running_max, "running_max"), f32(running_sum, "running_sum"),
-                   data_or_null<const float>(running_sum_z, "running_sum_z", at::kFloat),
-                   f32(target_logit, "target_logit"), f32(logp, "logp"), f32(lse, "lse"),
-                   data_or_null<float>(entropy, "entropy", at::kFloat), as_stream(stream)),
-               "logprob_finish");
-}
-
-// d_logits (rows, cols) in the operand dtype; bias_partials (ceil(rows / 32), cols) fp32 or None.
-void logprob_slab_backward(const Tensor& logits, const OptTensor& bias, int64_t vocab_start, const Tensor& targets,
-                           const Tensor& lse, const Tensor& coef, double inv_temperature, const Tensor& d_logits,
-                           const OptTensor& bias_partials, int64_t stream) {
-  const int64_t rows = logits.size(0), cols = logits.size(1);
-  const auto dtype = d_logits.scalar_type();
-  check_tensor(d_logits, "d_logits", dtype);
-  check_tensor(targets, "targets", at::kLong);
-  TORCH_CHECK(d_logits.sizes() == logits.sizes(), "d_logits must have the shape of logits");
-  TORCH_CHECK(targets.numel() == rows && lse.numel() == rows && coef.numel() == rows,
-              "per-token tensors must have one entry per logits row");
-  TORCH_CHECK(!bias.has_value() || bias->numel() == cols, "bias slab must have one entry per logits column");
-  const int64_t blocks = (rows + rankgrpo::kBackwardRowsPerBlock - 1) / rankgrpo::kBackwardRowsPerBlock;
-  TORCH_CHECK(!bias_partials.has_value() || bias_partials->numel() == blocks * cols, "bias_partials size");
-  check_launch(rankgrpo::logprob_slab_backward(
-                   f32(logits, "logits"), rows, cols, data_or_null<const void>(bias, "bias", dtype),
-                   operand_dtype(dtype), vocab_start, targets.data_ptr<int64_t>(), f32(lse, "lse"),
-                   f32(coef, "coef"), static_cast<float>(inv_temperature), d_logits.data_ptr(),
-                   data_or_null<float>(bias_partials, "bias_partials", at::kFloat), as_stream(stream)),
-               "logprob_slab_backward");
-}
-
 // (B, T) fp32 token tensors, group (B, T) int32, num_bins (B,) int32, normaliser and tokens (1,) fp32,
 // scratch (3, B, T) fp32; writes grad (B, T) and row_sums (B, 5).
 void segment_loss(const Tensor& logps, const OptTensor& old_logps, const OptTensor& ref_logps,
@@ -124,12 +73,70 @@ void segment_loss(const Tensor& logps, const OptTensor& old_logps, const OptTens
                "segment_loss");
 }
 
+// Bytes [first, last) that a (rows, cols) matrix with unit column stride and the given row stride spans.
+std::pair<uintptr_t, uintptr_t> byte_span(const Tensor& t, int64_t row_stride) {
+  const auto first = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const int64_t elements = (t.size(0) - 1) * row_stride + t.size(1);
+  return {first, first + static_cast<uintptr_t>(elements * static_cast<int64_t>(t.element_size()))};
+}
+
+// Row pass over logits (C, V) fp32 with unit column stride and row stride S >= V (the GEMM output, possibly columns
+// of a wider buffer). bias (V,) fp32/bf16/fp16 or None; targets (C,) int64 or int32; row_mask (C,) bool or None;
+// lse_in (C,) fp32 or None (then lse is not written: pass lse_in itself); logp, lse, entropy (C,) fp32;
+// grad_out None or (C, V) fp32/bf16/fp16 with unit column stride: the in-place view of the logits' bytes (row r
+// where logits row r starts: row stride 4 S / itemsize) or a buffer that does not overlap them.
+void row_pass(const Tensor& logits, const OptTensor& bias, const Tensor& targets, const OptTensor& row_mask,
+              double inv_temperature, const OptTensor& lse_in, const Tensor& logp, const Tensor& lse,
+              const OptTensor& entropy, const OptTensor& grad_out, int64_t stream) {
+  TORCH_CHECK(logits.is_cuda() && logits.dim() == 2 && logits.scalar_type() == at::kFloat,
+              "logits must be a (C, V) float32 CUDA tensor");
+  const int64_t rows = logits.size(0), cols = logits.size(1);
+  TORCH_CHECK(cols >= 1, "logits need at least one column");
+  TORCH_CHECK(cols == 1 || logits.stride(1) == 1, "logits must have unit column stride");
+  const int64_t row_stride = rows > 1 ? logits.stride(0) : 0;  // unused with a single row
+  TORCH_CHECK(rows <= 1 || row_stride >= cols, "logits row stride must be at least V");
+  check_tensor(targets, "targets", targets.scalar_type() == at::kInt ? at::kInt : at::kLong);
+  TORCH_CHECK(targets.numel() == rows && logp.numel() == rows && lse.numel() == rows,
+              "targets, logp and lse must have one entry per logits row");
+  TORCH_CHECK(!row_mask.has_value() || row_mask->numel() == rows, "row_mask must have one entry per row");
+  TORCH_CHECK(!lse_in.has_value() || lse_in->numel() == rows, "lse_in must have one entry per row");
+  TORCH_CHECK(!entropy.has_value() || entropy->numel() == rows, "entropy must have one entry per row");
+  TORCH_CHECK(!bias.has_value() || bias->numel() == cols, "bias must have one entry per logits column");
+  const auto bias_dtype = bias.has_value() ? bias->scalar_type() : at::kFloat;
+  void* grad = nullptr;
+  int64_t grad_row_stride = 0;
+  auto grad_dtype = at::kFloat;
+  if (grad_out.has_value()) {
+    const Tensor& g = *grad_out;
+    grad_dtype = g.scalar_type();
+    TORCH_CHECK(g.is_cuda() && g.sizes() == logits.sizes(), "grad_out must be a CUDA tensor shaped like logits");
+    TORCH_CHECK(cols == 1 || g.stride(1) == 1, "grad_out must have unit column stride");
+    grad_row_stride = rows > 1 ? g.stride(0) : 0;
+    TORCH_CHECK(rows <= 1 || grad_row_stride >= cols, "grad_out row stride must be at least V");
+    const auto [lo, hi] = byte_span(logits, row_stride);
+    const auto [g_lo, g_hi] = byte_span(g, grad_row_stride);
+    const bool in_place = g_lo == lo && grad_row_stride * g.element_size() == row_stride * 4;
+    TORCH_CHECK(in_place || g_hi <= lo || hi <= g_lo,
+                "grad_out must be the in-place view of the logits (row r where logits row r starts) or not overlap "
+                "them");
+    grad = g.data_ptr();
+  }
+  check_launch(rankgrpo::row_pass(
+                   logits.data_ptr<float>(), rows, cols, row_stride,
+                   data_or_null<const void>(bias, "bias", bias_dtype), operand_dtype(bias_dtype),
+                   targets.data_ptr(), targets.scalar_type() == at::kInt,
+                   data_or_null<const bool>(row_mask, "row_mask", at::kBool), static_cast<float>(inv_temperature),
+                   data_or_null<const float>(lse_in, "lse_in", at::kFloat), f32(logp, "logp"),
+                   lse_in.has_value() ? nullptr : f32(lse, "lse"),
+                   data_or_null<float>(entropy, "entropy", at::kFloat), grad, operand_dtype(grad_dtype),
+                   grad_row_stride, as_stream(stream)),
+               "row_pass");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rankgrpo_kernels CUDA kernels (csrc/): log-prob epilogues and the segment loss";
-  m.def("logprob_slab_forward", &logprob_slab_forward);
-  m.def("logprob_finish", &logprob_finish);
-  m.def("logprob_slab_backward", &logprob_slab_backward);
   m.def("segment_loss", &segment_loss);
+  m.def("row_pass", &row_pass);
 }

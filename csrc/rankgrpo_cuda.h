@@ -15,25 +15,6 @@ enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 const char* error_string(int code);
 
-// Forward epilogue of one (rows x cols) fp32 slab acc = h W[v0:v0+cols]^T of a token chunk (row-major, ld = cols):
-// z = (acc + bias) * inv_temperature merged into the per-token running max / sum exp(z - max) / sum exp(z - max) z
-// (running_sum_z may be null), and target_logit[r] = z[r, targets[r] - vocab_start] when that column is in the slab.
-int logprob_slab_forward(const float* logits, int64_t rows, int64_t cols, const void* bias, DType bias_dtype,
-                         int64_t vocab_start, const int64_t* targets, float inv_temperature, float* running_max,
-                         float* running_sum, float* running_sum_z, float* target_logit, cudaStream_t stream);
-
-// lse = max + log(sum), logp = target_logit - lse, entropy = lse - sum_z / sum (entropy and sum_z may be null).
-int logprob_finish(int64_t rows, const float* running_max, const float* running_sum, const float* running_sum_z,
-                   const float* target_logit, float* logp, float* lse, float* entropy, cudaStream_t stream);
-
-// Backward epilogue of one slab: d_logits[r, c] = coef[r] * (onehot - exp(z[r, c] - lse[r])) in `dtype`
-// (coef = dL/dlogp / T), with z as in the forward; bias_partials (ceil(rows / 32), cols) fp32 gets the column sums
-// of each block of 32 rows (null: not formed). bias may be null.
-int logprob_slab_backward(const float* logits, int64_t rows, int64_t cols, const void* bias, DType dtype,
-                          int64_t vocab_start, const int64_t* targets, const float* lse, const float* coef,
-                          float inv_temperature, void* d_logits, float* bias_partials, cudaStream_t stream);
-
-constexpr int kBackwardRowsPerBlock = 32;
 constexpr int kRowSums = 5;  // loss, clipped low, clipped high, ratio, KL
 
 // Segment loss of B rows of T tokens (see segment_loss.cu). old_logps / ref_logps may be null; group holds
@@ -43,5 +24,17 @@ int segment_loss(const float* logps, const float* old_logps, const float* ref_lo
                  const int32_t* group, const int32_t* num_bins, const float* normaliser, const float* tokens,
                  float* scratch, float* grad, float* row_sums, int64_t B, int64_t T, float beta, float lo, float hi,
                  float delta, bool has_delta, int weighting, float log_ratio_limit, cudaStream_t stream);
+
+// Row pass over a chunk of fp32 logits (rows x cols, row stride row_stride >= cols elements; see row_pass.cu):
+// z = (logits + bias) * inv_temperature; logp = z_y - lse, lse = logsumexp(z) (or lse_in when given: then lse is
+// not written and may be null), entropy = -sum p (z - lse) with p = exp(z - lse) (null: not formed), and, when grad
+// is given, D = onehot(y) - p in grad_dtype at grad (row stride grad_row_stride elements): in place over the logits
+// (grad == logits, grad_row_stride = 4 row_stride / itemsize) or into a buffer that does not overlap them.
+// targets (rows,) int64, or int32 when targets_int32; a target outside [0, cols) has z_y = 0 and no one-hot term.
+// Rows with row_mask false (null: all rows) are not read: zeros out. bias may be null (bias_dtype then ignored).
+int row_pass(const float* logits, int64_t rows, int64_t cols, int64_t row_stride, const void* bias, DType bias_dtype,
+             const void* targets, bool targets_int32, const bool* row_mask, float inv_temperature,
+             const float* lse_in, float* logp, float* lse, float* entropy, void* grad, DType grad_dtype,
+             int64_t grad_row_stride, cudaStream_t stream);
 
 }  // namespace rankgrpo

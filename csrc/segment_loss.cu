@@ -54,16 +54,20 @@ struct ItemTerms {
   float w, w_unclipped, branch_min, act;
 };
 
+// min/max that keep a NaN (fminf/fmaxf drop it): a non-finite log-prob must make the loss NaN, as torch does.
+__device__ __forceinline__ float min_nan(float a, float b) { return (a < b || isnan(a)) ? a : b; }
+__device__ __forceinline__ float max_nan(float a, float b) { return (a > b || isnan(a)) ? a : b; }
+
 // The ratio, its delta-bounded form, min(v1, v2) and d min(v1, v2)/dw / a of a token with advantage a.
 __device__ __forceinline__ ItemTerms item_terms(const Params& p, float log_w, float a) {
-  const float w = expf(fminf(log_w, p.log_ratio_limit));
-  const float w_clipped = fminf(fmaxf(w, p.lo), p.hi);
-  const float w_unclipped = p.has_delta ? fminf(w, p.delta) : w;
+  const float w = expf(min_nan(log_w, p.log_ratio_limit));
+  const float w_clipped = min_nan(max_nan(w, p.lo), p.hi);
+  const float w_unclipped = p.has_delta ? min_nan(w, p.delta) : w;
   const float grad_unclipped = p.has_delta ? (w <= p.delta ? 1.0f : 0.0f) : 1.0f;
   const float grad_clipped = (w >= p.lo && w <= p.hi) ? 1.0f : 0.0f;
   const float v1 = w_unclipped * a, v2 = w_clipped * a;
   const float act = v1 < v2 ? grad_unclipped : (v1 > v2 ? grad_clipped : 0.5f * (grad_unclipped + grad_clipped));
-  return {w, w_unclipped, fminf(v1, v2), act};
+  return {w, w_unclipped, min_nan(v1, v2), act};
 }
 
 // The loss type's weight c_t of a token in the loss whose item has n_k tokens.
@@ -119,7 +123,8 @@ __global__ void __launch_bounds__(kThreads) segment_loss_kernel(Params p) {
     float diff = 0.0f;
     if (k >= 0) {
       in_loss_count += 1.0f;
-      if (p.old_logps != nullptr) diff = p.logps[base + t] - p.old_logps[base + t];
+      // On-policy (no old_logps) o = l: a ratio of exactly 1 that still turns a non-finite l into a NaN loss.
+      diff = p.logps[base + t] - (p.old_logps != nullptr ? p.old_logps[base + t] : p.logps[base + t]);
     }
     const unsigned peers = __match_any_sync(kFullMask, k);
     const float diff_sum = peer_sum(peers, diff, warp_stage);
@@ -166,7 +171,7 @@ __global__ void __launch_bounds__(kThreads) segment_loss_kernel(Params p) {
       ratio += it.w;
       if (p.ref_logps != nullptr) {
         const float ref_minus_l = p.ref_logps[base + t] - p.logps[base + t];
-        const float log_ref_ratio = fminf(ref_minus_l, p.log_ratio_limit);
+        const float log_ref_ratio = min_nan(ref_minus_l, p.log_ratio_limit);
         const float ref_ratio = expf(log_ref_ratio);
         const float kl = ref_ratio - log_ref_ratio - 1.0f;
         const float kl_weight = p.weighting == 2 ? inv_tokens : c;

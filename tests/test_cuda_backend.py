@@ -1,10 +1,9 @@
-"""The CUDA backend (``csrc/``) at its interface and determinism; ``pytest -m gpu``. (``test_gpu.py`` checks it
-against the reference at real heads, with Triton and torch.)
+"""What is specific to the CUDA backend (``csrc/``): the error of a CPU-only torch, and its two kernels at the
+backend interface against the torch backend's (``pytest -m gpu``). The conformance suite (``test_backends.py``) runs
+it through every public path on a GPU; ``test_cuda_compile.py`` compiles the sources without one.
 
-The GPU tests are skipped without one; they compile the extension just in time (ninja) unless ``pip install
---no-build-isolation .`` prebuilt it. Tolerances as in ``test_gpu.py`` (bf16 at real LM-head sizes) and
-``test_triton_interpret.py`` (fp32 against the float64-free reference run on the same inputs). Without a GPU only
-the error of a CPU-only torch is checked here; ``test_cuda_compile.py`` compiles the sources.
+The GPU tests compile the extension just in time (ninja) unless ``pip install --no-build-isolation .`` prebuilt it.
+Tolerances: fp32 kernels against fp32 torch ops summing in another order; D rounded once to bf16/fp16.
 """
 
 from __future__ import annotations
@@ -14,17 +13,14 @@ import importlib
 import pytest
 import torch
 
-from rankgrpo_kernels import rank_grpo_loss
 from rankgrpo_kernels.backends import torch_backend
-from rankgrpo_kernels.reference import reference_logprobs, reference_loss
-from rankgrpo_kernels.contract import LossConfig, TokenBatch, dense_groups
 from rankgrpo_kernels.backends.torch_backend import segment_loss as torch_segment_loss
+from rankgrpo_kernels.contract import LossConfig, TokenBatch, dense_groups
 
 from .helpers import random_loss_batch
-from .test_gpu import _batch
 
 gpu = pytest.mark.gpu
-TOL = {torch.float32: dict(rtol=2e-5, atol=2e-6), torch.bfloat16: dict(rtol=2e-2, atol=2e-3),
+TOL = {torch.float32: dict(rtol=2e-5, atol=2e-6), torch.bfloat16: dict(rtol=1e-2, atol=1e-3),
        torch.float16: dict(rtol=2e-3, atol=2e-4)}
 
 
@@ -40,30 +36,25 @@ def test_cpu_only_torch_gives_the_fix():
 
 
 @gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("bias,temperature,budget", [(True, 0.7, 2**16), (False, 1.0, 2**25)])
-def test_backend_matches_chunked_torch(cuda_backend, dtype, bias, temperature, budget):
-    """Forward and backward at the backend interface, a small budget forcing many (token x vocabulary) slabs."""
+@pytest.mark.parametrize("grad_dtype", [None, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("V", [1001, 40000])  # held in registers, and walked in two passes
+@pytest.mark.parametrize("with_lse", [False, True])
+def test_row_pass_matches_torch(cuda_backend, grad_dtype, V, with_lse):
     g = torch.Generator(device="cuda").manual_seed(1)
-    N, H, V = 300, 64, 1001  # ragged token chunks and vocabulary slabs
-    hidden = torch.randn(N, H, device="cuda", generator=g).to(dtype)
-    weight = (torch.randn(V, H, device="cuda", generator=g) / H**0.5).to(dtype)
-    b = (0.1 * torch.randn(V, device="cuda", generator=g)).to(dtype) if bias else None
-    targets = torch.randint(0, V, (N,), device="cuda", generator=g)
-    got = cuda_backend.logprob_forward(hidden, weight, b, targets, temperature, budget, True)
-    f32 = [None if x is None else x.float() for x in (hidden, weight, b)]
-    want = torch_backend.logprob_forward(*f32, targets, temperature, budget, True)
-    for x, y in zip(got, want):
-        torch.testing.assert_close(x, y, **TOL[torch.float32])
-    grad_logp = torch.randn(N, device="cuda", generator=g)
-    grad_logp[::3] = 0  # tokens without gradient are skipped
-    needs = (True, True, bias)
-    got = cuda_backend.logprob_backward(hidden, weight, b, targets, temperature, want[1], grad_logp, budget, needs)
-    ref = torch_backend.logprob_backward(*f32, targets, temperature, want[1], grad_logp, budget, needs)
-    for x, y in zip(got, ref):
+    C = 37
+    logits = 4 * torch.randn(C, V + 5, device="cuda", generator=g)[:, :V]  # a row stride above V
+    bias = 0.1 * torch.randn(V, device="cuda", generator=g).bfloat16()
+    targets = torch.randint(-2, V + 2, (C,), device="cuda", generator=g)  # some outside [0, V): another shard
+    row_mask = torch.rand(C, device="cuda", generator=g) > 0.2
+    lse = torch.logsumexp((logits + bias.float()) / 0.7, -1) if with_lse else None
+    want = torch_backend.row_pass(logits.clone(), bias, targets, row_mask, 1 / 0.7, lse, grad_dtype, not with_lse)
+    got = cuda_backend.row_pass(logits, bias, targets, row_mask, 1 / 0.7, lse, grad_dtype, not with_lse)
+    for x, y in zip(got[:3], want[:3]):
         if y is not None:
-            assert x.dtype == dtype
-            torch.testing.assert_close(x.float(), y, **TOL[dtype])
+            torch.testing.assert_close(x, y, **TOL[torch.float32])
+    if grad_dtype is not None:
+        assert got[3].data_ptr() == logits.data_ptr() and got[3].dtype == grad_dtype
+        torch.testing.assert_close(got[3].float(), want[3].float(), **TOL[grad_dtype])
 
 
 @gpu
@@ -93,38 +84,3 @@ def test_segment_loss_matches_torch(cuda_backend, loss_type, old, ref, delta):
     assert stats[2] > 0 or not old  # the clip range binds somewhere
 
 
-@gpu
-@pytest.mark.parametrize("loss_type", ["bnpo", "rank"])
-def test_loss_through_the_public_api(loss_type):
-    B, T, H, V, K = 3, 11, 16, 67, 4
-    g = torch.Generator().manual_seed(3)
-    hidden = torch.randn(B, T, H, generator=g).cuda().requires_grad_()
-    weight = (torch.randn(V, H, generator=g) / H**0.5).cuda().requires_grad_()
-    b = (0.1 * torch.randn(V, generator=g)).cuda().requires_grad_()
-    targets = torch.randint(0, V, (B, T), generator=g).cuda()
-    batch = {k: v.cuda() for k, v in random_loss_batch(B, T, K, dtype=torch.float32, generator=g).items()}
-    with torch.no_grad():
-        logps = reference_logprobs(hidden, weight, targets, bias=b)
-    kwargs = dict(item_ids=batch["item_ids"], advantages=batch["advantages"], completion_mask=batch["completion_mask"],
-                  old_logps=logps + (batch["old_logps"] - batch["logps"]),
-                  ref_logps=logps + (batch["ref_logps"] - batch["logps"]), beta=0.04, loss_type=loss_type,
-                  epsilon_low=0.1, epsilon_high=0.2, delta=1.8, rec_num=K)
-    loss, stats = rank_grpo_loss(hidden, weight, targets, bias=b, backend="cuda", compute_entropy=True, **kwargs)
-    ref_loss, ref_stats = reference_loss(hidden, weight, targets, bias=b, **kwargs)
-    torch.testing.assert_close(loss, ref_loss, **TOL[torch.float32])
-    for name in ("clip_ratio_low", "clip_ratio_high", "clip_ratio_region", "ratio_mean", "kl"):
-        torch.testing.assert_close(stats[name], ref_stats[name], **TOL[torch.float32])
-    for x, y in zip(torch.autograd.grad(loss, (hidden, weight, b)), torch.autograd.grad(ref_loss, (hidden, weight, b))):
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
-
-
-@gpu
-def test_deterministic_repeats(cuda_backend):
-    """No atomics anywhere: repeated backward passes give bit-identical gradients."""
-    hidden, weight, targets, _ = _batch(2, 128, 256, 5003, torch.bfloat16)
-    h, w, y = hidden.detach().reshape(-1, 256), weight.detach(), targets.reshape(-1)
-    _, lse, _ = cuda_backend.logprob_forward(h, w, None, y, 1.0, 2**20)
-    grad = torch.randn_like(lse)
-    first = cuda_backend.logprob_backward(h, w, None, y, 1.0, lse, grad, 2**20, (True, True, False))
-    second = cuda_backend.logprob_backward(h, w, None, y, 1.0, lse, grad, 2**20, (True, True, False))
-    assert all(torch.equal(x, z) for x, z in zip(first[:2], second[:2]))

@@ -82,7 +82,7 @@ def load(name: str):
     try:
         return importlib.import_module(REGISTRY[name].module, __name__)
     except ImportError as exc:  # e.g. no triton package; the CUDA backend's error names its fix
-        raise ValueError(f"backend={name!r} cannot run here: {exc}") from exc
+        raise ValueError(f"backend={name!r} cannot run here ({exc}); use backend='torch'") from exc
 
 
 def choose(name: str, device: torch.device, dtype: torch.dtype) -> str:

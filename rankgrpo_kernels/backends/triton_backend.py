@@ -1,44 +1,24 @@
-"""The Triton backend: fused kernels for the log-prob forward, the segment loss and the backward (CUDA GPUs, or
-the CPU under ``TRITON_INTERPRET=1`` for tests). Same interface as ``torch_backend``; ``budget_bytes`` is unused
-since no kernel holds more than its register tiles and (vocabulary splits x tokens) fp32 partials.
-
-Under ``torch.use_deterministic_algorithms(True)`` the backward runs the torch backend's chunked GEMMs instead of
-the kernel's float atomics, so repeated runs give bit-identical gradients.
+"""The Triton backend: the row pass (``kernels/row_pass.py``) and the segment loss (``kernels/segment_loss.py``) as
+Triton kernels around ``lm_head``'s vendor GEMMs. CUDA GPUs (sm_80+), or the CPU under ``TRITON_INTERPRET=1`` for
+tests. The kernels take plain tensors; this module adapts the shared contract to them.
 """
 
 from __future__ import annotations
 
-import torch
+from ..contract import LOG_RATIO_LIMIT, WEIGHTING, LossConfig, TokenBatch, loss_from_row_sums, row_relative_groups
+from ..kernels import segment_loss as _segment
+from ..kernels.row_pass import row_pass
 
-from ..kernels import logprob_backward as _backward
-from ..kernels import logprob_forward as _forward
-from ..kernels.segment_loss import segment_loss
-from . import torch_backend
-
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-__all__ = ["logprob_forward", "logprob_backward", "segment_loss"]
+__all__ = ["row_pass", "segment_loss"]
 
 
-def _rows_contiguous(x):
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _check_dtype(hidden):
-    if hidden.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"backend='triton' takes hidden/weight in {SUPPORTED_DTYPES}, got {hidden.dtype}; "
-                        "use backend='torch' for float64")
-
-
-def logprob_forward(hidden, weight, bias, targets, temperature, budget_bytes, return_entropy=False):
-    _check_dtype(hidden)
-    return _forward.logprob_forward(_rows_contiguous(hidden), _rows_contiguous(weight), bias, targets.contiguous(),
-                                    temperature, return_entropy)
-
-
-def logprob_backward(hidden, weight, bias, targets, temperature, lse, grad_logp, budget_bytes, needs):
-    if torch.are_deterministic_algorithms_enabled():
-        return torch_backend.logprob_backward(hidden, weight, bias, targets, temperature, lse, grad_logp,
-                                              budget_bytes, needs)
-    return _backward.logprob_backward(_rows_contiguous(hidden), _rows_contiguous(weight), bias,
-                                      targets.contiguous(), temperature, lse, grad_logp.contiguous(), needs)
+def segment_loss(batch: TokenBatch, cfg: LossConfig):
+    """Same contract as ``torch_backend.segment_loss``: (loss, stats, grad (B, T)) in fp32, from the leaf launcher
+    ``kernels.segment_loss.segment_loss_rows`` (row-relative groups in, per-row sums out)."""
+    group, _ = row_relative_groups(batch)
+    grad, row_sums = _segment.segment_loss_rows(
+        batch.logps, batch.old_logps, batch.ref_logps, batch.advantages, group, batch.normaliser, batch.tokens,
+        beta=cfg.beta, clip_low=1.0 - cfg.epsilon_low, clip_high=1.0 + cfg.epsilon_high, delta=cfg.delta,
+        weighting=WEIGHTING[cfg.loss_type], log_ratio_limit=LOG_RATIO_LIMIT)
+    loss, stats = loss_from_row_sums(row_sums, batch)
+    return loss, stats, grad

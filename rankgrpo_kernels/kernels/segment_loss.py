@@ -51,6 +51,9 @@ import torch
 import triton
 import triton.language as tl
 
+# min/max that keep a NaN (the hardware's drop it): a non-finite log-prob must make the loss NaN, as torch does.
+KEEP_NAN = tl.PropagateNan.ALL
+
 BLOCK_T = 256  # tokens per step of a row's program
 ROW_SUMS = 5  # loss, clipped low, clipped high, ratio, KL
 
@@ -58,10 +61,10 @@ ROW_SUMS = 5  # loss, clipped low, clipped high, ratio, KL
 @triton.jit
 def _item_terms(log_w, a, lo, hi, delta, log_ratio_limit, HAS_DELTA: tl.constexpr):
     """Ratio, its bounded and clipped forms, the two branches and d(min)/dw / a (ties split as torch.min)."""
-    w = tl.exp(tl.minimum(log_w, log_ratio_limit))
-    w_clipped = tl.minimum(tl.maximum(w, lo), hi)
+    w = tl.exp(tl.minimum(log_w, log_ratio_limit, propagate_nan=KEEP_NAN))
+    w_clipped = tl.minimum(tl.maximum(w, lo, propagate_nan=KEEP_NAN), hi, propagate_nan=KEEP_NAN)
     if HAS_DELTA:
-        w_unclipped = tl.minimum(w, delta)
+        w_unclipped = tl.minimum(w, delta, propagate_nan=KEEP_NAN)
         grad_unclipped = tl.where(w <= delta, 1.0, 0.0)
     else:
         w_unclipped = w
@@ -70,7 +73,7 @@ def _item_terms(log_w, a, lo, hi, delta, log_ratio_limit, HAS_DELTA: tl.constexp
     v1 = w_unclipped * a
     v2 = w_clipped * a
     act = tl.where(v1 < v2, grad_unclipped, tl.where(v1 > v2, grad_clipped, 0.5 * (grad_unclipped + grad_clipped)))
-    return w, w_unclipped, tl.minimum(v1, v2), act
+    return w, w_unclipped, tl.minimum(v1, v2, propagate_nan=KEEP_NAN), act
 
 
 @triton.jit
@@ -134,11 +137,11 @@ def _segment_loss_kernel(
         item, in_loss, token, run_end = _sorted_block(sorted_ptr, order_ptr, base, s0 + tl.arange(0, BLOCK_T), T)
         count = tl.where(in_loss, 1.0, 0.0)
         row_tokens += tl.sum(count, axis=0)
+        logp = tl.load(logp_ptr + base + token, mask=in_loss, other=0.0)
         if HAS_OLD:
-            diff = tl.load(logp_ptr + base + token, mask=in_loss, other=0.0) - tl.load(old_ptr + base + token,
-                                                                                   mask=in_loss, other=0.0)
-        else:
-            diff = tl.zeros((BLOCK_T,), dtype=tl.float32)
+            diff = logp - tl.load(old_ptr + base + token, mask=in_loss, other=0.0)
+        else:  # on-policy: o = l, a ratio of exactly 1 that still turns a non-finite log-prob into a NaN loss
+            diff = logp - logp
         continues = head & (item == carry_item)  # the previous block's last run goes on here
         count = tl.where(continues, count + carry_count, count)
         diff = tl.where(continues, diff + carry_sum, diff)
@@ -198,7 +201,7 @@ def _segment_loss_kernel(
         if HAS_REF:
             l = tl.load(logp_ptr + base + t, mask=in_loss, other=0.0)
             ref_minus_l = tl.load(ref_ptr + base + t, mask=in_loss, other=0.0) - l
-            log_ref_ratio = tl.minimum(ref_minus_l, log_ratio_limit)
+            log_ref_ratio = tl.minimum(ref_minus_l, log_ratio_limit, propagate_nan=KEEP_NAN)
             ref_ratio = tl.exp(log_ref_ratio)
             kl = tl.where(in_loss, ref_ratio - log_ref_ratio - 1.0, 0.0)
             kl_sum += tl.sum(kl, axis=0)
