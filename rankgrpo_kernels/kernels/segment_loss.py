@@ -51,8 +51,6 @@ import torch
 import triton
 import triton.language as tl
 
-# min/max that keep a NaN (the hardware's drop it): a non-finite log-prob must make the loss NaN, as torch does.
-KEEP_NAN = tl.PropagateNan.ALL
 
 BLOCK_T = 256  # tokens per step of a row's program
 ROW_SUMS = 5  # loss, clipped low, clipped high, ratio, KL
@@ -60,11 +58,13 @@ ROW_SUMS = 5  # loss, clipped low, clipped high, ratio, KL
 
 @triton.jit
 def _item_terms(log_w, a, lo, hi, delta, log_ratio_limit, HAS_DELTA: tl.constexpr):
-    """Ratio, its bounded and clipped forms, the two branches and d(min)/dw / a (ties split as torch.min)."""
-    w = tl.exp(tl.minimum(log_w, log_ratio_limit, propagate_nan=KEEP_NAN))
-    w_clipped = tl.minimum(tl.maximum(w, lo, propagate_nan=KEEP_NAN), hi, propagate_nan=KEEP_NAN)
+    """Ratio, its bounded and clipped forms, the two branches and d(min)/dw / a (ties split as torch.min). Every
+    min/max keeps a NaN (the hardware's drop it): a non-finite log-prob must make the loss NaN, as torch does."""
+    w = tl.exp(tl.minimum(log_w, log_ratio_limit, propagate_nan=tl.PropagateNan.ALL))
+    w_clipped = tl.minimum(tl.maximum(w, lo, propagate_nan=tl.PropagateNan.ALL), hi,
+                           propagate_nan=tl.PropagateNan.ALL)
     if HAS_DELTA:
-        w_unclipped = tl.minimum(w, delta, propagate_nan=KEEP_NAN)
+        w_unclipped = tl.minimum(w, delta, propagate_nan=tl.PropagateNan.ALL)
         grad_unclipped = tl.where(w <= delta, 1.0, 0.0)
     else:
         w_unclipped = w
@@ -73,7 +73,7 @@ def _item_terms(log_w, a, lo, hi, delta, log_ratio_limit, HAS_DELTA: tl.constexp
     v1 = w_unclipped * a
     v2 = w_clipped * a
     act = tl.where(v1 < v2, grad_unclipped, tl.where(v1 > v2, grad_clipped, 0.5 * (grad_unclipped + grad_clipped)))
-    return w, w_unclipped, tl.minimum(v1, v2, propagate_nan=KEEP_NAN), act
+    return w, w_unclipped, tl.minimum(v1, v2, propagate_nan=tl.PropagateNan.ALL), act
 
 
 @triton.jit
@@ -201,7 +201,7 @@ def _segment_loss_kernel(
         if HAS_REF:
             l = tl.load(logp_ptr + base + t, mask=in_loss, other=0.0)
             ref_minus_l = tl.load(ref_ptr + base + t, mask=in_loss, other=0.0) - l
-            log_ref_ratio = tl.minimum(ref_minus_l, log_ratio_limit, propagate_nan=KEEP_NAN)
+            log_ref_ratio = tl.minimum(ref_minus_l, log_ratio_limit, propagate_nan=tl.PropagateNan.ALL)
             ref_ratio = tl.exp(log_ref_ratio)
             kl = tl.where(in_loss, ref_ratio - log_ref_ratio - 1.0, 0.0)
             kl_sum += tl.sum(kl, axis=0)
