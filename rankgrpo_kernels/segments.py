@@ -105,7 +105,7 @@ def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
 def segment_items(
     completion_ids: torch.Tensor,
     completion_mask: torch.Tensor,
-    newline_counts: torch.Tensor,
+    token_lines: torch.Tensor,
     max_items: int,
     eos_token_id: int | None = None,
     skip_blank_lines: bool = False,
@@ -115,9 +115,9 @@ def segment_items(
     Args:
         completion_ids: (B, T) integer token ids.
         completion_mask: (B, T) 0/1 or bool, True on the completion's tokens (up to and including EOS).
-        newline_counts: (V,) table from ``newline_counts(tokenizer)`` or the (V, 4) ``line_table(tokenizer)``;
-            ``skip_blank_lines=True`` needs the latter. Move it to the ids' device once (``table.to(device)``);
-            ids outside the table count as text without newlines.
+        token_lines: the per-token newline table, (V,) from ``newline_counts(tokenizer)`` or (V, 4) from
+            ``line_table(tokenizer)``; ``skip_blank_lines=True`` needs the latter. Move it to the ids' device once
+            (``table.to(device)``); ids outside the table count as text without newlines.
         max_items: N, the number of ranks; items >= N share the overflow bin N.
         eos_token_id: the EOS id, or None when completions carry none.
         skip_blank_lines: False for the authors' segmentation, True for the aligned mode (module docstring).
@@ -138,14 +138,14 @@ def segment_items(
             f"completion_mask must be a tensor of completion_ids' shape {tuple(completion_ids.shape)}, got "
             f"{getattr(completion_mask, 'shape', type(completion_mask))}"
         )
-    if not isinstance(newline_counts, torch.Tensor) or newline_counts.dim() not in (1, 2):
-        raise ValueError("newline_counts must be the (V,) newline_counts(tokenizer) or (V, 4) line_table(tokenizer)")
-    if skip_blank_lines and (newline_counts.dim() != 2 or newline_counts.shape[1] != 4):
-        raise ValueError("skip_blank_lines=True needs the (V, 4) line_table(tokenizer) as newline_counts")
+    if not isinstance(token_lines, torch.Tensor) or token_lines.dim() not in (1, 2):
+        raise ValueError("token_lines must be the (V,) newline_counts(tokenizer) or (V, 4) line_table(tokenizer)")
+    if skip_blank_lines and (token_lines.dim() != 2 or token_lines.shape[1] != 4):
+        raise ValueError("skip_blank_lines=True needs the (V, 4) line_table(tokenizer) as token_lines")
 
     device = completion_ids.device
     valid = completion_mask.to(device).bool()
-    table = newline_counts.to(device)  # a no-op once the caller keeps the table on the ids' device
+    table = token_lines.to(device)  # a no-op once the caller keeps the table on the ids' device
     if table.dim() == 1:
         table = table.unsqueeze(-1)
     known = (completion_ids >= 0) & (completion_ids < table.shape[0])  # ids past the table carry no text

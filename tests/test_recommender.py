@@ -11,10 +11,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rankgrpo_kernels import (
-    Catalog, line_table, make_rank_hit_reward, newline_counts, normalize_title, parse_item, rank_hits,
-    segment_items, split_items,
-)
+from rankgrpo_kernels import line_table, newline_counts, segment_items, split_items
+from rankgrpo_kernels.recommender import Catalog, make_rank_hit_reward, normalize_title, parse_item, rank_hits
 
 from .helpers import TinyTokenizer
 

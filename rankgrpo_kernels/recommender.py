@@ -1,4 +1,5 @@
-"""Catalogue-grounded per-rank hits for ranked lists of ``Title (Year)`` lines, aligned with the token items.
+"""Recommender rewards: catalogue-grounded per-rank hits for ranked lists of ``Title (Year)`` lines, aligned with the
+token items. Not part of the loss library's top-level API: ``from rankgrpo_kernels.recommender import ...``.
 
 Rank k of a completion is the k-th item of ``split_items(completion, skip_blank_lines)``, which is the k-th item
 that ``segment_items(..., skip_blank_lines=...)`` finds in its tokens. Every item keeps its rank: a line that does
