@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from transformers import LlamaForCausalLM  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from rankgrpo_kernels import rank_advantages, split_items  # noqa: E402
+from rankgrpo_kernels.integrations.hf_model import full_head_tensor, head_rows, run_inside_forward  # noqa: E402
 from rankgrpo_kernels.integrations.plain import (  # noqa: E402
     item_hits,
     per_rank_tensor,
@@ -31,7 +33,12 @@ from rankgrpo_kernels.integrations.tiny_recommender import (  # noqa: E402
     build_tiny_recommender,
     hit_reward,
 )
-from rankgrpo_kernels.integrations.trl import RankGRPOConfig, RankGRPOTrainer, check_trl_version  # noqa: E402
+from rankgrpo_kernels.integrations.trl import (  # noqa: E402
+    RankGRPOConfig,
+    RankGRPOTrainer,
+    check_fsdp_plugin,
+    check_trl_version,
+)
 from rankgrpo_kernels.reference import reference_loss_from_logps  # noqa: E402
 
 REC_NUM = 4
@@ -110,6 +117,64 @@ def test_trl_outside_the_supported_range_is_refused(installed):
     check_trl_version("1.16.4")
 
 
+def test_fsdp_version_1_is_refused_with_the_fix():
+    with pytest.raises(NotImplementedError, match=r"FSDP version 2 .*fsdp_version: 2.*Found fsdp_version=1"):
+        check_fsdp_plugin(SimpleNamespace(fsdp_version=1))
+    check_fsdp_plugin(SimpleNamespace(fsdp_version=2))
+
+
+class _Doubler(torch.nn.Module):
+    """A stand-in for DDP / DeepSpeed wrappers: it changes the inputs, then calls the wrapped module's forward."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x, scale=1.0):
+        return self.module(2 * x, scale=scale)
+
+
+def test_run_inside_forward_runs_in_the_wrappers_call_and_leaves_the_model_as_it_was():
+    inner = torch.nn.Linear(3, 3)
+    wrapper = _Doubler(inner)
+    x = torch.ones(3)
+    seen, own = [], {}
+
+    def fn(y, scale):
+        seen.append((y, scale))
+        assert vars(inner).get("forward") is own.get("forward")  # the model's forward is back while fn runs
+        return inner(y) * scale
+
+    torch.testing.assert_close(run_inside_forward(wrapper, inner, fn, x, scale=3.0), inner(2 * x) * 3.0)
+    torch.testing.assert_close(seen[0][0], 2 * x)  # fn got the arguments as the wrapper passed them on
+    assert "forward" not in vars(inner)  # no instance attribute left behind
+
+    def own_forward(y, scale=1.0):
+        return y
+    inner.forward = own["forward"] = own_forward  # set on the instance by someone else (as TRL's fused LM head is)
+    run_inside_forward(wrapper, inner, fn, x, scale=1.0)
+    assert vars(inner)["forward"] is own_forward
+
+    def failing(y, scale):
+        raise ValueError("boom")
+    with pytest.raises(ValueError, match="boom"):
+        run_inside_forward(wrapper, inner, failing, x)
+    assert vars(inner)["forward"] is own_forward
+
+    with pytest.raises(RuntimeError, match="did not call the forward"):
+        run_inside_forward(torch.nn.Identity(), inner, fn, x)
+    assert vars(inner)["forward"] is own_forward
+
+
+def test_head_helpers_pass_plain_heads_through_and_read_partitioned_sizes():
+    weight = torch.randn(5, 3)
+    assert full_head_tensor(weight) is weight and full_head_tensor(None) is None
+    assert head_rows(weight) == 5
+    partitioned = torch.empty(0)
+    partitioned.ds_shape = torch.Size([11, 3])  # what DeepSpeed ZeRO-3 leaves on a partitioned parameter
+    assert head_rows(partitioned) == 11
+
+
 @pytest.mark.parametrize(("overrides", "match"), [
     (dict(num_generations=1), "at least 2 generations"),
     (dict(loss_type="cispo"), "loss_type must be one of"),
@@ -173,6 +238,7 @@ def any_title_hits(completions, **kwargs):
 @pytest.mark.parametrize(("loss_type", "num_iterations"), [("bnpo", 1), ("rank", 2)])
 def test_end_to_end_training_steps(world, tmp_path, loss_type, num_iterations):
     trainer = rank_trainer(world, tmp_path, reward=any_title_hits, loss_type=loss_type, num_iterations=num_iterations)
+    forward = vars(trainer.model).get("forward")  # TRL's own fused LM head patches it; the fused loss does not
     seen_old_logps, compute_loss = [], trainer._compute_loss
 
     def recording_compute_loss(model, inputs):
@@ -190,6 +256,7 @@ def test_end_to_end_training_steps(world, tmp_path, loss_type, num_iterations):
     assert logs[0]["rewards/any_title_hits/std"] > 0
     assert any((b != a).any() for b, a in zip(before, trainer.model.parameters()))
     assert all(seen_old_logps) == (num_iterations > 1)  # off-policy reuse needs the behaviour log-probs
+    assert vars(trainer.model).get("forward") is forward
 
 
 def reference_from_full_logits(model, inputs, temperature, **loss_kwargs):

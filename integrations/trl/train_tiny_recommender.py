@@ -8,15 +8,26 @@ of the top ranks. Everything is built locally (tokenizer, model, data set): no d
 
 Prints a progress bar with the loss and the training reward of each rank, then the per-rank hit rate of sampled
 lists before and after training.
+
+Two processes (DDP over gloo; the global batch stays 32 completions, 16 on each process):
+
+    accelerate launch --multi_gpu --num_processes 2 integrations/trl/train_tiny_recommender.py
+
+On a machine without GPUs ``--multi_gpu`` only makes accelerate start the processes with torchrun; the script
+keeps them on the CPU. Without it accelerate starts several CPU processes only through MPI, and otherwise one
+process (the script says so).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PrinterCallback, TrainerCallback
@@ -36,7 +47,7 @@ class RankRewardBar(TrainerCallback):
         self.history = []  # [reward of rank 1..N] per logged step
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.bar = tqdm(total=state.max_steps, desc="Rank-GRPO", unit="step")
+        self.bar = tqdm(total=state.max_steps, desc="Rank-GRPO", unit="step", disable=not state.is_world_process_zero)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if "loss" not in logs:  # the closing summary
@@ -50,6 +61,16 @@ class RankRewardBar(TrainerCallback):
         self.bar.close()
 
 
+def warn_if_one_process_by_accelerate() -> None:
+    """``accelerate launch --num_processes N`` without GPUs and without ``--multi_gpu`` runs one process (several
+    only through MPI): say so, since the run would otherwise look like a distributed one."""
+    launched_by_accelerate = "ACCELERATE_USE_CPU" in os.environ
+    if launched_by_accelerate and "WORLD_SIZE" not in os.environ and not torch.cuda.is_available():
+        print("note: accelerate launch started a single process. For several CPU processes add --multi_gpu "
+              "(accelerate then starts them with torchrun; this script keeps them on the CPU with gloo).",
+              file=sys.stderr)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=150)
@@ -59,19 +80,27 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     quiet_cpu_run(args.threads)
+    warn_if_one_process_by_accelerate()
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun / accelerate launch set it for every process
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if 32 % processes:
+        raise SystemExit(f"the global batch of 32 completions does not split over {processes} processes")
     start = time.perf_counter()
 
     with tempfile.TemporaryDirectory() as workdir:
+        # Every process builds the same model (seeded); DDP starts from rank 0's copy anyway.
         world = build_tiny_recommender(Path(workdir) / "model", rec_num=args.rec_num, seed=args.seed)
-        print(f"warm-started the tiny recommender in {time.perf_counter() - start:.0f} s")
-        before = hit_rate_per_rank(world.model, world.tokenizer, world.rows, args.rec_num)
+        if main_process:
+            print(f"warm-started the tiny recommender in {time.perf_counter() - start:.0f} s; training on {processes} "
+                  f"process{'es' if processes > 1 else ''}")
+            before = hit_rate_per_rank(world.model, world.tokenizer, world.rows, args.rec_num)
 
         config = RankGRPOConfig(
             output_dir=str(Path(workdir) / "run"), rec_num=args.rec_num, num_generations=8,
-            per_device_train_batch_size=32, max_completion_length=8 * args.rec_num + 8, max_steps=args.steps,
-            learning_rate=args.learning_rate, beta=1e-3, temperature=1.0, logging_steps=1, seed=args.seed,
-            bf16=False, activation_checkpointing=False, use_cpu=True, report_to="none", save_strategy="no",
-            disable_tqdm=True,
+            per_device_train_batch_size=32 // processes, max_completion_length=8 * args.rec_num + 8,
+            max_steps=args.steps, learning_rate=args.learning_rate, beta=1e-3, temperature=1.0, logging_steps=1,
+            seed=args.seed, bf16=False, activation_checkpointing=False, use_cpu=True, report_to="none",
+            save_strategy="no", disable_tqdm=True,
         )
         bar = RankRewardBar(args.rec_num)
         trainer = RankGRPOTrainer(model=world.model, reward_funcs=hit_reward(args.rec_num), args=config,
@@ -79,9 +108,9 @@ def main() -> None:
                                   callbacks=[bar])
         trainer.remove_callback(PrinterCallback)  # it prints every log dict; the bar shows what matters
         trainer.train()
-        after = hit_rate_per_rank(trainer.model, world.tokenizer, world.rows, args.rec_num)
-
-    print_report(bar.history, before, after, time.perf_counter() - start)
+        if main_process:
+            after = hit_rate_per_rank(trainer.model, world.tokenizer, world.rows, args.rec_num)
+            print_report(bar.history, before, after, time.perf_counter() - start)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,17 @@
 """What the fused loss needs from a Hugging Face causal LM: the hidden states that predict the completion tokens and
 the LM head, plus the check that the model's logits are plain ``hidden @ W.T + b`` (no softcapping, no scale).
 
+For trainers that wrap the model (DDP, FSDP2, DeepSpeed), ``run_inside_forward`` runs a function inside the
+wrapper's call of the model's forward, without replacing the forward, and ``full_head_tensor`` turns an FSDP2
+(``DTensor``) head into the plain tensor the fused loss takes, with its gradient averaged back into the shards.
+
 Works on ``transformers`` models and on PEFT wrappers of them; nothing here imports ``transformers``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -69,9 +76,70 @@ def completion_hidden_states(model, input_ids: torch.Tensor, attention_mask: tor
 def call_head(fn, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     """``fn(hidden, weight, bias)`` in the head's dtype with autocast off.
 
-    The fused kernels recompute logits in the backward; autocast would run those matmuls in another precision than
-    the forward's. Casting the states to the head's dtype also serves heads kept in float32
+    The fused kernels run matmuls of their own (and may recompute logits in the backward); autocast would run them in
+    another precision than the head's. Casting the states to the head's dtype also serves heads kept in float32
     (TRL's ``cast_lm_head_to_fp32``) under a bfloat16 backbone.
     """
     with torch.autocast(hidden.device.type, enabled=False):
         return fn(hidden.to(weight.dtype), weight, bias)
+
+
+def head_rows(weight: torch.Tensor) -> int:
+    """The vocabulary size V of a head weight (V, H), also for a DeepSpeed ZeRO-3 partitioned one (its ``ds_shape``;
+    the partitioned tensor itself is empty) and an FSDP2 ``DTensor`` (its global shape)."""
+    return int(getattr(weight, "ds_shape", weight.shape)[0])
+
+
+def full_head_tensor(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """A head parameter as a plain tensor: an FSDP2 ``DTensor`` (a shard, outside an unsharded FSDP group) becomes
+    ``full_tensor()``, whose backward reduce-scatters the gradient into the shard as the *average* over the mesh,
+    the gradient FSDP2 gives its own unsharded parameters (``Partial("avg")`` on every mesh dimension; without it the
+    backward would keep this rank's gradient only). Anything else is returned as it is."""
+    if tensor is None or not torch.distributed.is_available():
+        return tensor
+    from torch.distributed.tensor import DTensor, Partial
+
+    if not isinstance(tensor, DTensor):
+        return tensor
+    if not torch.is_grad_enabled() or not tensor.requires_grad:
+        return tensor.full_tensor()
+    return tensor.full_tensor(grad_placements=[Partial("avg")] * tensor.device_mesh.ndim)
+
+
+_NO_FORWARD = object()
+
+
+def run_inside_forward(wrapper: torch.nn.Module, module: torch.nn.Module, fn: Callable[..., Any], *args, **kwargs):
+    """``fn(*args, **kwargs)``, run in place of ``module.forward`` inside ``wrapper(*args, **kwargs)``.
+
+    ``wrapper`` is what a trainer calls (a DDP or DeepSpeed engine wrapping ``module``, or ``module`` itself, e.g.
+    an FSDP2 module); ``fn`` receives the arguments as the wrapper hands them to the forward. Running inside the
+    wrapper's forward is what lets DDP prepare its gradient reduction, FSDP2 unshard the root's parameters (and
+    reshard and reduce-scatter after the backward) and DeepSpeed arm its hooks, for a function that calls the
+    backbone and reads the LM head directly instead of calling the model. ``module.forward`` is swapped for this
+    one call only and restored exactly (also on errors): the model is left as it was.
+    """
+    saved = module.__dict__.get("forward", _NO_FORWARD)
+    ran = False
+
+    def restore() -> None:
+        if saved is _NO_FORWARD:
+            module.__dict__.pop("forward", None)
+        else:
+            module.__dict__["forward"] = saved
+
+    def forward(*inner_args, **inner_kwargs):
+        nonlocal ran
+        restore()  # fn may call the real forward
+        ran = True
+        return fn(*inner_args, **inner_kwargs)
+
+    module.__dict__["forward"] = forward
+    try:
+        output = wrapper(*args, **kwargs)
+    finally:
+        restore()
+    if not ran:
+        raise RuntimeError(f"{type(wrapper).__name__} did not call the forward of the {type(module).__name__} it was "
+                           "given as wrapping: pass the model the trainer calls and the module inside it")
+    return output

@@ -30,32 +30,53 @@ GRPOTrainer's); four methods are overridden:
   ``item_ids``; logs the per-rank rewards and the items emitted.
 * ``_get_per_token_logps_and_entropies``: old and reference log-probs by ``fused_logprobs`` at the sampling
   temperature, the kernels of the loss itself, so an on-policy ratio is exactly 1.
-* ``_compute_loss``: ``rank_grpo_loss`` on the last hidden states and the LM head, run inside the model's own
-  forward (so DDP and DeepSpeed see a normal forward), scaled for gradient accumulation as TRL scales each loss
-  type; logs the clip ratios, the mean ratio and the KL.
+* ``_compute_loss``: ``rank_grpo_loss`` on the last hidden states and the LM head, scaled for gradient accumulation
+  as TRL scales each loss type; logs the clip ratios, the mean ratio and the KL.
+
+The fused head runs as TRL runs its chunked distillation loss: inside the forward of the model the trainer calls
+(the DDP, FSDP2 or DeepSpeed wrapper), for that one call, without replacing the model's ``forward``
+(``run_inside_forward``), on the backbone's last hidden states and the LM head read directly. Multi-process training
+(``accelerate launch``):
+
+* DDP: the head is whole on every rank; DDP all-reduces its gradient with the others.
+* FSDP2 (``fsdp_version: 2``): the head is used as FSDP2 unshards it for the forward (accelerate puts it in a unit
+  with the final norm, or with the embedding when tied, that stays unsharded until the backward); a head still
+  sharded there (a ``DTensor``, e.g. its own ``fully_shard`` unit) is gathered with ``full_tensor()``, whose backward
+  reduce-scatters the averaged gradient into the shards.
+* DeepSpeed ZeRO-3: inside the engine's forward DeepSpeed gathers the partitioned head when the loss reads it;
+  TRL's ``maybe_gather_lm_head_ctx`` (``deepspeed.zero.GatheredParameters``) gathers it for the call if it is still
+  partitioned. The fused loss forms the head's gradient while the head is whole; the backward hands it to ZeRO-3's
+  partitioned reduction.
+
+Tied embeddings are one parameter throughout: the embedding weight is the head.
 
 Not supported (rejected with a message): reward models and async reward functions, tools and environments,
-vision-language models, FSDP, TRL's entropy bonus and masks, the off-policy mask, vLLM importance-sampling
-correction, MoE router losses, logit softcapping or scaling. Under DeepSpeed ZeRO-3 the LM head must be kept
-unpartitioned (see ``ZERO3_HEAD_MESSAGE``).
+vision-language models, FSDP version 1, TRL's entropy bonus and masks, the off-policy mask, vLLM importance-sampling
+correction, MoE router losses, logit softcapping or scaling.
 """
 
 from __future__ import annotations
 
 import functools
-import types
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
 import torch
 from packaging.version import Version
 
-from ..functional import fused_logprobs, rank_grpo_loss
 from ..contract import LOSS_TYPES, LossConfig
+from ..functional import fused_logprobs, rank_grpo_loss
 from ..rewards import ADVANTAGE_SCALES, rank_advantages, rank_rewards, token_advantages
 from ..segments import Segments, line_table, segment_items
-from .hf_model import call_head, check_plain_logits, completion_hidden_states, output_head, unwrap_peft
+from .hf_model import (
+    call_head,
+    check_plain_logits,
+    completion_hidden_states,
+    full_head_tensor,
+    head_rows,
+    output_head,
+    run_inside_forward,
+)
 from .plain import per_rank_tensor
 
 SUPPORTED_TRL = (Version("1.16"), Version("1.17"))  # [low, high): the private GRPOTrainer methods overridden here
@@ -78,20 +99,13 @@ except PackageNotFoundError:
     raise ImportError("rankgrpo_kernels.integrations.trl needs TRL: pip install 'rankgrpo-kernels[trl]' "
                       "(or pip install 'trl>=1.16,<1.17')") from None
 
-from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 from trl.trainer.utils import is_async_callable, maybe_gather_lm_head_ctx  # noqa: E402
 
-ZERO3_HEAD_MESSAGE = (
-    "Under DeepSpeed ZeRO-3 the fused Rank-GRPO loss needs the LM head whole on every rank, in the backward too "
-    "(it recomputes logits chunk by chunk there), but the head is partitioned. Keep it whole: set "
-    "zero_optimization.stage3_param_persistence_threshold above the head's {numel} elements in the DeepSpeed "
-    "config, or train with ZeRO stage 1 or 2."
-)
-FSDP_MESSAGE = (
-    "RankGRPOTrainer does not support FSDP: the fused loss reads the LM head directly and recomputes logits in the "
-    "backward, after FSDP has resharded it. Use DDP or DeepSpeed ZeRO stage 1/2, or ZeRO-3 with the LM head kept "
-    "unpartitioned (stage3_param_persistence_threshold above the head's size)."
+FSDP1_MESSAGE = (
+    "RankGRPOTrainer supports FSDP version 2 (fully_shard, DTensor parameters), not FSDP version 1: set "
+    "fsdp_version: 2 in the accelerate config (or fsdp_config={{'version': 2}} in the training arguments). "
+    "Found fsdp_version={version}."
 )
 
 
@@ -167,39 +181,21 @@ class RankGRPOConfig(GRPOConfig):
                 raise ValueError(f"RankGRPOConfig does not support {what}")
 
 
-def _whole_head(weight: torch.Tensor, bias: torch.Tensor | None):
-    """Context in which the LM head is whole. Under DeepSpeed ZeRO-3 a partitioned head is gathered for no-grad
-    passes (old and reference log-probs); with gradients the fused backward needs it after any gather has ended, so
-    a partitioned head is an error there (``ZERO3_HEAD_MESSAGE``)."""
-    if not is_deepspeed_zero3_enabled():
-        return nullcontext()
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    if torch.is_grad_enabled() and weight.ds_status != ZeroParamStatus.AVAILABLE:
-        raise RuntimeError(ZERO3_HEAD_MESSAGE.format(numel=weight.ds_numel))
-    return maybe_gather_lm_head_ctx(weight, bias)
+def check_fsdp_plugin(fsdp_plugin) -> None:
+    """Raise ``NotImplementedError`` (``FSDP1_MESSAGE``) unless accelerate's FSDP plugin runs FSDP version 2."""
+    version = getattr(fsdp_plugin, "fsdp_version", 1)
+    if version != 2:
+        raise NotImplementedError(FSDP1_MESSAGE.format(version=version))
 
 
-def add_head_forward(model) -> None:
-    """Patch ``model.forward`` so that ``model(input_ids=..., attention_mask=..., rank_grpo_head=fn,
-    rank_grpo_tokens=T)`` returns ``fn(hidden (B, T, H), weight (V, H), bias)`` for the last T tokens.
-
-    The backbone and the fused head then run inside the model's own forward, where DDP prepares its gradient
-    reduction and DeepSpeed its hooks, as TRL's own fused LM head does. Without ``rank_grpo_head`` the forward is
-    the previous one (generation is unchanged).
-    """
-    previous_forward = model.forward
-
-    @functools.wraps(type(model).forward)  # keeps the signature that ``generate`` validates its kwargs against
-    def forward_with_head(self, *args, rank_grpo_head=None, rank_grpo_tokens=None, **kwargs):
-        if rank_grpo_head is None:
-            return previous_forward(*args, **kwargs)
-        hidden = completion_hidden_states(self, kwargs["input_ids"], kwargs["attention_mask"], rank_grpo_tokens)
-        weight, bias = output_head(self)
-        with _whole_head(weight, bias):
-            return call_head(rank_grpo_head, hidden, weight, bias)
-
-    model.forward = types.MethodType(forward_with_head, model)
+def _head_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_tokens: int, head):
+    """``head(hidden (B, T, H), weight (V, H), bias)`` on the last ``num_tokens`` positions of a causal LM, the head
+    whole: gathered under DeepSpeed ZeRO-3 for the call, ``full_tensor()`` of an FSDP2 ``DTensor``. Runs inside the
+    model's forward (``run_inside_forward``), where the frameworks' hooks are armed."""
+    hidden = completion_hidden_states(model, input_ids, attention_mask, num_tokens)
+    weight, bias = output_head(model)
+    with maybe_gather_lm_head_ctx(weight, bias):  # a null context unless ZeRO-3 partitions the head
+        return call_head(head, hidden, full_head_tensor(weight), full_head_tensor(bias))
 
 
 class RankGRPOTrainer(GRPOTrainer):
@@ -233,7 +229,7 @@ class RankGRPOTrainer(GRPOTrainer):
         if self._is_vlm:
             raise NotImplementedError("RankGRPOTrainer supports text-only models (a tokenizer as processing_class)")
         if self.is_fsdp_enabled:
-            raise NotImplementedError(FSDP_MESSAGE)
+            check_fsdp_plugin(self.accelerator.state.fsdp_plugin)
         if self.aux_loss_enabled:
             raise NotImplementedError("MoE router losses are not supported: set router_aux_loss_coef=0.0")
         if self.num_generations_eval < 2:
@@ -242,13 +238,19 @@ class RankGRPOTrainer(GRPOTrainer):
         check_plain_logits(self.model)
 
         device = self.accelerator.device
-        vocab_size = output_head(self.model)[0].shape[0]
+        vocab_size = head_rows(output_head(self.model)[0])
         self._line_table = line_table(self._tokenizer, vocab_size).to(device)  # decodes the vocabulary once
         self._eos_ids = torch.tensor(self.eos_token_ids, device=device)
         self._rank_rewards = None  # (B_all, N), set by _calculate_rewards for _generate_and_score_completions
-        add_head_forward(unwrap_peft(self.model))
-        if self.ref_model is not None:
-            add_head_forward(self.accelerator.unwrap_model(self.ref_model))
+
+    def _fused_head(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_tokens: int, head):
+        """``head(hidden, weight, bias)`` on the last ``num_tokens`` positions of ``model`` (the trainer's wrapper or
+        the plain model), run inside the wrapper's forward under the trainer's autocast."""
+        inner = self.accelerator.unwrap_model(model)
+        with self.accelerator.autocast():
+            # Only the tensors pass through the wrapper (which may move or cast them, as for the model's forward).
+            fn = functools.partial(_head_forward, inner, num_tokens=num_tokens, head=head)
+            return run_inside_forward(model, inner, fn, input_ids, attention_mask)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         """Call the reward functions with TRL's keyword arguments; keep the weighted per-rank rewards of all
@@ -333,9 +335,7 @@ class RankGRPOTrainer(GRPOTrainer):
                 return fused_logprobs(hidden, weight, targets[rows], bias=bias, temperature=self.temperature,
                                       return_entropy=compute_entropy)
 
-            with self.accelerator.autocast():
-                out = model(input_ids=input_ids[rows], attention_mask=attention_mask[rows], rank_grpo_head=head,
-                            rank_grpo_tokens=logits_to_keep)
+            out = self._fused_head(model, input_ids[rows], attention_mask[rows], logits_to_keep, head)
             logps.append(out[0] if compute_entropy else out)
             entropies.append(out[1] if compute_entropy else None)
         return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
@@ -366,9 +366,7 @@ class RankGRPOTrainer(GRPOTrainer):
                 num_items_in_batch=num_items, rec_num=self.args.rec_num,
             )
 
-        with self.accelerator.autocast():
-            loss, stats = model(input_ids=input_ids, attention_mask=attention_mask, rank_grpo_head=head,
-                                rank_grpo_tokens=completion_ids.size(1))
+        loss, stats = self._fused_head(model, input_ids, attention_mask, completion_ids.size(1), head)
         tokens = ((inputs["item_ids"] >= 0) & completion_mask.bool()).sum()
         self._log_token_means(mode, stats, tokens)
         return loss if self.loss_type == "dapo" else loss / accumulation
