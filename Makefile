@@ -11,6 +11,9 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q torch==2.13.0
 	$(VENV)/bin/python -m pip install -q -e ".[test,bench,trl]"
+	# DeepSpeed for the ZeRO-3 tests: its source build needs the installed torch (no build isolation), no ops prebuilt
+	$(VENV)/bin/python -m pip install -q wheel setuptools ninja
+	DS_BUILD_OPS=0 $(VENV)/bin/python -m pip install -q --no-build-isolation deepspeed==0.19.8
 	touch $@
 
 .PHONY: bench test test-core test-frameworks

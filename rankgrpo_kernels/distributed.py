@@ -43,9 +43,11 @@ def check_not_sharded_parameter(weight: torch.Tensor) -> None:
         DTensor = ()
     if isinstance(weight, DTensor):
         raise TypeError(
-            "weight is an FSDP2/DTensor parameter. Gather the head once per step (weight.full_tensor(), or "
-            "fsdp_module.unshard()) and pass the full tensor, or pass a vocabulary shard (weight.to_local() of a "
-            "Shard(0) placement) with process_group= set"
+            "weight is an FSDP2/DTensor parameter. Pass the gathered head, "
+            "weight.full_tensor(grad_placements=[Partial('avg')] * weight.device_mesh.ndim) (the averaged gradient "
+            "FSDP2 gives its parameters; plain full_tensor() keeps this rank's gradient only), or call the loss "
+            "inside the FSDP module's forward where the head is unsharded, or pass a vocabulary shard "
+            "(weight.to_local() of a Shard(0) placement) with process_group= set"
         )
     if hasattr(weight, "ds_id") and weight.numel() == 0:
         raise TypeError(
