@@ -1,18 +1,22 @@
 """What the benchmark compares: each provider turns one batch into a loss whose backward reaches the LM head.
 
-A provider is ``(name, note, build)`` where ``build(batch) -> loss_fn`` or raises ``Unavailable(reason)``;
-``loss_fn()`` returns the scalar loss from ``batch.hidden`` and ``batch.weight``.
+A provider is a ``Provider(note, build, ...)``: ``build(batch) -> loss_fn`` or raises ``Unavailable(reason)``;
+``loss_fn()`` returns the scalar loss from ``batch.hidden`` and ``batch.weight``. ``refuse(device_type, dtype)`` is
+the cheap check ``run.py`` makes before starting a process for it (no batch, no GPU touched); ``build`` makes the
+full one. ``backend`` names our backend for ``--breakdown``; ``token_level`` providers are checked against the eager
+loss on ``token_level_inputs`` (their maths is token-level GRPO).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
-from rankgrpo_kernels import backends, rank_grpo_loss, rank_grpo_loss_from_logps
-from rankgrpo_kernels.kernels.tiles import interpreting
+from rankgrpo_kernels import backends, fused_logprobs, rank_grpo_loss, rank_grpo_loss_from_logps
 from rankgrpo_kernels.reference import reference_loss
 
 # The released Rank-GRPO run: bnpo, eps 0.06 / 0.08, k3 KL with beta 1e-3.
@@ -31,94 +35,143 @@ class Batch:
     loss_inputs: dict  # item_ids, advantages, completion_mask, old_logps, ref_logps
 
 
+@dataclass(frozen=True)
+class Provider:
+    note: str
+    build: Callable[[Batch], Callable[[], torch.Tensor]]
+    refuse: Callable[[str, torch.dtype], Optional[str]] = lambda device_type, dtype: None
+    backend: Optional[str] = None  # ours: the backend whose row pass and segment loss --breakdown times
+    token_level: bool = False
+
+
+def _interpreting():  # Triton's CPU interpreter, what the tests use without a GPU
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _missing(package):
+    return f"package {package} not installed" if importlib.util.find_spec(package) is None else None
+
+
+# --- the baseline ---------------------------------------------------------------------------------------------------
+
 def _eager(batch):
     return lambda: reference_loss(batch.hidden, batch.weight, batch.target_ids, **batch.loss_inputs,
                                   **LOSS_SETTINGS)[0]
 
 
+def _compiled(batch):
+    compiled = torch.compile(reference_loss)
+    return lambda: compiled(batch.hidden, batch.weight, batch.target_ids, **batch.loss_inputs, **LOSS_SETTINGS)[0]
+
+
+# --- ours -----------------------------------------------------------------------------------------------------------
+
+def _refuse_backend(backend):
+    def refuse(device_type, dtype):
+        spec = backends.REGISTRY[backend]
+        if spec.needs_cuda and device_type != "cuda" and not (backend == "triton" and _interpreting()):
+            return "needs a CUDA GPU" + (" (or TRITON_INTERPRET=1)" if backend == "triton" else "")
+        if dtype not in spec.dtypes:
+            return f"takes {', '.join(str(d).split('.')[-1] for d in spec.dtypes)}"
+        return _missing("triton") if backend == "triton" else None
+    return refuse
+
+
+def _check_backend(batch, backend):
+    reason = backends.REGISTRY[backend].refusal(batch.hidden.device, batch.hidden.dtype)
+    if reason is not None:
+        raise Unavailable(reason)
+
+
 def _ours(backend):
+    """The fused path: gradients formed in the forward over chunks of whole rows (3 GEMMs)."""
     def build(batch):
-        if backend == "triton" and batch.hidden.device.type != "cuda" and not interpreting():
-            raise Unavailable("needs a CUDA GPU (or TRITON_INTERPRET=1)")
-        if importlib.util.find_spec(backend) is None:
-            raise Unavailable(f"package {backend} not installed")
+        _check_backend(batch, backend)
         return lambda: rank_grpo_loss(batch.hidden, batch.weight, batch.target_ids, backend=backend,
                                       **batch.loss_inputs, **LOSS_SETTINGS)[0]
     return build
 
 
-def _ours_cuda(batch):
-    if batch.hidden.device.type != "cuda":
-        raise Unavailable("needs a CUDA GPU")
-    try:
-        backends.load("cuda")
-    except ValueError as exc:
-        raise Unavailable(str(exc)) from exc
-    return lambda: rank_grpo_loss(batch.hidden, batch.weight, batch.target_ids, backend="cuda",
-                                  **batch.loss_inputs, **LOSS_SETTINGS)[0]
+def _ours_recompute(backend):
+    """What a framework with its own log-probs runs (OpenRLHF, verl): ``fused_logprobs`` (the backward recomputes
+    the logits: 4 GEMMs) and ``rank_grpo_loss_from_logps``."""
+    def build(batch):
+        _check_backend(batch, backend)
+
+        def loss():
+            logps = fused_logprobs(batch.hidden, batch.weight, batch.target_ids, backend=backend)
+            return rank_grpo_loss_from_logps(logps, backend=backend, **batch.loss_inputs, **LOSS_SETTINGS)[0]
+        return loss
+    return build
 
 
-def _compiled(batch):
-    if batch.hidden.device.type == "cpu" and not COMPILE_ON_CPU:
-        raise Unavailable("compiling the (N x V) graph takes minutes on a CPU: ask for it with --providers")
-    compiled = torch.compile(reference_loss)
-    return lambda: compiled(batch.hidden, batch.weight, batch.target_ids, **batch.loss_inputs, **LOSS_SETTINGS)[0]
-
-
-def _needs_cuda_package(batch, package):
-    if importlib.util.find_spec(package) is None:
-        raise Unavailable(f"package {package} not installed")
-    if batch.hidden.device.type != "cuda":
-        raise Unavailable(f"{package} runs on CUDA only")
-
+# --- peers ----------------------------------------------------------------------------------------------------------
 
 def token_level_inputs(batch):
-    """Liger's maths as ours: one item per token and one advantage per row (the row's mean) is token-level GRPO."""
+    """Liger's maths as ours: one item per token and one advantage per row (the row's mean over its loss tokens)
+    is token-level GRPO. Advantages come back per token (B, T), each row holding its mean."""
     B, T = batch.target_ids.shape
     inputs = dict(batch.loss_inputs)
     mask = inputs["completion_mask"]
     row_advantages = (inputs["advantages"] * mask).sum(1) / mask.sum(1).clamp(min=1)
-    inputs.update(item_ids=torch.arange(T, device=mask.device).expand(B, T), advantages=row_advantages)
+    inputs.update(item_ids=torch.arange(T, device=mask.device).expand(B, T),
+                  advantages=row_advantages[:, None].expand(B, T))
     return inputs
 
 
 def _liger(batch):
-    _needs_cuda_package(batch, "liger_kernel")
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
     s = LOSS_SETTINGS
+    # Liger's defaults otherwise (chunk_size=1 row, compiled=True: its loss maths goes through torch.compile, on
+    # the CPU too); its log-probs stream the vocabulary in 4096-column chunks and its backward recomputes them.
     loss = LigerFusedLinearGRPOLoss(beta=s["beta"], epsilon_low=s["epsilon_low"], epsilon_high=s["epsilon_high"],
                                     loss_type=s["loss_type"], use_ref_model=True)
     inputs = token_level_inputs(batch)
-    return lambda: loss(batch.hidden, batch.weight, batch.target_ids, inputs["completion_mask"],
-                        inputs["advantages"], ref_per_token_logps=inputs["ref_logps"],
-                        old_per_token_logps=inputs["old_logps"])[0]
+    row_advantages = inputs["advantages"][:, 0].contiguous()
+    return lambda: loss(batch.hidden, batch.weight, batch.target_ids, inputs["completion_mask"], row_advantages,
+                        ref_per_token_logps=inputs["ref_logps"], old_per_token_logps=inputs["old_logps"])[0]
+
+
+def _cce_impl(device_type):
+    # CCE's own kernels are Triton on CUDA; on a CPU its torch_compile implementation runs (full logits, compiled).
+    return "cce" if device_type == "cuda" else "torch_compile"
 
 
 def _cce(batch):
-    _needs_cuda_package(batch, "cut_cross_entropy")
     from cut_cross_entropy import linear_cross_entropy
 
+    impl = _cce_impl(batch.hidden.device.type)
+    # filter_eps=None: exact gradients (CCE's default drops those of tiny probabilities); torch_compile has no filter.
+    extra = dict(filter_eps=None) if impl == "cce" else {}
+
     def loss():
-        # filter_eps=None: exact gradients (CCE's default drops those of tiny probabilities).
-        logps = -linear_cross_entropy(batch.hidden, batch.weight, batch.target_ids, reduction="none",
-                                      filter_eps=None)
+        logps = -linear_cross_entropy(batch.hidden, batch.weight, batch.target_ids, reduction="none", impl=impl,
+                                      **extra)
         return rank_grpo_loss_from_logps(logps, **batch.loss_inputs, **LOSS_SETTINGS)[0]
     return loss
 
 
 PROVIDERS = {
-    "eager": ("full logits -> log_softmax -> gather -> loss (the authors' trainer, TRL 0.21)", _eager),
-    "torch": ("ours, chunked torch backend", _ours("torch")),
-    "compile": ("torch.compile of the eager loss", _compiled),
-    "triton": ("ours, fused Triton kernels", _ours("triton")),
-    "cuda": ("ours, CUDA extension (csrc/: cuBLAS GEMMs on vocabulary slabs + CUDA epilogues)", _ours_cuda),
-    "liger": ("LigerFusedLinearGRPOLoss: token-level ratio (different maths; checked against ours with one item "
-              "per token)", _liger),
-    "cce": ("Cut Cross-Entropy log-probs (exact gradients) + our loss from log-probs", _cce),
+    "eager": Provider("full logits -> log_softmax -> gather -> loss (the authors' trainer, TRL 0.21)", _eager),
+    "torch": Provider("ours, fused path, torch backend: gradients in the forward over chunks of whole rows "
+                      "(3 GEMMs)", _ours("torch"), _refuse_backend("torch"), backend="torch"),
+    "torch-recompute": Provider("ours, recompute path, torch backend: fused_logprobs (backward recomputes the "
+                                "logits: 4 GEMMs) + rank_grpo_loss_from_logps, as OpenRLHF/verl run it",
+                                _ours_recompute("torch"), _refuse_backend("torch"), backend="torch"),
+    "compile": Provider("torch.compile of the eager loss (compiled in the first call, which is not timed: its time is "
+                        "first_call_ms)", _compiled),
+    "triton": Provider("ours, fused path, Triton row pass and segment loss around cuBLAS GEMMs",
+                       _ours("triton"), _refuse_backend("triton"), backend="triton"),
+    "triton-recompute": Provider("ours, recompute path, Triton backend: fused_logprobs + rank_grpo_loss_from_logps "
+                                 "(what OpenRLHF/verl run)", _ours_recompute("triton"), _refuse_backend("triton"),
+                                 backend="triton"),
+    "cuda": Provider("ours, fused path, CUDA extension (csrc/: cuBLAS GEMMs + CUDA row pass and segment loss)",
+                     _ours("cuda"), _refuse_backend("cuda"), backend="cuda"),
+    "liger": Provider("Liger-Kernel LigerFusedLinearGRPOLoss (torch, chunked; token-level ratio: different maths, "
+                      "checked against eager with one item per token and one advantage per row)", _liger,
+                      lambda device_type, dtype: _missing("liger_kernel"), token_level=True),
+    "cce": Provider("Cut Cross-Entropy log-probs (exact gradients; on a CPU its torch_compile impl, which holds the "
+                    "full logits) + our rank_grpo_loss_from_logps", _cce,
+                    lambda device_type, dtype: _missing("cut_cross_entropy")),
 }
-# Providers whose maths is token-level GRPO: checked against the eager loss on token_level_inputs.
-TOKEN_LEVEL = {"liger"}
-
-
-COMPILE_ON_CPU = False  # set by run.py when --providers names "compile"

@@ -1,22 +1,35 @@
-"""Throughput and memory of the Rank-GRPO loss: ours against the eager baseline and the peers.
+"""Throughput and memory of the Rank-GRPO loss: ours against the eager baseline, the peers and the GEMM floor.
 
-    python benchmarks/run.py                      # CPU: the foundation shape, eager vs torch, plus segmentation
+    python benchmarks/run.py                      # CPU: the foundation shape, fp32, every provider that runs here
     python benchmarks/run.py --device cuda        # GPU: every model head at 4k and 16k tokens, every provider
-    python benchmarks/run.py --shapes qwen2.5-0.5b@16384 --providers eager,torch --dtype bfloat16 --reps 10
+    python benchmarks/run.py --shapes qwen2.5-0.5b@16384 --providers eager,triton --dtype bfloat16 --reps 10
+    python benchmarks/run.py --shapes 256x4000@512 --out benchmarks/out     # a quick look; JSON kept out of git
 
-Each provider's loss and gradients are first checked against the eager result; a provider that disagrees is
-reported as wrong and not timed. Times: median and 20th/80th percentiles over ``--reps`` runs after a warm-up
-(CUDA events on GPU). Memory: peak above the inputs, gradients included. On CUDA that is
-``max_memory_allocated``; on the CPU each provider runs once more in a fresh process whose peak resident set
-(VmHWM, reset through /proc/self/clear_refs after a warm-up) is read against its resident set before the run,
-with glibc told to return every block over 64 KiB to the system at once so freed memory is not counted twice.
-The ``x 3 GEMM`` column divides by the time of the three (N x H x V) GEMMs any exact method needs (logits,
-d_hidden, d_weight), measured in the same run; the JSON also holds the ratio to four (the logits recomputed).
+One process per provider and shape (a fresh interpreter each, so allocator state, thread pools and compile caches
+in memory do not leak from one provider into the next). For each shape, a first process computes the eager loss
+and gradients (the yardstick) and saves them; a second times the LM head's GEMMs alone. Then each provider's
+process builds the same seeded batch, runs the provider once (the warm-up, and the ``1st call`` column: it holds
+any compilation) and checks its loss and gradients against the yardstick (``TOLERANCE`` of the dtype, relative to
+the largest entry); a provider that disagrees is reported as wrong and not timed. Times: median and 20th/80th
+percentiles over ``--reps`` runs of fwd+bwd (CUDA events on a GPU).
+
+Memory: peak above the inputs, gradients included, of one fwd+bwd right after the check (before the timed runs).
+On CUDA that is ``max_memory_allocated``. On the CPU it is the peak resident set (VmHWM, reset through
+/proc/self/clear_refs) read against the resident set before the run, in a process started with glibc told to return
+every block over 64 KiB to the system when it is freed (``MALLOC_ENV``), so that freed memory is neither reused
+unseen nor counted twice; glibc's usual thresholds are then restored (``mallopt``) for the timed runs.
+
+``x 3 GEMM`` divides by the time of the three (N x H x V) GEMMs any exact method needs (logits, d_hidden,
+d_weight) measured in the same run; the ``3 GEMMs`` and ``4 GEMMs`` rows (four: the logits recomputed in the
+backward, as a small-memory backward does) show them. ``--breakdown`` (default on the CPU, where ours runs the torch
+backend) profiles one more fwd+bwd of each of ours: time in the GEMMs (aten::mm / addmm / addmm_), in the backend's
+row pass, in its segment loss, and the rest (scaling, casts, Python); on a GPU the kernels' device time.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import json
 import os
@@ -24,6 +37,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,22 +46,28 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import providers  # noqa: E402
-from providers import (  # noqa: E402
-    LOSS_SETTINGS, PROVIDERS, TOKEN_LEVEL, Batch, Unavailable, token_level_inputs,
-)
+from providers import LOSS_SETTINGS, PROVIDERS, Batch, Unavailable, token_level_inputs  # noqa: E402
+from report import BREAKDOWN_CAPTION, breakdown_table, results_table  # noqa: E402
 from shapes import ALL_SHAPES, HeadShape, default_shapes, parse_shape  # noqa: E402
 
 import rankgrpo_kernels  # noqa: E402
-from rankgrpo_kernels import fused_logprobs  # noqa: E402
+from rankgrpo_kernels import backends, fused_logprobs  # noqa: E402
 from rankgrpo_kernels.reference import reference_loss  # noqa: E402
 
 REC_NUM = 20
 TOLERANCE = {torch.float32: 2e-3, torch.float64: 1e-9, torch.bfloat16: 5e-2, torch.float16: 2e-2}
+GEMM_ROWS = ("3 GEMMs", "4 GEMMs")
+GEMM_NOTE = ("the LM head's GEMMs alone at this shape, in the same run: logits h W^T, d_hidden dZ W, d_weight dZ^T h "
+             "(the floor of any exact method); 4 adds the logits once more (recomputed in the backward)")
+HERE = Path(__file__).resolve().parent
+# glibc, in every process of a CPU run until its memory is measured: blocks over 64 KiB come from mmap and go back to
+# the system when freed, and the heap is trimmed on every free, so the resident set follows live memory.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
 def make_batch(shape: HeadShape, dtype, device, seed=0) -> Batch:
-    """Rows of 20 items of jittered length, 5% padding, per-rank advantages, old/ref log-probs near the policy."""
+    """Rows of 20 items of jittered length, 5% padding, per-rank advantages, old/ref log-probs near the policy.
+    Seeded on the CPU: every process of a run builds the same batch."""
     g = torch.Generator().manual_seed(seed)
     B, T = shape.rows, min(shape.row_length, shape.tokens)
     hidden = torch.randn(B, T, shape.hidden, generator=g)
@@ -62,7 +82,7 @@ def make_batch(shape: HeadShape, dtype, device, seed=0) -> Batch:
     hidden, weight = hidden.to(device, dtype), weight.to(device, dtype)
     target_ids, item_ids, completion_mask = target_ids.to(device), item_ids.to(device), completion_mask.to(device)
     with torch.no_grad():
-        logps = fused_logprobs(hidden, weight, target_ids)
+        logps = fused_logprobs(hidden, weight, target_ids, backend="torch")
     noise = torch.randn(2, B, T, generator=g).to(device)
     loss_inputs = dict(
         item_ids=item_ids, advantages=rank_adv.to(device).gather(1, item_ids), completion_mask=completion_mask,
@@ -72,12 +92,18 @@ def make_batch(shape: HeadShape, dtype, device, seed=0) -> Batch:
 
 
 def fwd_bwd(loss_fn, batch):
-    return torch.autograd.grad(loss_fn(), (batch.hidden, batch.weight))
+    loss = loss_fn()
+    return (loss.detach(), *torch.autograd.grad(loss, (batch.hidden, batch.weight)))
 
 
 def fwd_only(loss_fn, batch):
     with torch.no_grad():
         return loss_fn()
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def timings(fn, reps, device, warm_up=True) -> list[float]:
@@ -108,26 +134,41 @@ def percentile(values, q):
 def gemm_seconds(shape, dtype, device, reps) -> dict:
     """Times of the LM head's GEMMs at this shape: logits ``h W^T`` alone, and with d_hidden ``dZ W`` and d_weight
     ``dZ^T h`` (three: the floor of any exact method; four adds the logits' recomputation of a small-memory
-    backward)."""
+    backward). Into preallocated outputs: the products alone, without allocating or first touching their memory."""
     h = torch.randn(shape.tokens, shape.hidden, device=device, dtype=dtype)
     w = torch.randn(shape.vocab, shape.hidden, device=device, dtype=dtype)
     z = torch.randn(shape.tokens, shape.vocab, device=device, dtype=dtype)
-    logits, d_hidden, d_weight = (statistics.median(timings(fn, reps, device))
-                                  for fn in (lambda: h @ w.T, lambda: z @ w, lambda: z.T @ h))
+    z_out, h_out, w_out = torch.empty_like(z), torch.empty_like(h), torch.empty_like(w)
+    logits, d_hidden, d_weight = (statistics.median(timings(fn, reps, device)) for fn in (
+        lambda: torch.mm(h, w.T, out=z_out), lambda: torch.mm(z, w, out=h_out), lambda: torch.mm(z.T, h, out=w_out)))
     three = logits + d_hidden + d_weight
-    return dict(three=three, four=three + logits)
+    return dict(logits=logits, d_hidden=d_hidden, d_weight=d_weight, three=three, four=three + logits)
 
 
-def _status_kb(field):
+# --- memory ---------------------------------------------------------------------------------------------------------
+
+def _status_bytes(field):
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def allocate_as_usual():
+    """After the memory measurement, glibc back to its usual steady state for the timed runs: blocks up to 32 MiB
+    (its largest dynamic mmap threshold) reused from the heap, the heap trimmed past 64 MiB free; larger blocks
+    still mapped afresh. False where the C library has no ``mallopt`` (the timed runs then keep ``MALLOC_ENV``)."""
+    try:
+        libc = ctypes.CDLL(None)
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 32 * 2**20)) and bool(libc.mallopt(m_trim_threshold, 64 * 2**20))
+    except (OSError, AttributeError):
+        return False
+
+
 def peak_memory_here(loss_fn, batch, device) -> int:
-    """Peak bytes above the inputs for one fwd+bwd (see the module docstring for the method)."""
-    fwd_bwd(loss_fn, batch)  # warm-up: thread pools and one-time buffers are not the loss's memory
+    """Peak bytes above the inputs for one fwd+bwd after a warm-up (the module docstring has the method; on the CPU
+    the process runs with ``MALLOC_ENV`` up to here)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -136,22 +177,85 @@ def peak_memory_here(loss_fn, batch, device) -> int:
         torch.cuda.synchronize()
         del grads
         return torch.cuda.max_memory_allocated() - base
-    base = _status_kb("VmRSS")
+    base = _status_bytes("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
     grads = fwd_bwd(loss_fn, batch)
-    peak = _status_kb("VmHWM")
+    peak = _status_bytes("VmHWM")
     del grads
     return peak - base
 
 
-def peak_memory_in_child(provider, shape_spec, dtype_name, device) -> int:
-    """CPU memory of one provider, measured in a fresh process (``--measure-memory``)."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    cmd = [sys.executable, __file__, "--measure-memory", provider, "--shapes", shape_spec, "--dtype", dtype_name,
-           "--device", str(device), "--providers", provider]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-    return int(json.loads(out.strip().splitlines()[-1])["peak_bytes"])
+# --- the breakdown of ours ------------------------------------------------------------------------------------------
 
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::addmv", "aten::addmv_",
+            "aten::mv", "aten::matmul", "aten::linear", "aten::_addmm_activation")
+RANGES = {"bench::row_pass": "row_pass", "bench::segment_loss": "segment_loss"}
+
+
+def _category(event):
+    while event is not None:
+        if event.name in GEMM_OPS or event.name.startswith("aten::_mm"):
+            return "gemm"
+        if event.name in RANGES:
+            return RANGES[event.name]
+        event = event.cpu_parent
+    return "rest"
+
+
+def breakdown(loss_fn, batch, backend, device) -> dict:
+    """One profiled fwd+bwd: milliseconds in the GEMMs, the backend's row pass, its segment loss and the rest.
+
+    The backend module's ``row_pass`` and ``segment_loss`` are wrapped in ``record_function`` ranges for the run
+    (``lm_head`` and the ops look them up on the module at each call); every profiled op's self time goes to the
+    GEMMs if it is one (or runs inside one), else to the range it runs in, else to the rest, which also takes what
+    the profiler does not see (Python between ops). On CUDA the same split is of the kernels' device time, and
+    ``idle_ms`` is the wall time without any kernel."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    impl = backends.load(backend)
+    originals = {name: getattr(impl, name) for name in ("row_pass", "segment_loss")}
+
+    def wrap(name, fn):
+        def wrapped(*args, **kwargs):
+            with record_function(f"bench::{name}"):
+                return fn(*args, **kwargs)
+        return wrapped
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for name, fn in originals.items():
+        setattr(impl, name, wrap(name, fn))
+    try:
+        with profile(activities=activities) as prof:
+            synchronize(device)
+            t0 = time.perf_counter()
+            fwd_bwd(loss_fn, batch)
+            synchronize(device)
+            wall = time.perf_counter() - t0
+    finally:
+        for name, fn in originals.items():
+            setattr(impl, name, fn)
+    on_device = device.type == "cuda"
+    totals = dict(gemm=0.0, row_pass=0.0, segment_loss=0.0, rest=0.0)
+    gemm_calls = 0
+    for event in prof.events():
+        if getattr(event, "device_type", None) is not None and event.device_type != torch.autograd.DeviceType.CPU:
+            continue  # kernels themselves: their time is counted through the op that launched them
+        self_us = event.self_device_time_total if on_device else event.self_cpu_time_total
+        category = _category(event)
+        totals[category] += self_us / 1e3
+        gemm_calls += event.name in GEMM_OPS and event.name not in ("aten::matmul", "aten::linear")
+    out = dict(backend=backend, wall_ms=1e3 * wall, gemm_ms=totals["gemm"], row_pass_ms=totals["row_pass"],
+               segment_loss_ms=totals["segment_loss"], gemm_calls=gemm_calls)
+    if on_device:
+        busy = sum(totals.values())
+        out.update(rest_ms=totals["rest"], idle_ms=max(0.0, 1e3 * wall - busy), clock="device")
+    else:
+        out.update(rest_ms=max(0.0, 1e3 * wall - totals["gemm"] - totals["row_pass"] - totals["segment_loss"]),
+                   clock="cpu")
+    return out
+
+
+# --- one provider, in its own process -------------------------------------------------------------------------------
 
 def eager_result(batch, loss_inputs):
     """Loss and gradients of hidden and weight by the eager reference (full logits)."""
@@ -164,54 +268,142 @@ def relative_error(got, want) -> float:
                for g, w in zip(got, want))
 
 
-def bench_shape(shape, provider_names, dtype, device, reps, progress) -> list[dict]:
-    """Rows of one shape: each provider checked against eager, then timed and measured (its inputs freed after)."""
-    rows, key = [], shape.key
+def reference_files(ref_dir) -> dict:
+    return dict(eager=Path(ref_dir) / "eager.pt", token_level=Path(ref_dir) / "token_level.pt")
+
+
+def save_references(shape, dtype, device, ref_dir, token_level) -> dict:
+    """The yardsticks of one shape: eager on the batch, and on its token-level form if a provider needs it."""
     batch = make_batch(shape, dtype, device)
-    built = {}
-    for name in provider_names:
+    files = reference_files(ref_dir)
+    torch.save([x.cpu() for x in eager_result(batch, batch.loss_inputs)], files["eager"])
+    if token_level:
+        torch.save([x.cpu() for x in eager_result(batch, token_level_inputs(batch))], files["token_level"])
+    return {"saved": [str(p) for p in files.values() if p.exists()]}
+
+
+def shape_fields(shape) -> dict:
+    return dict(shape=shape.key, hidden=shape.hidden, vocab=shape.vocab, tokens=shape.tokens,
+                scaled_from=shape.scaled_from)
+
+
+def provider_row(name, shape, dtype, device, reps, ref_dir, want_breakdown=False, want_fwd=False) -> dict:
+    """Check one provider against the saved yardstick, then time it and measure its memory (one process)."""
+    provider = PROVIDERS[name]
+    row = dict(provider=name, **shape_fields(shape))
+    batch = make_batch(shape, dtype, device)
+    try:
+        loss_fn = provider.build(batch)
+    except Unavailable as exc:
+        return dict(row, status=f"skipped: {exc}")
+    synchronize(device)
+    t0 = time.perf_counter()
+    got = fwd_bwd(loss_fn, batch)  # the warm-up (and any compilation)
+    synchronize(device)
+    row["first_call_ms"] = 1e3 * (time.perf_counter() - t0)
+    want = torch.load(reference_files(ref_dir)["token_level" if provider.token_level else "eager"],
+                      map_location=device)
+    error = relative_error(got, want)
+    del got, want
+    row["max_rel_error"] = error
+    if not error <= TOLERANCE[dtype]:
+        return dict(row, status=f"wrong: relative error {error:.2e} > {TOLERANCE[dtype]:.0e}")
+    row["peak_mib"] = peak_memory_here(loss_fn, batch, device) / 2**20
+    if device.type == "cpu":
+        allocate_as_usual()
+    both = timings(lambda: fwd_bwd(loss_fn, batch), reps, device, warm_up=False)  # warm: the check and memory runs
+    median = statistics.median(both)
+    row.update(status="ok", fwd_bwd_ms=1e3 * median, fwd_bwd_p20_ms=1e3 * percentile(both, 0.2),
+               fwd_bwd_p80_ms=1e3 * percentile(both, 0.8), fwd_bwd_runs_ms=[1e3 * t for t in both],
+               tokens_per_s=shape.tokens / median)
+    if want_fwd:
+        row["fwd_ms"] = 1e3 * statistics.median(timings(lambda: fwd_only(loss_fn, batch), reps, device))
+    if want_breakdown and provider.backend is not None:
         try:
-            built[name] = PROVIDERS[name][1](batch)
-        except Unavailable as exc:
-            rows.append(dict(provider=name, shape=key, status=f"skipped: {exc}"))
-    # The eager result is the yardstick for every provider (itself included, as a determinism check).
-    expected = eager_result(batch, batch.loss_inputs)
-    gemm = gemm_seconds(shape, dtype, device, reps)
-    for name, loss_fn in built.items():
-        progress(f"{key} {name}")
-        loss = loss_fn()
-        got = (loss.detach(), *torch.autograd.grad(loss, (batch.hidden, batch.weight)))
-        want = eager_result(batch, token_level_inputs(batch)) if name in TOKEN_LEVEL else expected
-        error = relative_error(got, want)
-        row = dict(provider=name, shape=key, hidden=shape.hidden, vocab=shape.vocab, tokens=shape.tokens,
-                   scaled_from=shape.scaled_from, max_rel_error=error)
-        if not error <= TOLERANCE[dtype]:
-            rows.append(dict(row, status=f"wrong: relative error {error:.2e} > {TOLERANCE[dtype]:.0e}"))
-            continue
-        both = timings(lambda: fwd_bwd(loss_fn, batch), reps, device, warm_up=False)  # the check warmed up
-        fwd = timings(lambda: fwd_only(loss_fn, batch), reps, device)
-        if device.type == "cuda":
-            peak = peak_memory_here(loss_fn, batch, device)
+            row["breakdown"] = breakdown(loss_fn, batch, provider.backend, device)
+        except Exception as exc:  # the figures above stand without it
+            row["breakdown"] = dict(error=f"{type(exc).__name__}: {exc}")
+    return row
+
+
+def child_main(args, shape, dtype, device) -> dict:
+    if args.child == "reference":
+        return save_references(shape, dtype, device, args.ref_dir, args.token_level)
+    if args.child == "gemm":
+        return gemm_seconds(shape, dtype, device, args.reps)
+    return provider_row(args.child, shape, dtype, device, args.reps, args.ref_dir, bool(args.breakdown), args.fwd)
+
+
+def in_child(job, shape, dtype, device, reps, ref_dir, options=(), timeout=None) -> dict:
+    """Run ``job`` (a provider, ``reference`` or ``gemm``) for one shape in a fresh process; its last stdout line is
+    a JSON object. A process that fails gives ``{"error": ...}`` with the end of its stderr."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", job, "--shapes", shape.spec,
+           "--dtype", str(dtype).split(".")[-1], "--device", str(device), "--reps", str(reps),
+           "--ref-dir", str(ref_dir), *options]
+    env = dict(os.environ, **(MALLOC_ENV if device.type == "cpu" else {}))
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = done.stdout.strip().splitlines()
+    if done.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    tail = [line for line in done.stderr.strip().splitlines() if line.strip()][-3:]
+    return {"error": f"exit {done.returncode}: " + " | ".join(tail)[-400:]}
+
+
+# --- the parent: every shape, every provider ------------------------------------------------------------------------
+
+def bench_shape(shape, names, dtype, device, reps, progress, options=(), timeout=None) -> list[dict]:
+    """Rows of one shape: the yardstick and the GEMMs first, then each provider in its own process."""
+    rows, runnable = [], []
+    for name in names:
+        reason = PROVIDERS[name].refuse(device.type, dtype)
+        if reason is None:
+            runnable.append(name)
         else:
-            peak = peak_memory_in_child(name, shape.spec, str(dtype).split(".")[-1], device)
-        median = statistics.median(both)
-        rows.append(dict(
-            row, status="ok", fwd_bwd_ms=1e3 * median, fwd_bwd_p20_ms=1e3 * percentile(both, 0.2),
-            fwd_bwd_p80_ms=1e3 * percentile(both, 0.8), fwd_ms=1e3 * statistics.median(fwd),
-            tokens_per_s=shape.tokens / median, peak_mib=peak / 2**20, three_gemm_ms=1e3 * gemm["three"],
-            four_gemm_ms=1e3 * gemm["four"], vs_three_gemm=median / gemm["three"], vs_four_gemm=median / gemm["four"],
-        ))
+            rows.append(dict(provider=name, **shape_fields(shape), status=f"skipped: {reason}"))
+            progress(f"{shape.key} {name} (skipped)")
+    with tempfile.TemporaryDirectory(prefix="rankgrpo-bench-") as ref_dir:
+        progress(f"{shape.key} eager yardstick")
+        token_level = ["--token-level"] if any(PROVIDERS[n].token_level for n in runnable) else []
+        ref = in_child("reference", shape, dtype, device, reps, ref_dir, token_level, timeout) if runnable else {}
+        progress(f"{shape.key} GEMMs")
+        gemm = in_child("gemm", shape, dtype, device, reps, ref_dir, (), timeout)
+        if "error" in gemm:
+            rows += [dict(provider=g, **shape_fields(shape), status=f"error: {gemm['error']}") for g in GEMM_ROWS]
+        else:
+            rows += [dict(provider=g, **shape_fields(shape), status="ok", fwd_bwd_ms=1e3 * gemm[k],
+                          gemm_ms={part: 1e3 * gemm[part] for part in ("logits", "d_hidden", "d_weight")})
+                     for g, k in zip(GEMM_ROWS, ("three", "four"))]
+        for name in runnable:
+            progress(f"{shape.key} {name}")
+            if "error" in ref:
+                rows.append(dict(provider=name, **shape_fields(shape),
+                                 status=f"error: eager yardstick: {ref['error']}"))
+                continue
+            row = in_child(name, shape, dtype, device, reps, ref_dir, options, timeout)
+            rows.append(row if "error" not in row else
+                        dict(provider=name, **shape_fields(shape), status=f"error: {row['error']}"))
+    if "error" not in gemm:
+        for row in rows:
+            row["three_gemm_ms"], row["four_gemm_ms"] = 1e3 * gemm["three"], 1e3 * gemm["four"]
+            if row["status"] == "ok":
+                row["vs_three_gemm"] = row["fwd_bwd_ms"] / row["three_gemm_ms"]
+                row["vs_four_gemm"] = row["fwd_bwd_ms"] / row["four_gemm_ms"]
     return rows
 
 
-def bench_loss(shapes, provider_names, dtype, device, reps, progress):
-    rows = [row for shape in shapes for row in bench_shape(shape, provider_names, dtype, device, reps, progress)]
+def bench_loss(shapes, names, dtype, device, reps, progress, options=(), timeout=None):
+    rows = [row for shape in shapes
+            for row in bench_shape(shape, names, dtype, device, reps, progress, options, timeout)]
     for row in rows:  # ratios to eager, measured in the same run
         base = next((r for r in rows if r["shape"] == row["shape"] and r["provider"] == "eager"
                      and r["status"] == "ok"), None)
         if base and row["status"] == "ok":
             row["time_vs_eager"] = row["fwd_bwd_ms"] / base["fwd_bwd_ms"]
-            row["memory_vs_eager"] = row["peak_mib"] / base["peak_mib"]
+            if row.get("peak_mib") is not None:
+                row["memory_vs_eager"] = row["peak_mib"] / base["peak_mib"]
     return rows
 
 
@@ -253,24 +445,30 @@ def bench_segmentation(device, rows=64, length=1024, reps=5):
                 speedup=loop_s / vec_s)
 
 
+def package_version(name):
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def environment(device, argv):
     def git_sha():
         try:
             return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                  cwd=Path(__file__).parent).stdout.strip() or None
+                                  cwd=HERE).stdout.strip() or None
         except OSError:
             return None
 
     env = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                command=" ".join(["python", "benchmarks/run.py", *argv]), git_sha=git_sha(),
                python=platform.python_version(), torch=torch.__version__, rankgrpo_kernels=rankgrpo_kernels.__version__,
-               device=str(device), cpu=platform.processor() or platform.machine(), cpu_threads=torch.get_num_threads())
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
+               device=str(device), cpu=platform.processor() or platform.machine(), cpu_threads=torch.get_num_threads(),
+               cpu_count=os.cpu_count(), load_average=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+               triton=package_version("triton"), liger_kernel=package_version("liger-kernel"),
+               cut_cross_entropy=package_version("cut-cross-entropy"))
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
@@ -283,25 +481,19 @@ def environment(device, argv):
 
 
 def markdown(rows, segmentation, env):
-    def fmt(x, spec):
-        return "" if x is None else format(x, spec)
-
-    lines = [f"Device: {env.get('gpu', env['cpu'])} ({env['device']}), torch {env['torch']}, {env['date']}", "",
-             "| shape | provider | fwd+bwd ms (p20-p80) | fwd ms | tokens/s | peak MiB | time vs eager "
-             "| memory vs eager | x 3 GEMM | status |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        spread = (f"{r['fwd_bwd_ms']:.1f} ({r['fwd_bwd_p20_ms']:.1f}-{r['fwd_bwd_p80_ms']:.1f})"
-                  if r["status"] == "ok" else "")
-        lines.append(
-            f"| {r['shape']} | {r['provider']} | {spread} | {fmt(r.get('fwd_ms'), '.1f')} "
-            f"| {fmt(r.get('tokens_per_s'), ',.0f')} | {fmt(r.get('peak_mib'), '.1f')} "
-            f"| {fmt(r.get('time_vs_eager'), '.2f')} | {fmt(r.get('memory_vs_eager'), '.3f')} "
-            f"| {fmt(r.get('vs_three_gemm'), '.2f')} | {r['status']} |")
+    lines = [f"Device: {env.get('gpu', env['cpu'])} ({env['device']}, {env['cpu_threads']} threads), "
+             f"torch {env['torch']}, {env['date']}", "", *results_table(rows)]
     notes = sorted({f"{r['shape']}: scaled down, stands for {r['scaled_from']}" for r in rows
                     if r.get("scaled_from")})
-    notes += [f"{name}: {PROVIDERS[name][0]}" for name in dict.fromkeys(r["provider"] for r in rows)]
+    for name in dict.fromkeys(r["provider"] for r in rows):
+        if name not in GEMM_ROWS:
+            notes.append(f"{name}: {PROVIDERS[name].note}")
+        elif name == GEMM_ROWS[0]:
+            notes.append(f"{' and '.join(GEMM_ROWS)}: {GEMM_NOTE}")
     lines += [""] + [f"- {n}" for n in notes]
+    split = breakdown_table(rows)
+    if split:
+        lines += ["", BREAKDOWN_CAPTION + ":", "", *split]
     if segmentation:
         s = segmentation
         lines += ["", f"Segmentation of {s['rows']} rows x {s['tokens_per_row']} tokens: per-token decode loop "
@@ -322,73 +514,90 @@ def plot(rows, path):
         return None
     shapes = list(dict.fromkeys(r["shape"] for r in ok))
     providers = list(dict.fromkeys(r["provider"] for r in ok))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     width = 0.8 / len(providers)
     for i, p in enumerate(providers):
         for ax, key in zip(axes, ("fwd_bwd_ms", "peak_mib")):
-            values = [next((r[key] for r in ok if r["shape"] == s and r["provider"] == p), 0) for s in shapes]
+            values = [next((r.get(key) or 0 for r in ok if r["shape"] == s and r["provider"] == p), 0) for s in shapes]
             ax.bar([j + i * width for j in range(len(shapes))], values, width, label=p)
     for ax, title in zip(axes, ("fwd+bwd time (ms)", "peak memory above inputs (MiB)")):
         ax.set_title(title)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes, rotation=15, fontsize=8)
-    axes[0].legend()
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     return path
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shapes", help=f"comma-separated: {', '.join(sorted(ALL_SHAPES))}, or HxV@N")
+    p.add_argument("--providers", help=f"comma-separated subset of {', '.join(PROVIDERS)} (default: all; those "
+                                       "that cannot run here are listed as skipped)")
+    p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default), float16")
+    p.add_argument("--reps", type=int, default=None, help="timed runs per figure (CPU 3, GPU 10)")
+    p.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=None,
+                   help="profile one more fwd+bwd of ours with the torch backend: GEMMs vs row pass vs segment loss "
+                        "vs the rest (default: on for the CPU)")
+    p.add_argument("--fwd", action="store_true", help="also time the forward alone (no_grad)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds one provider's process may take")
+    p.add_argument("--out", default=str(HERE / "results"),
+                   help="folder for the JSON and the plot (default benchmarks/results/, which summarize.py reads; "
+                        "benchmarks/out/ is kept out of git)")
+    p.add_argument("--no-segmentation", action="store_true")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--ref-dir", help=argparse.SUPPRESS)
+    p.add_argument("--token-level", action="store_true", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--shapes", help=f"comma-separated: {', '.join(sorted(ALL_SHAPES))}, or HxV@N")
-    p.add_argument("--providers", help=f"comma-separated subset of {', '.join(PROVIDERS)}")
-    p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default), float16")
-    p.add_argument("--reps", type=int, default=None, help="timed runs per figure (CPU 3, GPU 10)")
-    p.add_argument("--out", default=str(Path(__file__).parent / "out"), help="folder for the JSON and the plot")
-    p.add_argument("--no-segmentation", action="store_true")
-    p.add_argument("--measure-memory", metavar="PROVIDER", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-
+    args = parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    if args.shapes:
-        shapes = [parse_shape(s) for s in args.shapes.split(",") if s]
-    else:
-        shapes = default_shapes(device.type)
-    providers.COMPILE_ON_CPU = bool(args.providers) and "compile" in args.providers.split(",")
-    if args.measure_memory:  # child process of peak_memory_in_child
-        batch = make_batch(shapes[0], dtype, device)
-        loss_fn = PROVIDERS[args.measure_memory][1](batch)
-        print(json.dumps({"peak_bytes": peak_memory_here(loss_fn, batch, device)}))
+    shapes = [parse_shape(s) for s in args.shapes.split(",") if s] if args.shapes else default_shapes(device.type)
+    reps = args.reps or (10 if device.type == "cuda" else 3)
+    if args.child:  # one job of the parent below, in this fresh process
+        args.reps = reps
+        print(json.dumps(child_main(args, shapes[0], dtype, device)))
         return 0
-    names = args.providers.split(",") if args.providers else list(PROVIDERS)
+    names = [n for n in args.providers.split(",") if n] if args.providers else list(PROVIDERS)
     unknown = set(names) - set(PROVIDERS)
     if unknown:
         raise SystemExit(f"unknown providers {sorted(unknown)}; choose from {list(PROVIDERS)}")
-    reps = args.reps or (10 if device.type == "cuda" else 3)
+    want_breakdown = device.type == "cpu" if args.breakdown is None else args.breakdown
+    options = (["--breakdown"] if want_breakdown else ["--no-breakdown"]) + (["--fwd"] if args.fwd else [])
 
     try:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(shapes) * len(names), file=sys.stderr, leave=False)
+        bar = tqdm(total=len(shapes) * (len(names) + 2), file=sys.stderr, leave=False)
         progress = lambda text: (bar.set_description(text), bar.update(1))  # noqa: E731
     except ImportError:
-        progress = lambda text: print(f"... {text}", file=sys.stderr)  # noqa: E731
+        progress = lambda text: print(f"... {text}", file=sys.stderr, flush=True)  # noqa: E731
 
-    rows = bench_loss(shapes, names, dtype, device, reps, progress)
+    started = time.time()
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    rows = bench_loss(shapes, names, dtype, device, reps, progress, options, args.timeout)
     segmentation = None if args.no_segmentation else bench_segmentation(device)
-    env = environment(device, argv)
+    env = dict(environment(device, argv), date=date)  # after the children: this process stays off the GPU till now
+    env["wall_seconds"] = round(time.time() - started, 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = env["date"].replace(":", "").replace("-", "")[:15]
     tag = env.get("gpu", device.type).replace(" ", "_")
     json_path = out / f"bench_{tag}_{stamp}.json"
     plot_path = plot(rows, out / f"bench_{tag}_{stamp}.png")
-    json_path.write_text(json.dumps(dict(environment=env, dtype=str(dtype).split(".")[-1], reps=reps, results=rows,
-                                         segmentation=segmentation), indent=2))
+    json_path.write_text(json.dumps(dict(environment=env, dtype=str(dtype).split(".")[-1], reps=reps,
+                                         tolerance=TOLERANCE[dtype], breakdown=want_breakdown,
+                                         notes={n: PROVIDERS[n].note for n in names}, gemm_note=GEMM_NOTE,
+                                         results=rows, segmentation=segmentation), indent=2))
     print(markdown(rows, segmentation, env))
-    print(f"\nwrote {json_path}" + (f" and {plot_path}" if plot_path else " (no plot: matplotlib missing)"))
+    print(f"\nwrote {json_path}" + (f" and {plot_path}" if plot_path else " (no plot: matplotlib missing)")
+          + f" in {env['wall_seconds']:.0f} s")
     return 0
 
 

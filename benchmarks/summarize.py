@@ -1,6 +1,10 @@
 """Rewrite the README's results section from the JSON files under benchmarks/results/ (never by hand).
 
     python benchmarks/summarize.py          # updates README.md between the results markers
+
+Per report: the run's machine and command, then per shape and provider the fwd+bwd time, its ratio to the three
+LM-head GEMMs and to eager, the extra peak memory and its ratio to eager's (``report.results_table``), and where
+``--breakdown`` profiled ours, the split of its time between GEMMs, row pass, segment loss and the rest.
 """
 
 from __future__ import annotations
@@ -9,30 +13,45 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import BREAKDOWN_CAPTION, breakdown_table, results_table  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
+LEGEND = ("fwd+bwd ms: median over the run's reps, each provider in its own process after its loss and gradients "
+          "matched eager's; x 3 GEMM: that time over the three LM-head GEMMs (logits, d_hidden, d_weight) timed in "
+          "the same run (the `3 GEMMs` / `4 GEMMs` rows); time and memory vs eager: ratios to the eager row; extra "
+          "peak MiB: peak memory above the inputs, gradients included.")
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def heading(report, path) -> str:
+    env = report["environment"]
+    where = env.get("gpu") or f"CPU {env.get('cpu', '')}, {env.get('cpu_threads', '?')} threads"
+    versions = [f"torch {env['torch']}"] + [f"{name} {env[key]}" for name, key in
+                                           (("triton", "triton"), ("liger-kernel", "liger_kernel"),
+                                            ("cut-cross-entropy", "cut_cross_entropy")) if env.get(key)]
+    return (f"**{where}** ({env['device']}), {env['date']}, {', '.join(versions)}, git {str(env.get('git_sha'))[:8]}, "
+            f"`{env['command']}` ({path.name}, {report['dtype']}, {report.get('reps', '?')} reps):")
 
 
 def summary(results_dir: Path) -> str:
     reports = sorted(results_dir.glob("*.json"))
     if not reports:
         return "No GPU results are committed yet."
-    lines = []
+    lines = [LEGEND, ""]
     for path in reports:
         report = json.loads(path.read_text())
-        env = report["environment"]
-        lines += [f"**{env.get('gpu', env['device'])}**, {env['date']}, torch {env['torch']}, triton {env['triton']}, "
-                  f"git {str(env['git_sha'])[:8]}, `{env['command']}` ({path.name}, {report['dtype']}):", "",
-                  "| shape | provider | fwd+bwd ms | peak MiB | time vs eager | memory vs eager | x 3 GEMM |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in report["results"]:
-            if r["status"] != "ok":
-                lines.append(f"| {r['shape']} | {r['provider']} | {r['status']} | | | | |")
-                continue
-            lines.append(f"| {r['shape']} | {r['provider']} | {r['fwd_bwd_ms']:.1f} | {r['peak_mib']:.0f} "
-                         f"| {r.get('time_vs_eager', float('nan')):.2f} | {r.get('memory_vs_eager', float('nan')):.3f} "
-                         f"| {r['vs_three_gemm']:.2f} |")
-        lines.append("")
+        rows = report["results"]
+        lines += [heading(report, path), "", *results_table(rows, detail=False), ""]
+        shown = dict.fromkeys(r["provider"] for r in rows if r["status"] == "ok")
+        notes = sorted({f"{r['shape']}: scaled down, stands for {r['scaled_from']}" for r in rows
+                        if r.get("scaled_from")})
+        notes += [f"{name}: {report['notes'][name]}" for name in shown if name in report.get("notes", {})]
+        lines += [f"- {n}" for n in notes] + ([""] if notes else [])
+        split = breakdown_table(rows)
+        if split:
+            lines += [BREAKDOWN_CAPTION + ":", "", *split, ""]
     return "\n".join(lines).rstrip()
 
 

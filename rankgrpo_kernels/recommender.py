@@ -320,3 +320,19 @@ def make_rank_hit_reward(catalog: Catalog, rec_num: int, skip_blank_lines: bool 
         return hits.tolist()
 
     return rank_hit_reward
+
+
+def item_hits(text: str, relevant: Iterable[str], rec_num: int, skip_blank_lines: bool = True) -> list[float]:
+    """Per-rank hits (N floats in {0, 1}) of a decoded completion against the relevant items.
+
+    The items are ``split_items(text, skip_blank_lines)``, the very items the token segmentation finds with the same
+    ``skip_blank_lines``; an item is a hit when its stripped text is in ``relevant`` and did not occur at an earlier
+    rank (repeating a title earns nothing). Ranks past the end of the list score 0; items past N are ignored.
+    """
+    wanted = {title.strip() for title in relevant}
+    hits, seen = [], set()
+    for item in split_items(text, skip_blank_lines=skip_blank_lines)[:rec_num]:
+        title = item.strip()
+        hits.append(float(title in wanted and title not in seen))
+        seen.add(title)
+    return hits + [0.0] * (rec_num - len(hits))

@@ -1,4 +1,5 @@
-"""The benchmark runs end to end on a tiny CPU shape: table, JSON fields and plot."""
+"""The benchmark runs end to end on tiny CPU shapes: one process per provider, each checked against eager before it
+is timed, the GEMM rows, the breakdown of ours, the JSON fields, the plot and the README summary."""
 
 from __future__ import annotations
 
@@ -8,54 +9,144 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-RUN = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_run", RUN)
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_tiny_cpu_run(bench, tmp_path, capsys):
-    assert bench.main(["--device", "cpu", "--shapes", "64x4001@256", "--providers", "eager,torch,cuda,liger",
-                       "--reps", "2", "--out", str(tmp_path)]) == 0
-    table = capsys.readouterr().out
-    assert "| custom-64x4001@256 | torch |" in table
-    assert "skipped: " in table and "Segmentation of 64 rows" in table
+@pytest.fixture(scope="module")
+def bench():
+    return _load("run")
+
+
+def _report(tmp_path):
     (json_file,) = tmp_path.glob("bench_*.json")
-    report = json.loads(json_file.read_text())
+    return json.loads(json_file.read_text())
+
+
+def test_tiny_cpu_run(bench, tmp_path, capsys):
+    assert bench.main(["--device", "cpu", "--shapes", "64x4001@256", "--providers", "eager,torch,torch-recompute,cuda",
+                       "--reps", "2", "--breakdown", "--out", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert "| custom-64x4001@256 | torch |" in table and "| custom-64x4001@256 | 3 GEMMs |" in table
+    assert "skipped: " in table and "Segmentation of 64 rows" in table and "| GEMM calls |" in table
+    report = _report(tmp_path)
     env = report["environment"]
-    for field in ("date", "command", "git_sha", "torch", "device", "python"):
+    for field in ("date", "command", "git_sha", "torch", "device", "python", "liger_kernel", "cut_cross_entropy",
+                  "wall_seconds"):
         assert field in env
     rows = {r["provider"]: r for r in report["results"]}
-    assert rows["eager"]["status"] == "ok" and rows["torch"]["status"] == "ok"
-    assert rows["cuda"]["status"].startswith("skipped") and rows["liger"]["status"].startswith("skipped")
-    for key in ("fwd_bwd_ms", "fwd_ms", "tokens_per_s", "peak_mib", "time_vs_eager", "memory_vs_eager"):
-        assert rows["torch"][key] > 0
-    assert rows["torch"]["max_rel_error"] < 1e-3
+    assert rows["cuda"]["status"].startswith("skipped")
+    for name in ("eager", "torch", "torch-recompute"):
+        row = rows[name]
+        assert row["status"] == "ok", row
+        for key in ("fwd_bwd_ms", "tokens_per_s", "peak_mib", "time_vs_eager", "memory_vs_eager", "vs_three_gemm",
+                    "vs_four_gemm", "three_gemm_ms", "first_call_ms"):
+            assert row[key] > 0, (name, key)
+        assert len(row["fwd_bwd_runs_ms"]) == 2 and row["max_rel_error"] < 1e-3
+    assert rows["eager"]["time_vs_eager"] == 1.0 and rows["eager"]["max_rel_error"] == 0.0
+    assert "breakdown" not in rows["eager"]  # eager is not ours
+    # The GEMM floor measured in the same run, in its own rows.
+    three, four = rows["3 GEMMs"], rows["4 GEMMs"]
+    assert three["status"] == four["status"] == "ok" and three["vs_three_gemm"] == 1.0
+    assert four["fwd_bwd_ms"] > three["fwd_bwd_ms"] and set(three["gemm_ms"]) == {"logits", "d_hidden", "d_weight"}
+    # Where ours spends its time: the logits once on the fused path (3 GEMMs), recomputed on the other (4).
+    for name, gemms in (("torch", 3), ("torch-recompute", 4)):
+        split = rows[name]["breakdown"]
+        assert split["backend"] == "torch" and split["gemm_calls"] == gemms, split
+        parts = [split[k] for k in ("gemm_ms", "row_pass_ms", "segment_loss_ms", "rest_ms")]
+        assert all(p >= 0 for p in parts) and split["gemm_ms"] > 0 and split["row_pass_ms"] > 0
+        assert sum(parts) == pytest.approx(split["wall_ms"], rel=0.05)
     assert report["segmentation"]["speedup"] > 1
     if "matplotlib" in sys.modules or importlib.util.find_spec("matplotlib"):
         assert list(tmp_path.glob("bench_*.png"))
 
 
-def test_summary_comes_from_the_json(bench, tmp_path):
-    spec = importlib.util.spec_from_file_location("summarize", RUN.with_name("summarize.py"))
-    summarize = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(summarize)
+@pytest.mark.slow  # torch.compile and Liger's compiled loss: a minute on a cold inductor cache, seconds on a warm one
+def test_every_available_peer_is_checked_against_eager(bench, tmp_path, capsys):
+    peers = ("compile", "liger", "cce")
+    assert bench.main(["--device", "cpu", "--shapes", "32x1001@128", "--providers", ",".join(("eager",) + peers),
+                       "--reps", "1", "--no-segmentation", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    rows = {r["provider"]: r for r in _report(tmp_path)["results"]}
+    package = {"compile": "torch", "liger": "liger_kernel", "cce": "cut_cross_entropy"}
+    for name in peers:
+        if importlib.util.find_spec(package[name]) is None:
+            assert rows[name]["status"] == f"skipped: package {package[name]} not installed"
+            continue
+        row = rows[name]
+        assert row["status"] == "ok", row
+        assert row["max_rel_error"] <= bench.TOLERANCE[torch.float32] and row["fwd_bwd_ms"] > 0
+        assert row["peak_mib"] > 0 and row["time_vs_eager"] > 0 and "breakdown" not in row
+
+
+def test_a_provider_that_disagrees_is_reported_wrong_and_not_timed(bench, tmp_path, monkeypatch):
+    """In this process: the parent's yardstick, then one provider's job as its own process would run it."""
+    import providers
+
+    shape = bench.parse_shape("16x503@64")
+    cpu = torch.device("cpu")
+    bench.save_references(shape, torch.float32, cpu, tmp_path, token_level=True)
+    assert {p.name for p in tmp_path.iterdir()} == {"eager.pt", "token_level.pt"}
+
+    def off_by_one_percent(batch):
+        eager = providers.PROVIDERS["eager"].build(batch)
+        return lambda: 1.01 * eager()
+
+    monkeypatch.setitem(providers.PROVIDERS, "scaled", providers.Provider("eager x 1.01", off_by_one_percent))
+    row = bench.provider_row("scaled", shape, torch.float32, cpu, 2, tmp_path)
+    assert row["status"].startswith("wrong: relative error 1.0") and "fwd_bwd_ms" not in row
+    assert "peak_mib" not in row and row["max_rel_error"] == pytest.approx(0.01, rel=1e-3)
+    row = bench.provider_row("torch", shape, torch.float32, cpu, 2, tmp_path, want_breakdown=True, want_fwd=True)
+    assert row["status"] == "ok" and row["fwd_ms"] > 0 and row["breakdown"]["gemm_calls"] == 3
+
+
+def test_a_failing_process_is_reported(bench, tmp_path):
+    shape = bench.parse_shape("16x503@64")
+    out = bench.in_child("no-such-provider", shape, torch.float32, torch.device("cpu"), 1, tmp_path)
+    assert out["error"].startswith("exit 1: ") and "no-such-provider" in out["error"]
+
+
+def test_gpu_check_names_only_known_providers_and_shapes(bench):
+    gpu_check = _load("gpu_check")
+    names = gpu_check.PROVIDERS.split(",")
+    assert set(names) <= set(bench.PROVIDERS)
+    for required in ("eager", "torch", "triton", "cuda", "triton-recompute", "liger", "cce"):
+        assert required in names
+    shapes = [bench.parse_shape(s) for s in gpu_check.GPU_SHAPES.split(",")]
+    assert [(s.hidden, s.vocab, s.tokens) for s in shapes] == [(896, 151936, 16384), (3072, 128256, 16384)]
+
+
+def test_summary_comes_from_the_json(tmp_path):
+    summarize = _load("summarize")
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{summarize.BEGIN}\nold\n{summarize.END}\nend\n")
     results = tmp_path / "results"
     results.mkdir()
     assert "No GPU results" in summarize.update(readme, results)
-    row = dict(shape="s@1", provider="triton", status="ok", fwd_bwd_ms=12.5, peak_mib=64.0, time_vs_eager=0.4,
-               memory_vs_eager=0.01, vs_three_gemm=1.2)
+    split = dict(backend="torch", wall_ms=20.0, gemm_ms=12.0, row_pass_ms=5.0, segment_loss_ms=1.0, rest_ms=2.0,
+                 gemm_calls=3, clock="cpu")
+    rows = [dict(shape="s@1", provider="3 GEMMs", status="ok", fwd_bwd_ms=10.0, vs_three_gemm=1.0, time_vs_eager=0.2),
+            dict(shape="s@1", provider="triton", status="ok", fwd_bwd_ms=12.5, peak_mib=64.0, time_vs_eager=0.4,
+                 memory_vs_eager=0.01, vs_three_gemm=1.2),
+            dict(shape="s@1", provider="torch", status="ok", fwd_bwd_ms=20.0, peak_mib=128.0, time_vs_eager=0.8,
+                 memory_vs_eager=0.02, vs_three_gemm=2.0, three_gemm_ms=10.0, breakdown=split),
+            dict(shape="s@1", provider="liger", status="wrong: relative error 3.0e-01 > 5e-02")]
     env = dict(gpu="NVIDIA H100", device="cuda", date="2026-11-26", torch="2.13.0", triton="3.9.0", git_sha="abc",
-               command="python benchmarks/gpu_check.py")
-    (results / "r.json").write_text(json.dumps(dict(environment=env, dtype="bfloat16", results=[row])))
+               command="python benchmarks/gpu_check.py", liger_kernel="0.8.5", cut_cross_entropy="25.1.1")
+    (results / "r.json").write_text(json.dumps(dict(environment=env, dtype="bfloat16", results=rows)))
     text = summarize.update(readme, results)
-    assert "| s@1 | triton | 12.5 | 64 | 0.40 | 0.010 | 1.20 |" in text and "NVIDIA H100" in text
+    assert "| shape | provider | fwd+bwd ms | x 3 GEMM | time vs eager | extra peak MiB | memory vs eager |" in text
+    assert "| s@1 | triton | 12.5 | 1.20 | 0.40 | 64 | 0.010 |" in text
+    assert "| s@1 | 3 GEMMs | 10.0 | 1.00 | 0.20 |  |  |" in text
+    assert "| s@1 | liger | wrong: relative error 3.0e-01 > 5e-02 |" in text
+    assert "| s@1 | torch | 20.0 | 12.0 (60%) | 5.0 (25%) | 1.0 (5%) | 2.0 (10%) | 3 | 10.0 |" in text
+    assert "NVIDIA H100" in text and "liger-kernel 0.8.5" in text
     assert text.startswith("intro\n") and text.endswith("end\n") and "old" not in text

@@ -125,8 +125,8 @@ def pad_is_eos_trainer(tmp_path_factory):
     from datasets import Dataset
     from transformers import LlamaForCausalLM
 
-    from rankgrpo_kernels.integrations.tiny_recommender import build_tiny_recommender, hit_reward
-    from rankgrpo_kernels.integrations.trl import RankGRPOConfig, RankGRPOTrainer
+    from integrations.tiny_recommender import build_tiny_recommender, hit_reward
+    from rankgrpo_kernels.adapters.trl import RankGRPOConfig, RankGRPOTrainer
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

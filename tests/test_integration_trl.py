@@ -20,20 +20,20 @@ from transformers import LlamaForCausalLM  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from rankgrpo_kernels import rank_advantages, split_items  # noqa: E402
-from rankgrpo_kernels.integrations.hf_model import full_head_tensor, head_rows, run_inside_forward  # noqa: E402
-from rankgrpo_kernels.integrations.plain import (  # noqa: E402
-    item_hits,
+from rankgrpo_kernels.adapters.hf_model import full_head_tensor, head_rows, run_inside_forward  # noqa: E402
+from rankgrpo_kernels.recommender import item_hits  # noqa: E402
+from rankgrpo_kernels.adapters.plain import (  # noqa: E402
     per_rank_tensor,
     rank_grpo_loss_for_model,
     rank_grpo_step_inputs,
 )
-from rankgrpo_kernels.integrations.tiny_recommender import (  # noqa: E402
+from integrations.tiny_recommender import (  # noqa: E402
     ALL_TITLES,
     build_model,
     build_tiny_recommender,
     hit_reward,
 )
-from rankgrpo_kernels.integrations.trl import (  # noqa: E402
+from rankgrpo_kernels.adapters.trl import (  # noqa: E402
     RankGRPOConfig,
     RankGRPOTrainer,
     check_fsdp_plugin,
@@ -94,7 +94,7 @@ def scored_batch(trainer, world, prompts: int = 2):
 
 
 def test_import_of_the_core_library_needs_neither_trl_nor_transformers():
-    code = ("import sys, rankgrpo_kernels, rankgrpo_kernels.integrations; "
+    code = ("import sys, rankgrpo_kernels, rankgrpo_kernels.adapters; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'trl', 'transformers', 'datasets'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -104,10 +104,10 @@ def test_importing_the_adapter_without_trl_says_how_to_install_it():
     code = ("import importlib.metadata as metadata\n"
             "def missing(name):\n    raise metadata.PackageNotFoundError(name)\n"
             "metadata.version = missing\n"
-            "import rankgrpo_kernels.integrations.trl\n")
+            "import rankgrpo_kernels.adapters.trl\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode != 0
-    assert "ImportError: rankgrpo_kernels.integrations.trl needs TRL: pip install" in result.stderr
+    assert "ImportError: rankgrpo_kernels.adapters.trl needs TRL: pip install" in result.stderr
 
 
 @pytest.mark.parametrize("installed", ["1.15.2", "1.17.0", "2.0.0"])

@@ -25,7 +25,7 @@ import torch
 
 pytest.importorskip("trl")
 
-from rankgrpo_kernels.integrations.tiny_recommender import build_tiny_recommender  # noqa: E402
+from integrations.tiny_recommender import build_tiny_recommender  # noqa: E402
 
 from .trl_multiprocess_run import STEPS, run, save_untied_copy  # noqa: E402
 

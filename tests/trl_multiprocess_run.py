@@ -43,7 +43,7 @@ ZERO3_CONFIG = {
 def fixed_completion(tokenizer, prompt_ids: list[int], row: int, generation_round: int) -> list[int]:
     """3 to 5 catalogue titles (now and then separated by blank lines), then EOS: the same in every run, varied
     enough for the per-rank advantages not to vanish."""
-    from rankgrpo_kernels.integrations.tiny_recommender import ALL_TITLES
+    from integrations.tiny_recommender import ALL_TITLES
 
     rng = random.Random(zlib.crc32(repr(prompt_ids).encode()) * 1009 + row * 31 + generation_round)
     titles = rng.sample(ALL_TITLES, rng.choice([3, 4, 4, 5]))
@@ -52,7 +52,7 @@ def fixed_completion(tokenizer, prompt_ids: list[int], row: int, generation_roun
 
 
 def trainer_class():
-    from rankgrpo_kernels.integrations.trl import RankGRPOTrainer
+    from rankgrpo_kernels.adapters.trl import RankGRPOTrainer
 
     class FixedCompletionTrainer(RankGRPOTrainer):
         """``RankGRPOTrainer`` whose sampling returns ``fixed_completion`` for every row."""
@@ -112,7 +112,7 @@ def save_untied_copy(model_dir: str, untied_dir: str) -> None:
 @contextmanager
 def recording_head_types(seen: set[str]):
     """Record the type of the head the fused loss got from the model: a plain tensor, or an FSDP2 DTensor shard."""
-    from rankgrpo_kernels.integrations import trl as adapter
+    from rankgrpo_kernels.adapters import trl as adapter
 
     full_head_tensor = adapter.full_head_tensor
 
@@ -152,8 +152,8 @@ def run(model_dir: str, mode: str, out: str | None = None, loss_type: str = "dap
     from datasets import Dataset
     from transformers import PreTrainedTokenizerFast, PrinterCallback
 
-    from rankgrpo_kernels.integrations.tiny_recommender import hit_reward, recommendation_rows
-    from rankgrpo_kernels.integrations.trl import RankGRPOConfig
+    from integrations.tiny_recommender import hit_reward, recommendation_rows
+    from rankgrpo_kernels.adapters.trl import RankGRPOConfig
 
     extra: dict = {}
     if mode == "fsdp2":

@@ -1,7 +1,7 @@
 """Rank-GRPO in a hand-written PyTorch loop: sample lists with ``generate``, score each rank, take fused-loss steps.
 
 The same tiny recommender as the TRL example (a warm-started model that follows the asked genre only partly),
-trained without any trainer framework through ``rankgrpo_kernels.integrations.plain``. Each batch of
+trained without any trainer framework through ``rankgrpo_kernels.adapters.plain``. Each batch of
 samples is used for two updates; the second is off-policy, so its item ratios use the log-probs recorded before
 the first. A frozen copy of the warm-started model is the KL reference.
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,16 +24,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rankgrpo_kernels.integrations.plain import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: integrations.tiny_recommender
+
+from integrations.tiny_recommender import (  # noqa: E402
+    build_tiny_recommender, hit_rate_per_rank, print_report, quiet_cpu_run,
+)
+from rankgrpo_kernels.adapters.plain import (  # noqa: E402
     completion_logprobs,
-    item_hits,
     rank_grpo_loss_for_model,
     rank_grpo_step_inputs,
     trim_completions,
 )
-from rankgrpo_kernels.integrations.tiny_recommender import (
-    build_tiny_recommender, hit_rate_per_rank, print_report, quiet_cpu_run,
-)
+from rankgrpo_kernels.recommender import item_hits  # noqa: E402
 
 
 def sample_completions(model, tokenizer, prompts: list[str], num_generations: int, temperature: float,

@@ -32,10 +32,12 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PrinterCallback, TrainerCallback
 
-from rankgrpo_kernels.integrations.tiny_recommender import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: integrations.tiny_recommender
+
+from integrations.tiny_recommender import (  # noqa: E402
     build_tiny_recommender, hit_rate_per_rank, hit_reward, print_report, quiet_cpu_run,
 )
-from rankgrpo_kernels.integrations.trl import RankGRPOConfig, RankGRPOTrainer
+from rankgrpo_kernels.adapters.trl import RankGRPOConfig, RankGRPOTrainer  # noqa: E402
 
 
 class RankRewardBar(TrainerCallback):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from rankgrpo_kernels.integrations.tiny_recommender import ALL_TITLES, build_tokenizer
+from integrations.tiny_recommender import ALL_TITLES, build_tokenizer
 
 N, G, PROMPTS = 3, 4, 2
 TEXTS = [

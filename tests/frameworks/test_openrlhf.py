@@ -18,8 +18,8 @@ from openrlhf.models.loss import PolicyLoss
 from openrlhf.trainer.ppo_utils.experience import Experience
 
 from rankgrpo_kernels import rank_advantages, segment_items, token_advantages
-from rankgrpo_kernels.integrations import openrlhf as adapter
-from rankgrpo_kernels.integrations.plain import item_hits
+from rankgrpo_kernels.adapters import openrlhf as adapter
+from rankgrpo_kernels.recommender import item_hits
 from rankgrpo_kernels.reference import reference_loss_from_logps
 
 from . import batch

@@ -16,7 +16,7 @@ from verl.workers.config.actor import ActorConfig, PolicyLossConfig
 from verl.workers.utils import losses
 
 from rankgrpo_kernels import rank_advantages, segment_items, token_advantages
-from rankgrpo_kernels.integrations import verl as adapter
+from rankgrpo_kernels.adapters import verl as adapter
 from rankgrpo_kernels.reference import reference_loss_from_logps
 
 from . import batch
@@ -230,7 +230,7 @@ def test_settings_from_verls_config(tok, verl_run_config, monkeypatch, form):
     """Without install()'s settings, the hook and the policy loss take them from verl's config: rec_num and form from
     actor_rollout_ref.actor.policy_loss (a RankGRPOPolicyLossConfig), the tokenizer from actor_rollout_ref.model."""
     cfg = verl_run_config(
-        "actor_rollout_ref.actor.policy_loss._target_=rankgrpo_kernels.integrations.verl.RankGRPOPolicyLossConfig",
+        "actor_rollout_ref.actor.policy_loss._target_=rankgrpo_kernels.adapters.verl.RankGRPOPolicyLossConfig",
         f"+actor_rollout_ref.actor.policy_loss.rec_num={batch.N}", f"+actor_rollout_ref.actor.policy_loss.form={form}")
     actor = actor_config_from(cfg)
     assert isinstance(actor.policy_loss, adapter.RankGRPOPolicyLossConfig) and actor.policy_loss.rec_num == batch.N

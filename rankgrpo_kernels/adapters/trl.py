@@ -3,8 +3,8 @@ return one list of per-rank values per completion and whose loss is the fused Ra
 
 Usage::
 
-    from rankgrpo_kernels.integrations.plain import item_hits
-    from rankgrpo_kernels.integrations.trl import RankGRPOConfig, RankGRPOTrainer
+    from rankgrpo_kernels.recommender import item_hits
+    from rankgrpo_kernels.adapters.trl import RankGRPOConfig, RankGRPOTrainer
 
     def hits(completions, relevant, **kwargs):  # ``relevant``: a column of the data set
         return [item_hits(text, titles, rec_num=20) for text, titles in zip(completions, relevant)]
@@ -87,7 +87,7 @@ def check_trl_version(installed: str) -> None:
     low, high = SUPPORTED_TRL
     if not low <= Version(installed) < high:
         raise ImportError(
-            f"rankgrpo_kernels.integrations.trl supports trl>={low},<{high}, found trl {installed}: it overrides "
+            f"rankgrpo_kernels.adapters.trl supports trl>={low},<{high}, found trl {installed}: it overrides "
             f"private GRPOTrainer methods whose signatures change between releases. Install a supported release: "
             f"pip install 'trl>={low},<{high}'"
         )
@@ -96,7 +96,7 @@ def check_trl_version(installed: str) -> None:
 try:
     check_trl_version(version("trl"))
 except PackageNotFoundError:
-    raise ImportError("rankgrpo_kernels.integrations.trl needs TRL: pip install 'rankgrpo-kernels[trl]' "
+    raise ImportError("rankgrpo_kernels.adapters.trl needs TRL: pip install 'rankgrpo-kernels[trl]' "
                       "(or pip install 'trl>=1.16,<1.17')") from None
 
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402

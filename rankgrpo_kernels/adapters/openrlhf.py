@@ -32,12 +32,11 @@ from openrlhf.models.loss import PolicyLoss
 from openrlhf.models.utils import masked_mean
 from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
 
-from ..functional import fused_logprobs, rank_grpo_loss_from_logps
+from ..functional import fused_logprobs
 from ..rewards import rank_advantages, token_advantages
 from ..segments import Segments, line_table, segment_items
+from .common import check_form, framework_loss
 from .hf_model import call_head, check_plain_logits, output_head, unwrap_peft
-
-FORMS = ("code", "rank")
 
 
 @dataclass(frozen=True)
@@ -59,8 +58,7 @@ class RankItems:
         return cls(line_table(tokenizer), rec_num, tokenizer.eos_token_id, **kwargs)
 
     def __post_init__(self):
-        if self.form not in FORMS:
-            raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
+        check_form(self.form)
 
     def segments(self, sequences: torch.Tensor, action_mask: torch.Tensor) -> Segments:
         """Items of the action tokens ``sequences[:, -A:]`` under ``action_mask`` (B, A). The window also holds
@@ -104,8 +102,7 @@ class RankGRPOPolicyLoss(PolicyLoss):
                                       "supported with the Rank-GRPO item-level ratio")
         if self.dual_clip is not None and self.dual_clip < 1 + self.clip_eps_high:
             raise ValueError(f"dual_clip={self.dual_clip} must be >= 1 + clip_eps_high with Rank-GRPO")
-        if form not in FORMS:
-            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+        check_form(form)
         if form == "rank" and rec_num is None:
             raise ValueError("form='rank' (the paper form) needs rec_num, the N of -(1/(B N)) sum_k ...")
         self.form, self.rec_num = form, rec_num
@@ -139,24 +136,14 @@ class RankGRPOPolicyLoss(PolicyLoss):
         if item_ids is None:
             raise ValueError("RankGRPOPolicyLoss needs item_ids: pass them or call it inside bind_item_ids(...)")
         mask = torch.ones_like(log_probs, dtype=torch.bool) if action_mask is None else action_mask.bool()
-        B = log_probs.shape[0]
         samples = (mask.sum(-1) > 0).sum().clamp(min=1) if global_batch_size is None else global_batch_size
-        per_sample = self.form == "rank" or not self.token_level_loss  # our 1/B becomes dp_size/global_batch_size
-        if self.form == "rank":
-            loss_type, kwargs = "rank", {"rec_num": self.rec_num}
-        elif self.token_level_loss:
-            loss_type = "bnpo" if batch_num_tokens is None else "dapo"
-            kwargs = {} if batch_num_tokens is None else {"num_items_in_batch": batch_num_tokens / dp_size}
-        else:
-            loss_type, kwargs = "grpo", {}
-        loss, stats = rank_grpo_loss_from_logps(
-            log_probs, item_ids=item_ids, advantages=advantages, completion_mask=mask, old_logps=old_log_probs,
+        loss, stats = framework_loss(
+            log_probs, old_log_probs, advantages, mask, item_ids, form=self.form, rec_num=self.rec_num,
+            per_sample=not self.token_level_loss, samples=samples, dp_size=dp_size,
+            token_count=None if batch_num_tokens is None else batch_num_tokens / dp_size,
             epsilon_low=self.clip_eps_low, epsilon_high=self.clip_eps_high, delta=self.dual_clip,
-            loss_type=loss_type, **kwargs,
         )
         ppo_kl = masked_mean(-(log_probs - old_log_probs).detach(), mask, dim=None)
-        if per_sample:
-            loss = loss * (B * dp_size) / samples
         return loss, stats["clip_ratio_region"].float(), ppo_kl, None, None
 
 

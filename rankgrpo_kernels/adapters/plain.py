@@ -17,31 +17,15 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ..functional import fused_logprobs, rank_grpo_loss
 from ..rewards import rank_advantages, rank_rewards, token_advantages
-from ..segments import Segments, line_table, segment_items, split_items
+from ..segments import Segments, line_table, segment_items
 from .hf_model import call_head, check_plain_logits, completion_hidden_states, output_head
-
-
-def item_hits(text: str, relevant: Iterable[str], rec_num: int, skip_blank_lines: bool = True) -> list[float]:
-    """Per-rank hits (N floats in {0, 1}) of a decoded completion against the relevant items.
-
-    The items are ``split_items(text, skip_blank_lines)``, the very items the token segmentation finds with the same
-    ``skip_blank_lines``; an item is a hit when its stripped text is in ``relevant`` and did not occur at an earlier
-    rank (repeating a title earns nothing). Ranks past the end of the list score 0; items past N are ignored.
-    """
-    wanted = {title.strip() for title in relevant}
-    hits, seen = [], set()
-    for item in split_items(text, skip_blank_lines=skip_blank_lines)[:rec_num]:
-        title = item.strip()
-        hits.append(float(title in wanted and title not in seen))
-        seen.add(title)
-    return hits + [0.0] * (rec_num - len(hits))
 
 
 def per_rank_tensor(rows, rec_num: int, source: str = "hits") -> torch.Tensor:

@@ -23,7 +23,8 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from .plain import item_hits, trim_completions
+from rankgrpo_kernels.adapters.plain import trim_completions
+from rankgrpo_kernels.recommender import item_hits
 
 CATALOGUE = {
     "sci-fi": ["Star Harbor", "Moon Drift", "Orbit Nine", "Quantum Dawn",

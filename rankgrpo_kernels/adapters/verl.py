@@ -40,20 +40,20 @@ from verl.utils import torch_functional as verl_F
 from verl.workers.config.actor import PolicyLossConfig
 from verl.workers.utils import losses
 
-from ..functional import fused_logprobs, rank_grpo_loss_from_logps
+from ..functional import fused_logprobs
 from ..rewards import rank_advantages, token_advantages
 from ..segments import line_table, segment_items
+from .common import check_form, framework_loss
 
 NAME = "rank_grpo"
-FORMS = ("code", "rank")
 _ITEM_IDS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("rank_grpo_item_ids", default=None)
 _SETTINGS: dict[str, Any] = {}  # what install() was given in this process
 _CONFIG_KEYS = ("rec_num", "form", "skip_blank_lines")
 _DEFAULTS = {"form": "code", "skip_blank_lines": True}
 SETUP_HINT = (
-    "call rankgrpo_kernels.integrations.verl.install(tokenizer, rec_num) in every process (the Ray workers' "
+    "call rankgrpo_kernels.adapters.verl.install(tokenizer, rec_num) in every process (the Ray workers' "
     "worker_process_setup_hook, integrations/verl/README.md), or install() there and the settings in verl's config: "
-    "actor_rollout_ref.actor.policy_loss._target_=rankgrpo_kernels.integrations.verl.RankGRPOPolicyLossConfig "
+    "actor_rollout_ref.actor.policy_loss._target_=rankgrpo_kernels.adapters.verl.RankGRPOPolicyLossConfig "
     "+actor_rollout_ref.actor.policy_loss.rec_num=N"
 )
 
@@ -63,7 +63,7 @@ class RankGRPOPolicyLossConfig(PolicyLossConfig):
     """verl's ``PolicyLossConfig`` (``actor_rollout_ref.actor.policy_loss``) with the Rank-GRPO settings, so that a
     run can carry them in its config instead of ``install()``'s arguments::
 
-        actor_rollout_ref.actor.policy_loss._target_=rankgrpo_kernels.integrations.verl.RankGRPOPolicyLossConfig
+        actor_rollout_ref.actor.policy_loss._target_=rankgrpo_kernels.adapters.verl.RankGRPOPolicyLossConfig
         actor_rollout_ref.actor.policy_loss.loss_mode=rank_grpo +actor_rollout_ref.actor.policy_loss.rec_num=20
 
     ``None`` leaves a setting to ``install()`` (or its default: ``form="code"``, ``skip_blank_lines=True``). The
@@ -96,8 +96,8 @@ def _get(section, key):
 def _check_setting(key: str, value):
     if key == "rec_num" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
         raise ValueError(f"rec_num must be an int >= 1, got {value!r}")
-    if key == "form" and value not in FORMS:
-        raise ValueError(f"form must be one of {FORMS}, got {value!r}")
+    if key == "form":
+        check_form(value)
     if key == "skip_blank_lines" and not isinstance(value, bool):
         raise ValueError(f"skip_blank_lines must be a bool, got {value!r}")
     return value
@@ -196,23 +196,16 @@ def compute_policy_loss_rank_grpo(old_log_prob, log_prob, advantages, response_m
     info = config.global_batch_info
     dp = info.get("dp_size", 1) or 1
     mask = response_mask.bool()
-    B = log_prob.shape[0]
     samples = info.get("global_batch_size")
     samples = (mask.sum(-1) > 0).sum().clamp(min=1) if samples is None else samples
     low = config.clip_ratio_low if config.clip_ratio_low is not None else config.clip_ratio
     high = config.clip_ratio_high if config.clip_ratio_high is not None else config.clip_ratio
-    kwargs = {}
     policy_loss, where = _get(config, "policy_loss"), "actor_rollout_ref.actor.policy_loss"
-    paper = _setting("form", policy_loss, where) == "rank"
-    per_sample = paper or loss_agg_mode == "seq-mean-token-mean"  # 1/B -> dp/samples
-    if paper:
-        loss_type, kwargs = "rank", {"rec_num": _setting("rec_num", policy_loss, where)}
-    elif loss_agg_mode == "seq-mean-token-mean":
-        loss_type = "grpo"
-    elif loss_agg_mode == "token-mean" and info.get("batch_num_tokens") is None:
-        loss_type = "bnpo"
-    else:
-        loss_type = "dapo"
+    form = _setting("form", policy_loss, where)
+    per_sample = loss_agg_mode == "seq-mean-token-mean"
+    token_count = None
+    if form == "code" and not per_sample and not (loss_agg_mode == "token-mean" and
+                                                  info.get("batch_num_tokens") is None):
         denominators = {
             "token-mean": lambda: info["batch_num_tokens"] / dp,
             "token-sum": lambda: 1.0 / dp,
@@ -221,10 +214,12 @@ def compute_policy_loss_rank_grpo(old_log_prob, log_prob, advantages, response_m
         }
         if loss_agg_mode not in denominators:
             raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode}")
-        kwargs = {"num_items_in_batch": denominators[loss_agg_mode]()}
-    loss, stats = rank_grpo_loss_from_logps(
-        log_prob, item_ids=item_ids, advantages=advantages, completion_mask=mask, old_logps=old_log_prob,
-        epsilon_low=low, epsilon_high=high, delta=config.get("clip_ratio_c", 3.0), loss_type=loss_type, **kwargs,
+        token_count = denominators[loss_agg_mode]()
+    loss, stats = framework_loss(
+        log_prob, old_log_prob, advantages, mask, item_ids, form=form,
+        rec_num=_setting("rec_num", policy_loss, where) if form == "rank" else None, per_sample=per_sample,
+        token_count=token_count, samples=samples, dp_size=dp, epsilon_low=low, epsilon_high=high,
+        delta=config.get("clip_ratio_c", 3.0),
     )
     ppo_kl = verl_F.masked_mean(-(log_prob - old_log_prob).detach(), mask)
     metrics = {
@@ -234,8 +229,6 @@ def compute_policy_loss_rank_grpo(old_log_prob, log_prob, advantages, response_m
         "actor/rank_clipfrac_high": stats["clip_ratio_high"].item(),
         "actor/rank_ratio_mean": stats["ratio_mean"].item(),
     }
-    if per_sample:
-        loss = loss * (B * dp) / samples
     return loss, metrics
 
 
