@@ -79,17 +79,22 @@ def rows_per_chunk(backend: str, row_length, vocab, hidden_size, dtype, needs_gr
     return budget_bytes // max(1, row_length * bytes_per_token(backend, vocab, hidden_size, dtype, needs_grad))
 
 
-def _grad_buffers(hidden, weight, bias, needs, acc):
+def _grad_buffers(tokens, weight, bias, needs, dtype, acc):
+    """d_hidden (tokens, H) in ``dtype``, d_weight and d_bias in ``acc``; None where not needed. Uninitialised when
+    a chunk will write them (the first writes d_weight and d_bias, later ones add), zeros for no tokens."""
     need_h, need_w, need_b = needs
-    d_hidden = torch.empty_like(hidden) if need_h else None
-    d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-    d_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b and bias is not None else None
+    new = torch.empty if tokens else torch.zeros
+    device = weight.device
+    d_hidden = new(tokens, weight.shape[1], dtype=dtype, device=device) if need_h else None
+    d_weight = new(weight.shape, dtype=acc, device=device) if need_w else None
+    d_bias = new(weight.shape[0], dtype=acc, device=device) if need_b and bias is not None else None
     return d_hidden, d_weight, d_bias
 
 
 def _accumulate_grads(d_logits, scale, h, weight, grads, t0, t1, product):
     """With D (C, V) and ``scale = g / T`` (C,): ``d_hidden[t0:t1] = scale (D W)``, ``d_weight += D^T (scale h)``,
-    ``d_bias += scale^T D``. ``product`` is (C, H) fp32 scratch, or None when ``d_hidden`` is fp32 itself."""
+    ``d_bias += scale^T D``; the first chunk (``t0 == 0``) writes the sums instead of adding to them. ``product``
+    is (C, H) fp32 scratch, or None when ``d_hidden`` is fp32 itself."""
     d_hidden, d_weight, d_bias = grads
     if d_hidden is not None:
         rows = _mm(d_logits, weight, out=d_hidden[t0:t1] if product is None else product[: t1 - t0])
@@ -97,9 +102,13 @@ def _accumulate_grads(d_logits, scale, h, weight, grads, t0, t1, product):
     if d_weight is not None:
         # where, not a product: a token outside the loss may hold a NaN hidden state, and its D row is 0.
         scaled = torch.where(scale[:, None] != 0, h * scale[:, None].to(h.dtype), 0).to(d_logits.dtype)
-        _addmm_(d_weight, d_logits.T, scaled)
+        _sum_into(d_weight, d_logits.T, scaled, t0 == 0)
     if d_bias is not None:
-        _addmm_(d_bias[None], scale[None].to(d_logits.dtype), d_logits)
+        _sum_into(d_bias[None], scale[None].to(d_logits.dtype), d_logits, t0 == 0)
+
+
+def _sum_into(total, a, b, first):
+    return _mm(a, b, out=total) if first else _addmm_(total, a, b)
 
 
 def _finish_grads(grads, weight, bias):
@@ -118,10 +127,10 @@ def loss_and_grads(backend: str, hidden, weight, bias, targets, batch: TokenBatc
     h_op, w_op = _gemm_operands(hidden, weight)
     acc = accumulator_dtype(hidden.dtype)
     grad_dtype = h_op.dtype if any(needs) else None
-    grads = _grad_buffers(hidden, weight, bias, needs, acc)
-    tokens_per_chunk = min(rows, B) * T
-    logits = torch.empty(tokens_per_chunk * V, dtype=acc, device=hidden.device)
-    product = (torch.empty(tokens_per_chunk, H, dtype=acc, device=hidden.device)
+    grads = _grad_buffers(B * T, weight, bias, needs, hidden.dtype, acc)
+    chunk_tokens = min(rows, B) * T
+    logits = torch.empty(chunk_tokens * V, dtype=acc, device=hidden.device)
+    product = (torch.empty(chunk_tokens, H, dtype=acc, device=hidden.device)
                if grads[0] is not None and grads[0].dtype != acc else None)
     loss = torch.zeros((), dtype=acc, device=hidden.device)
     stats = torch.zeros(len(STAT_NAMES), dtype=acc, device=hidden.device)
@@ -180,7 +189,7 @@ def logprob_grads(backend: str, hidden, weight, bias, targets, temperature: floa
     active = grad_logp.reshape(-1).nonzero().squeeze(1)
     n_active = active.numel()
     need_h, need_w, need_b = needs
-    grads = _grad_buffers(h_op.new_empty(n_active, H, dtype=hidden.dtype), weight, bias, needs, acc)
+    grads = _grad_buffers(n_active, weight, bias, needs, hidden.dtype, acc)
     if n_active:
         h, y, lse_active = h_op[active], targets[active], lse.reshape(-1)[active].to(acc)
         scale = grad_logp.reshape(-1)[active].to(acc) / temperature

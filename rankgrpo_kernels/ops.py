@@ -80,8 +80,11 @@ def _fused_loss_backward(ctx, grad_loss, _stats, _d_hidden, _d_weight, _d_bias):
         if not needed:
             grads.append(None)
         elif type(saved) is torch.Tensor and not compiling:
-            # Eager: in place, so the backward's peak holds no second (N, H) and (V, H) tensor.
-            grads.append(saved.mul_(grad_loss.to(saved.dtype)))
+            # Eager: in place, so the backward's peak holds no second (N, H) and (V, H) tensor; on a CPU, where
+            # reading the incoming gradient costs no device sync, a gradient of 1 (loss.backward()) skips the pass.
+            if not (saved.device.type == "cpu" and grad_loss.device.type == "cpu" and bool(grad_loss == 1)):
+                saved.mul_(grad_loss.to(saved.dtype))
+            grads.append(saved)
         else:  # traced (torch.compile, opcheck): out of place, and the compiler plans the memory
             grads.append(saved * grad_loss.to(saved.dtype))
     return (*grads, *([None] * (ctx.num_inputs - 3)))

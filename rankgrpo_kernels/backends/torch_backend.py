@@ -4,9 +4,9 @@ It is the CPU path of ``lm_head`` (which runs the GEMMs for every backend) and t
 Triton (``kernels/``) and CUDA (``csrc/``) backends compute.
 
 row_pass     over a chunk of raw logits ``acc = h W^T`` (C, V): ``z = (acc + b) / T``, ``lse``, ``logp = z_y - lse``,
-             the entropy ``lse - sum p z`` and ``D = onehot(y) - softmax(z)``, written over ``acc`` in place when
-             the gradient dtype is the logits' (else into one new tensor). About six passes over the chunk on a CPU
-             (bias and temperature, max, subtract, exp, sum, scale), each streaming rows that sit in cache.
+             the entropy ``-sum p log p`` and ``D = onehot(y) - softmax(z)``, written over ``acc`` in place when
+             the gradient dtype is the logits' (else into one new tensor). Four streaming passes over the chunk on
+             a CPU (max, softmax in place, max of p, negate), plus bias and temperature when given.
 segment_loss the O(B T) loss with its analytic gradient ``g = dL/dlogp``, without autograd or host sync. With ``w``
              the item's ratio, ``n_k`` its masked token count and ``c_t`` the loss type's weight:
 
@@ -44,33 +44,28 @@ def row_pass(logits, bias, targets, row_mask, inv_temperature, lse_in, grad_dtyp
     in_vocab = (targets >= 0) & (targets < V)
     column = torch.where(in_vocab, targets, 0).long()[:, None]
     target_logit = torch.where(in_vocab, z.gather(1, column)[:, 0], 0)
-    if lse_in is None:
-        shift = z.amax(1)
-        shift = torch.where(torch.isfinite(shift), shift, 0)  # all -inf rows: lse = -inf; NaN and +inf propagate
-    else:
-        shift = lse_in.to(z.dtype)
-    # The entropy needs z - shift next to its exponential: one more (C, V) tensor, only when asked.
-    z_shifted = z - shift[:, None] if want_entropy else None
-    z.sub_(shift[:, None]).exp_()  # exp(z - shift), p up to a row factor
     entropy = None
     if lse_in is None:
-        row_sum = z.sum(1)
-        lse = shift + torch.log(row_sum)
-        if want_entropy:  # lse - sum p z = log S - sum e (z - shift) / S
-            entropy = torch.log(row_sum) - (z * z_shifted).sum(1) / row_sum
-    else:  # the entropy is a forward-only statistic; with a given lse, exp(z - lse) is p already
-        row_sum, lse = torch.ones_like(shift), shift
+        # softmax in place is the one CPU kernel that keeps each row in cache for max, exp, sum and scale; the
+        # largest p = exp(max z - lse) >= 1/V gives lse back without underflow.
+        row_max = z.amax(1)
+        torch.softmax(z, 1, out=z)
+        lse = row_max - torch.log(z.amax(1))
+        if want_entropy:  # -sum p log p: one more (C, V) temporary, only when asked
+            entropy = torch.special.entr(z).sum(1)
+    else:  # a given (global) lse: exp(z - lse) is p already
+        lse = lse_in.to(z.dtype)
+        z.sub_(lse[:, None]).exp_()
     logp = target_logit - lse
     grad = None
     if grad_dtype is not None:
-        z.mul_((-1.0 / row_sum)[:, None])  # -p
-        z.scatter_add_(1, column, in_vocab.to(z.dtype)[:, None])
+        z.neg_().scatter_add_(1, column, in_vocab.to(z.dtype)[:, None])
         grad = z if grad_dtype == z.dtype else z.to(grad_dtype)
     if row_mask is not None:
         logp, lse = torch.where(row_mask, logp, 0), torch.where(row_mask, lse, 0)
         entropy = torch.where(row_mask, entropy, 0) if entropy is not None else None
-        if grad is not None:
-            grad.masked_fill_(~row_mask[:, None], 0)
+        if grad is not None:  # only the rows outside the loss are written (few, and maybe NaN)
+            grad.index_fill_(0, (~row_mask).nonzero().squeeze(1), 0)
     return logp, lse, entropy, grad
 
 
