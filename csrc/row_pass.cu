@@ -189,6 +189,22 @@ __device__ __forceinline__ void write_outputs(const Args& a, int64_t row, float 
 
 // Rows of any width: kVec-wide loads (4 when rows, bias and grad are 16-byte aligned), tiles of
 // kStreamThreads * kStreamUnroll vectors, a scalar tail of V % kVec columns.
+// One tile of the streaming walk: kStreamUnroll vectors of kVec scaled logits a thread, -inf past the last vector.
+template <typename BiasT, int kVec>
+__device__ __forceinline__ void load_tile(const Args& a, const float* row, int64_t base, int64_t vectors,
+                                          float (&z)[kStreamUnroll][kVec]) {
+#pragma unroll
+  for (int k = 0; k < kStreamUnroll; ++k) {
+    const int64_t i = base + k * kStreamThreads + threadIdx.x;
+    if (i < vectors) {
+      load_scaled<BiasT, kVec>(a, row, i * kVec, z[k]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) z[k][j] = kNegInf;
+    }
+  }
+}
+
 template <typename GradT, typename BiasT, int kVec>
 __global__ void __launch_bounds__(kStreamThreads) row_pass_stream_kernel(Args a) {
   __shared__ Online merged[kStreamThreads / kWarpSize];
@@ -208,16 +224,7 @@ __global__ void __launch_bounds__(kStreamThreads) row_pass_stream_kernel(Args a)
     Online o{kNegInf, 0.0f, 0.0f};
     for (int64_t base = 0; base < vectors; base += kTile) {
       float z[kStreamUnroll][kVec];
-#pragma unroll
-      for (int k = 0; k < kStreamUnroll; ++k) {
-        const int64_t i = base + k * kStreamThreads + t;
-        if (i < vectors) {
-          load_scaled<BiasT, kVec>(a, logits_row, i * kVec, z[k]);
-        } else {
-#pragma unroll
-          for (int j = 0; j < kVec; ++j) z[k][j] = kNegInf;
-        }
-      }
+      load_tile<BiasT, kVec>(a, logits_row, base, vectors, z);
 #pragma unroll
       for (int k = 0; k < kStreamUnroll; ++k) {
 #pragma unroll
@@ -242,16 +249,7 @@ __global__ void __launch_bounds__(kStreamThreads) row_pass_stream_kernel(Args a)
     float neg_plogp = 0.0f;
     for (int64_t base = 0; base < vectors; base += kTile) {
       float z[kStreamUnroll][kVec];
-#pragma unroll
-      for (int k = 0; k < kStreamUnroll; ++k) {
-        const int64_t i = base + k * kStreamThreads + t;
-        if (i < vectors) {
-          load_scaled<BiasT, kVec>(a, logits_row, i * kVec, z[k]);
-        } else {
-#pragma unroll
-          for (int j = 0; j < kVec; ++j) z[k][j] = kNegInf;
-        }
-      }
+      load_tile<BiasT, kVec>(a, logits_row, base, vectors, z);
 #pragma unroll
       for (int k = 0; k < kStreamUnroll; ++k) {
         const int64_t c0 = (base + k * kStreamThreads + t) * kVec;

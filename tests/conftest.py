@@ -30,6 +30,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models (hidden size 64) run fastest on one thread, and it keeps parallel CI jobs from oversubscribing
+    the cores; a module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def golden():
     return json.loads(GOLDEN_PATH.read_text())

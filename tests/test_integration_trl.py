@@ -45,18 +45,11 @@ REC_NUM = 4
 SAMPLING_METRICS = ("rewards/rank_1/mean", "rewards/rank_4/mean", "items/emitted_mean", "items/exact_ratio")
 LOSS_METRICS = ("clip_ratio/region_mean", "ratio/mean", "kl")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Hidden size 64: one thread is the fastest, and it keeps parallel CI jobs from oversubscribing the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, _one_thread):
+def world(tmp_path_factory, one_thread):
     """The tiny recommender after a short warm start: lists of titles, not yet good ones (enough for these tests)."""
     return build_tiny_recommender(tmp_path_factory.mktemp("tiny") / "model", rec_num=REC_NUM, warm_steps=60)
 

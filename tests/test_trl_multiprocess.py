@@ -38,17 +38,11 @@ LOGGED = ("reward", "rewards/rank_1/mean", "rewards/rank_4/mean", "items/emitted
 LOGGED_PER_MICRO_BATCH = ("kl", "clip_ratio/region_mean", "ratio/mean")
 needs_deepspeed = pytest.mark.skipif(find_spec("deepspeed") is None, reason="needs DeepSpeed (pip install deepspeed)")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory, _one_thread) -> dict[str, str]:
+def models(tmp_path_factory, one_thread) -> dict[str, str]:
     """The warm-started tiny recommender (tied embeddings) and a copy with an LM head of its own."""
     from transformers.utils import logging as transformers_logging
 
