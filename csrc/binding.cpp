@@ -46,7 +46,6 @@ float* f32(const Tensor& t, const char* name) {
   return t.data_ptr<float>();
 }
 
-// logits (rows, cols) fp32 = h W[v0:v0+cols]^T; bias[v0:v0+cols]; targets, running_*, target_logit (rows,).
 // (B, T) fp32 token tensors, group (B, T) int32, num_bins (B,) int32, normaliser and tokens (1,) fp32,
 // scratch (3, B, T) fp32; writes grad (B, T) and row_sums (B, 5).
 void segment_loss(const Tensor& logps, const OptTensor& old_logps, const OptTensor& ref_logps,
@@ -136,7 +135,7 @@ void row_pass(const Tensor& logits, const OptTensor& bias, const Tensor& targets
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "rankgrpo_kernels CUDA kernels (csrc/): log-prob epilogues and the segment loss";
+  m.doc() = "rankgrpo_kernels CUDA kernels (csrc/): the row pass and the segment loss";
   m.def("segment_loss", &segment_loss);
   m.def("row_pass", &row_pass);
 }

@@ -10,7 +10,7 @@ typedef struct CUstream_st* cudaStream_t;  // the very typedef of <driver_types.
 
 namespace rankgrpo {
 
-// Element type of the GEMM operands (hidden, weight, bias, dZ).
+// Element type of the GEMM operands (hidden, weight, bias, D = onehot - softmax).
 enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 const char* error_string(int code);

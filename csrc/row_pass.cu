@@ -187,8 +187,6 @@ __device__ __forceinline__ void write_outputs(const Args& a, int64_t row, float 
   if (a.entropy != nullptr) a.entropy[row] = entropy;
 }
 
-// Rows of any width: kVec-wide loads (4 when rows, bias and grad are 16-byte aligned), tiles of
-// kStreamThreads * kStreamUnroll vectors, a scalar tail of V % kVec columns.
 // One tile of the streaming walk: kStreamUnroll vectors of kVec scaled logits a thread, -inf past the last vector.
 template <typename BiasT, int kVec>
 __device__ __forceinline__ void load_tile(const Args& a, const float* row, int64_t base, int64_t vectors,
@@ -205,6 +203,8 @@ __device__ __forceinline__ void load_tile(const Args& a, const float* row, int64
   }
 }
 
+// Rows of any width: kVec-wide loads (4 when rows, bias and grad are 16-byte aligned), tiles of
+// kStreamThreads * kStreamUnroll vectors, a scalar tail of V % kVec columns.
 template <typename GradT, typename BiasT, int kVec>
 __global__ void __launch_bounds__(kStreamThreads) row_pass_stream_kernel(Args a) {
   __shared__ Online merged[kStreamThreads / kWarpSize];

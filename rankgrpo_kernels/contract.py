@@ -50,7 +50,8 @@ class LossConfig:
 class TokenBatch:
     """Token-level inputs of the segment loss, all (B, T) on one device.
 
-    ``group`` holds dense group ids in [0, B*T) (one per distinct (row, item id)), -1 outside the loss;
+    ``group`` holds dense group ids (one per distinct (row, item id)), -1 outside the loss; those of row b lie in
+    [b*T, b*T + T), as ``dense_groups`` numbers them (``rows`` and ``row_relative_groups`` rely on it);
     ``mask`` is True exactly where ``group >= 0``. ``normaliser`` is the scalar of the loss type (B for grpo,
     sum M for bnpo, B * L_max for dr_grpo, num_items_in_batch for dapo, B * N for rank) and ``tokens`` the number
     of loss tokens (clamped to >= 1), both of the whole batch: a slice of rows (``rows``) keeps them, so its loss

@@ -9,7 +9,7 @@ Three all-reduces combine them:
     logp = sum_r z_y,r - lse
     entropy = lse - sum_r exp(lse_r - lse) E_r[z]
 
-The O(N) segment loss then runs identically on every rank. In the backward each rank forms ``dZ`` for its rows with
+The O(N) segment loss then runs identically on every rank. In the backward each rank forms ``D`` for its rows with
 the global ``lse``, keeps ``d_weight`` and ``d_bias`` local and all-reduces ``d_hidden``. Since this lives at the
 level of the log-probs (``lm_head``'s recompute path), it works for every backend.
 

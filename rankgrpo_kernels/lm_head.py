@@ -9,7 +9,8 @@ only on the log-probs of its own item and on normalisers fixed by the masks, so 
 ``g`` as soon as its log-probs exist. Per chunk of C = rows * T tokens::
 
     Z          = h_c W^T                  GEMM, fp32 output and accumulation: the only (C, V) buffer
-    D, logp    = row_pass(Z)              one fused pass; D overwrites Z in the GEMM operand dtype
+    D, logp    = row_pass(Z)              one fused pass; D overwrites Z in the GEMM operand dtype (the torch
+                                          backend with half operands on CUDA writes a separate D)
     g          = segment_loss(logp)       O(C), the chunk's exact share of the loss and statistics
     d_hidden_c = (g / T) * (D W)          GEMM with fp32 output, one row scale and cast
     d_weight  += D^T ((g / T) * h_c)      GEMM accumulating in fp32 in place (beta = 1)
@@ -42,10 +43,16 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _gemm_operands(hidden, weight):
+def gemm_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The GEMM operand dtype (and so D's): the inputs' on CUDA and for fp32/fp64, fp32 for half inputs on a CPU."""
     if hidden.device.type == "cuda" or hidden.dtype == accumulator_dtype(hidden.dtype):
-        return hidden, weight
-    return hidden.float(), weight.float()
+        return hidden.dtype
+    return torch.float32
+
+
+def _gemm_operands(hidden, weight):
+    dtype = gemm_dtype(hidden)
+    return hidden.to(dtype), weight.to(dtype)
 
 
 def _mm(a, b, out):
@@ -63,8 +70,9 @@ def _addmm_(total, a, b):
 
 
 def bytes_per_token(backend: str, vocab, hidden_size, dtype, needs_grad) -> int:
-    """Scratch per token of a chunk: its fp32 logits row (plus a separate D row where the backend cannot write D in
-    place), and with gradients its fp32 (D W) row and its scaled hidden row."""
+    """Scratch per token of a chunk with GEMM operands of ``dtype`` (``gemm_dtype``): its fp32 logits row (plus a
+    separate D row where the backend cannot write D in place), and with gradients its fp32 (D W) row and its
+    scaled hidden row."""
     acc = accumulator_dtype(dtype)
     grad_dtype = dtype if needs_grad else None
     per_logit = acc.itemsize
@@ -164,7 +172,7 @@ def logprobs(backend: str, hidden, weight, bias, targets, temperature: float, bu
     N, V = hidden.shape[0], weight.shape[0]
     h_op, w_op = _gemm_operands(hidden, weight)
     acc = accumulator_dtype(hidden.dtype)
-    chunk = tokens_per_chunk(backend, V, hidden.shape[1], hidden.dtype, False, budget_bytes)
+    chunk = tokens_per_chunk(backend, V, hidden.shape[1], h_op.dtype, False, budget_bytes)
     logits = torch.empty(min(N, chunk) * V, dtype=acc, device=hidden.device)
     logp, lse = (torch.empty(N, dtype=acc, device=hidden.device) for _ in range(2))
     entropy = torch.empty(N, dtype=acc, device=hidden.device) if want_entropy else None
@@ -193,7 +201,7 @@ def logprob_grads(backend: str, hidden, weight, bias, targets, temperature: floa
     if n_active:
         h, y, lse_active = h_op[active], targets[active], lse.reshape(-1)[active].to(acc)
         scale = grad_logp.reshape(-1)[active].to(acc) / temperature
-        chunk = tokens_per_chunk(backend, V, H, hidden.dtype, True, budget_bytes)
+        chunk = tokens_per_chunk(backend, V, H, h_op.dtype, True, budget_bytes)
         logits = torch.empty(min(n_active, chunk) * V, dtype=acc, device=hidden.device)
         product = (torch.empty(min(n_active, chunk), H, dtype=acc, device=hidden.device)
                    if need_h and hidden.dtype != acc else None)

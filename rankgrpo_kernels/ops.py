@@ -4,7 +4,7 @@
 rankgrpo::fused_loss       (hidden (N, H), weight, bias, targets (N,), token-level loss inputs (B, T)) ->
                            loss, stats, d_hidden, d_weight, d_bias      the gradients are formed in the forward
 rankgrpo::fused_logprobs   (hidden, weight, bias, targets) -> logp, lse, entropy    differentiable in logp
-rankgrpo::logprob_backward the LM-head gradients from ``grad_logp`` (the recompute path's backward)
+rankgrpo::logprob_grads the LM-head gradients from ``grad_logp`` (the recompute path's backward)
 rankgrpo::loss_from_logps  (logps (B, T), loss inputs) -> loss, stats, grad_logp    differentiable in logps
 
 The loss is the last op, so its forward already knows every gradient; its backward only scales them by the
@@ -56,9 +56,9 @@ def _(hidden, weight, bias, targets, old_logps, ref_logps, advantages, group, ma
       epsilon_high, delta, beta, loss_type, temperature, compute_entropy, rows_per_chunk, need_hidden, need_weight,
       need_bias, backend):
     return (*_fake_loss_outputs(hidden),
-            torch.empty_like(hidden) if need_hidden else hidden.new_empty(_EMPTY),
-            torch.empty_like(weight) if need_weight else hidden.new_empty(_EMPTY),
-            torch.empty_like(bias) if need_bias and bias is not None else hidden.new_empty(_EMPTY))
+            hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(_EMPTY),
+            weight.new_empty(weight.shape) if need_weight else hidden.new_empty(_EMPTY),
+            bias.new_empty(bias.shape) if need_bias and bias is not None else hidden.new_empty(_EMPTY))
 
 
 def _fused_loss_setup(ctx, inputs, output):
@@ -74,7 +74,6 @@ def _fused_loss_backward(ctx, grad_loss, _stats, _d_hidden, _d_weight, _d_bias):
                            "backward, so its graph runs backward once: call the loss again instead of "
                            "retain_graph=True")
     compiling = torch.compiler.is_compiling()
-    ctx.spent = not compiling
     grads = []
     for saved, needed in zip(ctx.saved_tensors, ctx.needs):
         if not needed:
@@ -85,6 +84,7 @@ def _fused_loss_backward(ctx, grad_loss, _stats, _d_hidden, _d_weight, _d_bias):
             if not (saved.device.type == "cpu" and grad_loss.device.type == "cpu" and bool(grad_loss == 1)):
                 saved.mul_(grad_loss.to(saved.dtype))
             grads.append(saved)
+            ctx.spent = True
         else:  # traced (torch.compile, opcheck): out of place, and the compiler plans the memory
             grads.append(saved * grad_loss.to(saved.dtype))
     return (*grads, *([None] * (ctx.num_inputs - 3)))
@@ -95,8 +95,8 @@ fused_loss.register_autograd(_fused_loss_backward, setup_context=_fused_loss_set
 
 # --- the recompute path: log-probs, and their gradients in the backward -------------------------------------------
 
-@torch.library.custom_op("rankgrpo::logprob_backward", mutates_args=())
-def logprob_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, temperature: float,
+@torch.library.custom_op("rankgrpo::logprob_grads", mutates_args=())
+def logprob_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, temperature: float,
                      lse: Tensor, grad_logp: Tensor, budget: int, need_hidden: bool, need_weight: bool,
                      need_bias: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     grads = lm_head.logprob_grads(backend, hidden, weight, bias, targets, temperature, lse,
@@ -104,12 +104,12 @@ def logprob_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tar
     return tuple(_empty_if_none(g, hidden) for g in grads)
 
 
-@logprob_backward.register_fake
+@logprob_grads.register_fake
 def _(hidden, weight, bias, targets, temperature, lse, grad_logp, budget, need_hidden, need_weight, need_bias,
       backend):
-    return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(_EMPTY),
-            torch.empty_like(weight) if need_weight else hidden.new_empty(_EMPTY),
-            torch.empty_like(bias) if need_bias and bias is not None else hidden.new_empty(_EMPTY))
+    return (hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(_EMPTY),
+            weight.new_empty(weight.shape) if need_weight else hidden.new_empty(_EMPTY),
+            bias.new_empty(bias.shape) if need_bias and bias is not None else hidden.new_empty(_EMPTY))
 
 
 @torch.library.custom_op("rankgrpo::fused_logprobs", mutates_args=())
@@ -138,7 +138,7 @@ def _fused_logprobs_backward(ctx, grad_logp, _lse, _entropy):
     hidden, weight, bias, targets, lse = ctx.saved_tensors
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
     need_bias = need_bias and bias is not None
-    d_hidden, d_weight, d_bias = logprob_backward(hidden, weight, bias, targets, ctx.temperature, lse, grad_logp,
+    d_hidden, d_weight, d_bias = logprob_grads(hidden, weight, bias, targets, ctx.temperature, lse, grad_logp,
                                                   ctx.budget, need_hidden, need_weight, need_bias, ctx.backend)
     return (d_hidden if need_hidden else None, d_weight if need_weight else None, d_bias if need_bias else None,
             *([None] * (ctx.num_inputs - 3)))

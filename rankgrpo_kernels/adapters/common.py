@@ -11,8 +11,6 @@ loss types as follows (B: the micro-batch's rows, ``samples``: the global batch'
 
 from __future__ import annotations
 
-import torch
-
 from ..functional import rank_grpo_loss_from_logps
 
 FORMS = ("code", "rank")

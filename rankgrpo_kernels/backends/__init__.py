@@ -11,6 +11,7 @@ module and one entry: ``tests/test_backends.py`` runs every available entry thro
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
 
@@ -29,7 +30,6 @@ class Backend:
     dtypes: tuple[torch.dtype, ...]
     needs_cuda: bool  # True: CUDA tensors only (Triton also runs on the CPU under TRITON_INTERPRET=1)
     d_in_place_any_dtype: bool  # the row pass writes D over the fp32 logits in any dtype (else only in fp32)
-    summary: str
 
     def grad_in_place(self, acc_dtype: torch.dtype, grad_dtype: torch.dtype | None) -> bool:
         """Whether D overwrites the logits buffer (else the row pass needs one (C, V) tensor of ``grad_dtype``)."""
@@ -59,12 +59,12 @@ class Backend:
 REGISTRY = {
     backend.name: backend
     for backend in (
-        Backend("torch", ".torch_backend", (torch.float64, torch.float32, *HALF), False, False,
-                "torch ops, any device; the CPU path"),
-        Backend("triton", ".triton_backend", (torch.float32, *HALF), True, True,
-                "Triton row pass and segment loss (CUDA sm_80+, or the CPU interpreter)"),
-        Backend("cuda", ".cuda_backend", (torch.float32, *HALF), True, True,
-                "CUDA row pass and segment loss from csrc/ (CUDA sm_80+)"),
+        # torch ops, any device: the CPU path
+        Backend("torch", ".torch_backend", (torch.float64, torch.float32, *HALF), False, False),
+        # Triton kernels (kernels/): CUDA sm_80+, or the CPU under TRITON_INTERPRET=1
+        Backend("triton", ".triton_backend", (torch.float32, *HALF), True, True),
+        # CUDA kernels (csrc/): CUDA sm_80+
+        Backend("cuda", ".cuda_backend", (torch.float32, *HALF), True, True),
     )
 }
 AUTO_ORDER = ("triton", "torch")  # what "auto" tries, first that can run
@@ -88,17 +88,32 @@ def load(name: str):
 def choose(name: str, device: torch.device, dtype: torch.dtype) -> str:
     """Resolve ``auto`` to a backend name for tensors on ``device`` of ``dtype``; refuse what cannot run."""
     if name == "auto":
-        for candidate in AUTO_ORDER:
-            if (device.type == "cuda" or not REGISTRY[candidate].needs_cuda) and \
-                    REGISTRY[candidate].refusal(device, dtype) is None:
+        candidates = [c for c in AUTO_ORDER if device.type == "cuda" or not REGISTRY[c].needs_cuda]
+        for candidate in candidates:
+            if REGISTRY[candidate].refusal(device, dtype) is None:
                 return candidate
-        return "torch"
+        raise ValueError(REGISTRY[candidates[-1]].refusal(device, dtype))
     if name not in REGISTRY:
         raise ValueError(f"backend must be 'auto' or one of {tuple(REGISTRY)}, got {name!r}")
     reason = REGISTRY[name].refusal(device, dtype)
     if reason is not None:
         raise ValueError(reason)
     return name
+
+
+def on_input_device(fn):
+    """Run a backend function with its first tensor's GPU as the current device, so that its kernels launch there
+    (on that device's current stream) whatever device is current."""
+
+    @functools.wraps(fn)
+    def run(first, *args, **kwargs):
+        device = (first.mask if hasattr(first, "mask") else first).device
+        if device.type != "cuda":
+            return fn(first, *args, **kwargs)
+        with torch.cuda.device(device):
+            return fn(first, *args, **kwargs)
+
+    return run
 
 
 def available(device: torch.device, dtype: torch.dtype) -> list[str]:

@@ -3,7 +3,8 @@ kernels around ``lm_head``'s cuBLAS GEMMs, through the thin binding ``csrc/bindi
 
 row_pass      one block per row: bias and temperature, log-sum-exp, target logit, entropy and ``D = onehot(y) -
               softmax(z)`` written over the fp32 logits in the GEMM operand dtype (4 + 2 bytes per logit for bf16
-              where the row is held in registers, V <= 16384; 8 + 2 otherwise). Deterministic, no atomics.
+              where the row is held in registers: V <= 16384 with 16-byte aligned rows, V % 4 == 0; 8 + 2
+              otherwise). Deterministic, no atomics.
 segment_loss  one block per row, linear in the row length: the loss, the statistics and ``g = dL/dlogp`` (fp32).
 
 The extension is the one ``setup.py`` prebuilt (``rankgrpo_kernels._cuda``) or is compiled just in time from
@@ -15,13 +16,13 @@ Equivalent PyTorch: ``torch_backend.row_pass`` and ``torch_backend.segment_loss`
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import torch
 
 from ..contract import LOG_RATIO_LIMIT, ROW_SUMS, WEIGHTING, LossConfig, TokenBatch, loss_from_row_sums
 from ..contract import row_relative_groups
+from . import on_input_device
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 
@@ -67,21 +68,7 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-def _on_input_device(fn):
-    """Run ``fn`` with its inputs' GPU as the current device: the kernels launch there, on its current stream."""
-
-    @functools.wraps(fn)
-    def run(first, *args, **kwargs):
-        device = (first.mask if isinstance(first, TokenBatch) else first).device
-        if device.type != "cuda":
-            raise ValueError("backend='cuda' runs on CUDA tensors")
-        with torch.cuda.device(device):
-            return fn(first, *args, **kwargs)
-
-    return run
-
-
-@_on_input_device
+@on_input_device
 def row_pass(logits, bias, targets, row_mask, inv_temperature, lse_in, grad_dtype, want_entropy):
     """Same contract as ``torch_backend.row_pass``; D is written over the logits (row r of D starts where row r of
     the logits starts, a strided view that cuBLAS takes as is)."""
@@ -101,7 +88,7 @@ def row_pass(logits, bias, targets, row_mask, inv_temperature, lse_in, grad_dtyp
     return logp, lse, entropy, grad
 
 
-@_on_input_device
+@on_input_device
 def segment_loss(batch: TokenBatch, cfg: LossConfig):
     """Same contract as ``torch_backend.segment_loss``: (loss, stats, grad (B, T)) in fp32."""
     B, T = batch.mask.shape

@@ -125,7 +125,8 @@ def _segment_loss(batch: TokenBatch, cfg: LossConfig):
 
     # dL/dw summed over each item, then dw/dl_u = w / n_k for each of its tokens.
     dloss_dw = _bin_sum(-c * a * act, group, B * T)
-    g = (dloss_dw * w_bin * unsaturated / n_bin.clamp(min=1))[group] * m
+    # where, not * m: tokens outside the loss read bin 0, which a NaN log-prob of a loss token may fill
+    g = torch.where(in_loss, (dloss_dw * w_bin * unsaturated / n_bin.clamp(min=1))[group], 0)
 
     kl_mean = torch.zeros((), dtype=dtype, device=l.device)  # reported only when ref_logps are given
     if batch.ref_logps is not None:

@@ -6,12 +6,16 @@ tests. The kernels take plain tensors; this module adapts the shared contract to
 from __future__ import annotations
 
 from ..contract import LOG_RATIO_LIMIT, WEIGHTING, LossConfig, TokenBatch, loss_from_row_sums, row_relative_groups
+from ..kernels import row_pass as _row_pass
 from ..kernels import segment_loss as _segment
-from ..kernels.row_pass import row_pass
+from . import on_input_device
 
 __all__ = ["row_pass", "segment_loss"]
 
+row_pass = on_input_device(_row_pass.row_pass)
 
+
+@on_input_device
 def segment_loss(batch: TokenBatch, cfg: LossConfig):
     """Same contract as ``torch_backend.segment_loss``: (loss, stats, grad (B, T)) in fp32, from the leaf launcher
     ``kernels.segment_loss.segment_loss_rows`` (row-relative groups in, per-row sums out)."""
