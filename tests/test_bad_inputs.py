@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from rankgrpo_kernels import (
-    RankGRPOLoss, fused_logprobs, rank_advantages, rank_grpo_loss, rank_grpo_loss_from_logps, rank_rewards,
-    segment_items, split_items, token_advantages,
+    RankGRPOLoss, backends, fused_logprobs, rank_advantages, rank_grpo_loss, rank_grpo_loss_from_logps,
+    rank_rewards, segment_items, split_items, token_advantages,
 )
 
 from .helpers import random_loss_batch
@@ -161,3 +161,23 @@ def test_segmentation_rejects():
     seg = segment_items(ids, mask, table, 2)
     with pytest.raises(ValueError, match="rank_advantages"):
         token_advantages(torch.zeros(2, 3), seg)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf")])
+def test_infinite_logps_on_loss_tokens_are_rejected(batch, value):
+    batch["completion_mask"][:] = True
+    batch["logps"][1, 1] = value
+    with pytest.raises(ValueError, match="logps must be finite"):
+        _from_logps(batch)
+
+
+@pytest.mark.parametrize("backend", backends.available(torch.device("cpu"), torch.float32))
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_unchecked_non_finite_logps_give_a_non_finite_loss(batch, monkeypatch, backend, value):
+    """With the checks off, a non-finite log-prob in the loss still reaches the loss, on-policy too (where the
+    ratio is 1 whatever the log-prob), on every backend: a NaN guard on the loss fires."""
+    monkeypatch.setenv("RANKGRPO_VALIDATE", "0")
+    batch["completion_mask"][:] = True
+    batch["logps"][1, 1] = value
+    loss, _ = _from_logps(batch, old_logps=None, backend=backend)
+    assert not torch.isfinite(loss)
