@@ -202,9 +202,6 @@ def rank_grpo_loss(
     needs = _needs_grads(hidden, weight, bias)
     rows = lm_head.rows_per_chunk(backend, T, weight.shape[0], hidden.shape[-1], lm_head.gemm_dtype(hidden),
                                   any(needs), budget)
-    if hidden.dtype == torch.float16 and any(needs):
-        warnings.warn("rank_grpo_loss forms float16 gradients in the forward, before any loss scale (GradScaler) "
-                      "multiplies them, so tiny ones can flush to zero: prefer bfloat16", stacklevel=2)
     if process_group is None and rows >= 1:
         loss, stats, *_ = ops.fused_loss(hidden2d, weight, bias, targets, *_loss_operands(batch, cfg),
                                          float(temperature), bool(compute_entropy), rows, *needs, backend)

@@ -33,6 +33,8 @@ Equivalent PyTorch (holding all logits)::
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import backends
@@ -62,11 +64,12 @@ def _mm(a, b, out):
     return torch.mm(a, b, out_dtype=out.dtype, out=out)
 
 
-def _addmm_(total, a, b):
-    """``total += a @ b`` inside the GEMM (beta = 1), accumulating in ``total``'s precision."""
+def _addmm_(total, a, b, *, beta=1.0, alpha=1.0):
+    """``total = beta total + alpha a @ b`` inside the GEMM, accumulating in ``total``'s precision (``beta = 0``
+    writes without reading ``total``)."""
     if a.dtype == total.dtype:
-        return total.addmm_(a, b)
-    return torch.addmm(total, a, b, out_dtype=total.dtype, out=total)
+        return torch.addmm(total, a, b, beta=beta, alpha=alpha, out=total)
+    return torch.addmm(total, a, b, out_dtype=total.dtype, beta=beta, alpha=alpha, out=total)
 
 
 def bytes_per_token(backend: str, vocab, hidden_size, dtype, needs_grad) -> int:
@@ -107,35 +110,52 @@ def _accumulate_grads(d_logits, scale, h, weight, grads, t0, t1, product):
     if d_hidden is not None:
         rows = _mm(d_logits, weight, out=d_hidden[t0:t1] if product is None else product[: t1 - t0])
         torch.mul(rows, scale[:, None].to(rows.dtype), out=d_hidden[t0:t1])
+    if d_weight is None and d_bias is None:
+        return
+    factor = _operand_factor(scale, d_logits.dtype)
+    accumulate = dict(beta=0.0 if t0 == 0 else 1.0, alpha=1.0 / factor)
     if d_weight is not None:
         # where, not a product: a token outside the loss may hold a NaN hidden state, and its D row is 0.
-        scaled = torch.where(scale[:, None] != 0, h * scale[:, None].to(h.dtype), 0).to(d_logits.dtype)
-        _sum_into(d_weight, d_logits.T, scaled, t0 == 0)
+        scaled = torch.where(scale[:, None] != 0, h * (scale[:, None] * factor), 0).to(d_logits.dtype)
+        _addmm_(d_weight, d_logits.T, scaled, **accumulate)
     if d_bias is not None:
-        _sum_into(d_bias[None], scale[None].to(d_logits.dtype), d_logits, t0 == 0)
+        _addmm_(d_bias[None], (scale[None] * factor).to(d_logits.dtype), d_logits, **accumulate)
 
 
-def _sum_into(total, a, b, first):
-    return _mm(a, b, out=total) if first else _addmm_(total, a, b)
+def _operand_factor(scale, dtype) -> float:
+    """A power of two that brings ``scale = g / T`` near 1 before it enters an fp16 GEMM operand, whose normal range
+    stops at 6e-5 (bnpo over 16k tokens puts g near there); the GEMM's alpha takes it out again. One host sync per
+    chunk, for fp16 only; 1 for other dtypes (bf16 has fp32's range)."""
+    if dtype != torch.float16:
+        return 1.0
+    peak = float(scale.abs().amax()) if scale.numel() else 0.0
+    return 2.0 ** -math.floor(math.log2(peak)) if 0.0 < peak < math.inf else 1.0
 
 
-def _finish_grads(grads, weight, bias):
+def _finish_grads(grads, dtype):
     d_hidden, d_weight, d_bias = grads
-    return (d_hidden, d_weight.to(weight.dtype) if d_weight is not None else None,
-            d_bias.to(bias.dtype) if d_bias is not None else None)
+    return (d_hidden, d_weight.to(dtype) if d_weight is not None else None,
+            d_bias.to(dtype) if d_bias is not None else None)
+
+
+def saved_grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the gradients ``loss_and_grads`` returns: the inputs', but fp32 for fp16 inputs, whose tiny
+    gradients would flush to zero before the backward applies a loss scale (``GradScaler``)."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def loss_and_grads(backend: str, hidden, weight, bias, targets, batch: TokenBatch, cfg: LossConfig, temperature: float,
                    compute_entropy: bool, rows: int, needs: tuple[bool, bool, bool]):
     """Loss, statistics and the gradients (d_hidden, d_weight, d_bias; None where ``needs`` says so) of the fused
-    loss, ``rows`` whole rows per chunk (``rows_per_chunk``). ``batch.logps`` and ``batch.entropy`` are unused."""
+    loss, ``rows`` whole rows per chunk (``rows_per_chunk``), in ``saved_grad_dtype``. ``batch.logps`` and
+    ``batch.entropy`` are unused."""
     impl = backends.load(backend)
     B, T = batch.mask.shape
     V, H = weight.shape
     h_op, w_op = _gemm_operands(hidden, weight)
     acc = accumulator_dtype(hidden.dtype)
     grad_dtype = h_op.dtype if any(needs) else None
-    grads = _grad_buffers(B * T, weight, bias, needs, hidden.dtype, acc)
+    grads = _grad_buffers(B * T, weight, bias, needs, saved_grad_dtype(hidden.dtype), acc)
     chunk_tokens = min(rows, B) * T
     logits = torch.empty(chunk_tokens * V, dtype=acc, device=hidden.device)
     product = (torch.empty(chunk_tokens, H, dtype=acc, device=hidden.device)
@@ -157,7 +177,7 @@ def loss_and_grads(backend: str, hidden, weight, bias, targets, batch: TokenBatc
         stats += chunk_stats
         if grad_dtype is not None:
             _accumulate_grads(d_logits, g.reshape(-1).to(acc) * inv_t, h_op[t0:t1], w_op, grads, t0, t1, product)
-    return (loss, stats, *_finish_grads(grads, weight, bias))
+    return (loss, stats, *_finish_grads(grads, saved_grad_dtype(weight.dtype)))
 
 
 def tokens_per_chunk(backend: str, vocab, hidden_size, dtype, needs_grad, budget_bytes) -> int:
@@ -211,7 +231,7 @@ def logprob_grads(backend: str, hidden, weight, bias, targets, temperature: floa
             d_logits = impl.row_pass(z, bias, y[t0:t1], None, 1.0 / temperature, lse_active[t0:t1], h_op.dtype,
                                      False)[3]
             _accumulate_grads(d_logits, scale[t0:t1], h[t0:t1], w_op, grads, t0, t1, product)
-    d_hidden, d_weight, d_bias = _finish_grads(grads, weight, bias)
+    d_hidden, d_weight, d_bias = _finish_grads(grads, weight.dtype)
     if need_h:
         d_hidden = torch.zeros_like(hidden).index_copy_(0, active, d_hidden)
     return d_hidden, d_weight, d_bias

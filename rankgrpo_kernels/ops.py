@@ -55,16 +55,18 @@ def fused_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: 
 def _(hidden, weight, bias, targets, old_logps, ref_logps, advantages, group, mask, normaliser, tokens, epsilon_low,
       epsilon_high, delta, beta, loss_type, temperature, compute_entropy, rows_per_chunk, need_hidden, need_weight,
       need_bias, backend):
+    dtype = lm_head.saved_grad_dtype(hidden.dtype)
     return (*_fake_loss_outputs(hidden),
-            hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(_EMPTY),
-            weight.new_empty(weight.shape) if need_weight else hidden.new_empty(_EMPTY),
-            bias.new_empty(bias.shape) if need_bias and bias is not None else hidden.new_empty(_EMPTY))
+            hidden.new_empty(hidden.shape, dtype=dtype) if need_hidden else hidden.new_empty(_EMPTY),
+            weight.new_empty(weight.shape, dtype=dtype) if need_weight else hidden.new_empty(_EMPTY),
+            bias.new_empty(bias.shape, dtype=dtype) if need_bias and bias is not None else hidden.new_empty(_EMPTY))
 
 
 def _fused_loss_setup(ctx, inputs, output):
     ctx.save_for_backward(*output[2:])
     need_hidden, need_weight, need_bias = inputs[19:22]
     ctx.needs = (need_hidden, need_weight, need_bias and inputs[2] is not None)
+    ctx.input_dtype = inputs[0].dtype
     ctx.num_inputs, ctx.spent = len(inputs), False
 
 
@@ -83,10 +85,10 @@ def _fused_loss_backward(ctx, grad_loss, _stats, _d_hidden, _d_weight, _d_bias):
             # reading the incoming gradient costs no device sync, a gradient of 1 (loss.backward()) skips the pass.
             if not (saved.device.type == "cpu" and grad_loss.device.type == "cpu" and bool(grad_loss == 1)):
                 saved.mul_(grad_loss.to(saved.dtype))
-            grads.append(saved)
+            grads.append(saved.to(ctx.input_dtype))  # fp16 inputs: fp32 gradients cast after the loss scale
             ctx.spent = True
         else:  # traced (torch.compile, opcheck): out of place, and the compiler plans the memory
-            grads.append(saved * grad_loss.to(saved.dtype))
+            grads.append((saved * grad_loss.to(saved.dtype)).to(ctx.input_dtype))
     return (*grads, *([None] * (ctx.num_inputs - 3)))
 
 

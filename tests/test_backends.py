@@ -413,9 +413,12 @@ def _op_inputs(device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("rows", [1, 2])
-def test_opcheck_fused_loss(backend, rows):
+@pytest.mark.parametrize("rows,dtype", [(1, torch.float32), (2, torch.float32), (2, torch.float16)])
+def test_opcheck_fused_loss(backend, rows, dtype):
+    """fp16 included: its saved gradients are fp32 (cast after the loss scale), and the fake must say so."""
     b = _op_inputs(DEVICE)
+    for name in ("hidden", "weight", "bias"):
+        b[name] = b[name].detach().to(dtype).requires_grad_()
     args = (b["hidden"], b["weight"], b["bias"], b["targets"], b["old_logps"], b["ref_logps"], b["advantages"],
             b["group"], b["mask"], b["normaliser"], b["tokens"], 0.2, 0.28, 1.5, 0.01, "bnpo", 0.9, True, rows,
             True, True, True, backend)

@@ -107,3 +107,17 @@ def test_one_rank_nccl_matches_unsharded(tmp_path):
     torch.testing.assert_close(sharded, whole, rtol=1e-5, atol=1e-6)
     for got, want in zip(sharded_grads, torch.autograd.grad(whole, (hidden, weight))):
         assert _relative(got, want) < 1e-2
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
+def test_fp16_tiny_gradients_survive_a_loss_scale(backend):
+    """fp16: bnpo over 16k tokens puts g near fp16's smallest normal; the gradients formed in the forward stay in
+    fp32 until the backward has applied the loss scale, and enter the fp16 GEMMs rescaled by a power of two."""
+    hidden, weight, targets, kwargs = _batch(8, 2048, 256, 5003, torch.float16)
+    loss, _ = rank_grpo_loss(hidden, weight, targets, backend=backend, **kwargs)
+    grads = torch.autograd.grad(loss * 2.0**16, (hidden, weight))  # what GradScaler does
+    ref_h, ref_w = (x.detach().float().requires_grad_() for x in (hidden, weight))
+    ref_loss, _ = reference_loss(ref_h, ref_w, targets, **kwargs)
+    for got, want in zip(grads, torch.autograd.grad(ref_loss * 2.0**16, (ref_h, ref_w))):
+        assert got.dtype == torch.float16 and _relative(got, want) < 1e-2
+        assert ((got == 0) & (want.abs() > 1e-3)).sum() == 0
