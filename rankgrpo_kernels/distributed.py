@@ -68,16 +68,19 @@ def _all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
 
 
 class ShardedLogprobs(torch.autograd.Function):
-    """(hidden (N, H), weight shard (V_r, H), bias shard, global targets (N,), the shard's first row)
-    -> (logp (N,), entropy (N,) or None)."""
+    """(hidden (N, H), weight shard (V_r, H), bias shard, global targets (N,), listed (N,) bool or None, the
+    shard's first row) -> (logp (N,), entropy (N,) or None). Only the listed tokens enter the GEMMs (one host sync
+    to list them); the others get 0."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, vocab_start, temperature, budget, backend, return_entropy, group):
+    def forward(ctx, hidden, weight, bias, targets, listed, vocab_start, temperature, budget, backend,
+                return_entropy, group):
         local_targets = targets - vocab_start  # outside [0, V_r): another rank's row
         owned = (local_targets >= 0) & (local_targets < weight.shape[0])
         if weight.shape[0]:
+            positions = None if listed is None else listed.nonzero().squeeze(1)
             logp_r, lse_r, entropy_r = lm_head.logprobs(backend, hidden, weight, bias, local_targets,
-                                                        temperature, budget, return_entropy)
+                                                        temperature, budget, return_entropy, positions)
         else:  # an empty shard holds no probability mass
             lse_r = torch.full(targets.shape, float("-inf"), dtype=torch.promote_types(hidden.dtype, torch.float32),
                                device=hidden.device)
@@ -91,15 +94,22 @@ class ShardedLogprobs(torch.autograd.Function):
             share = torch.exp(lse_r - lse)  # this shard's probability mass
             mean_logit = torch.where(share > 0, share * (lse_r - entropy_r), 0)
             entropy = lse - _all_reduce(mean_logit, dist.ReduceOp.SUM, group)
+        logp = target_logit - lse
+        if listed is not None:
+            logp = torch.where(listed, logp, 0)
+            entropy = torch.where(listed, entropy, 0) if entropy is not None else None
+        if entropy is not None:
             ctx.mark_non_differentiable(entropy)
-        ctx.save_for_backward(hidden, weight, bias, local_targets, lse)
+        ctx.save_for_backward(hidden, weight, bias, local_targets, lse, listed)
         ctx.settings = (temperature, budget, backend, group)
-        return target_logit - lse, entropy
+        return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, _grad_entropy):
-        hidden, weight, bias, local_targets, lse = ctx.saved_tensors
+        hidden, weight, bias, local_targets, lse, listed = ctx.saved_tensors
         temperature, budget, backend, group = ctx.settings
+        if listed is not None:  # the unlisted tokens' log-probs are the constant 0
+            grad_logp = torch.where(listed, grad_logp, 0)
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias is not None)
         if weight.shape[0]:
             d_hidden, d_weight, d_bias = lm_head.logprob_grads(backend, hidden, weight, bias,
@@ -113,11 +123,11 @@ class ShardedLogprobs(torch.autograd.Function):
             summed = _all_reduce(d_hidden.to(torch.promote_types(d_hidden.dtype, torch.float32)),
                                  dist.ReduceOp.SUM, group)
             d_hidden = summed.to(hidden.dtype)
-        return d_hidden, d_weight, d_bias, None, None, None, None, None, None, None
+        return d_hidden, d_weight, d_bias, None, None, None, None, None, None, None, None
 
 
-def sharded_logprobs(hidden2d, weight, bias, targets, vocab_start, temperature, budget, backend, return_entropy,
-                     group):
+def sharded_logprobs(hidden2d, weight, bias, targets, listed, vocab_start, temperature, budget, backend,
+                     return_entropy, group):
     """Log-probs (N,) and entropies (N,) or None over a vocabulary-parallel head; see the module docstring."""
-    return ShardedLogprobs.apply(hidden2d, weight, bias, targets, vocab_start, temperature, budget, backend,
+    return ShardedLogprobs.apply(hidden2d, weight, bias, targets, listed, vocab_start, temperature, budget, backend,
                                  return_entropy, group)

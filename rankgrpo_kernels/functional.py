@@ -3,8 +3,6 @@ docstrings users read."""
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from . import backends, distributed, lm_head, ops
@@ -15,8 +13,10 @@ from .settings import memory_budget
 _LOSS_DOC = """
     The loss (a 0-dim float32 tensor, float64 for float64 inputs) and a dict of detached 0-dim statistics:
     ``clip_ratio_low``, ``clip_ratio_high``, ``clip_ratio_region`` (fractions of loss tokens whose item ratio is
-    clipped), ``ratio_mean`` (token mean of the item ratios), ``kl`` (mean k3 KL, only with ``ref_logps``) and
-    ``entropy`` (only when given or computed).
+    clipped; a token with advantage 0 is never clipped), ``ratio_mean`` (token mean of the item ratios over the
+    loss tokens whose log-probs are computed: all of them, except that ``rank_grpo_loss`` leaves out the items it
+    skips, see below), ``kl`` (mean k3 KL, only with ``ref_logps``) and ``entropy`` (only when given or
+    computed), each over all loss tokens.
 
     Maths, per row i and item k (a group of tokens with the same id ``>= 0``), with ``l`` the log-probs, ``o``
     ``old_logps`` (``l.detach()`` when None: on-policy, every ratio is 1) and ``M`` the mask::
@@ -141,9 +141,14 @@ def _needs_grads(hidden, weight, bias):
     ``softmax((hidden @ weight.T + bias) / temperature)`` with fp32 logits (float64 for float64 inputs);
     gradients flow to ``hidden``, ``weight`` and ``bias``.
 
-    The gradients are formed in the forward, over chunks of whole rows (``lm_head.py``): each logit is computed
-    once, and ``loss.backward()`` only scales them by the incoming gradient (so the graph runs backward once). A
-    row whose logits exceed the budget falls back, with a warning, to recomputing the logits in the backward.
+    Cost follows the gradient (``lm_head.py``): only the tokens the loss needs enter the GEMMs, those in the loss
+    (``completion_mask`` and ``item_ids >= 0``) and, when nothing else reads them (``beta=0``, no ``ref_logps``, no
+    ``compute_entropy``), not the items whose every advantage is 0 (a rank every completion of the group missed),
+    which carry no loss and no gradient; their ``hidden`` rows are never read and get exactly zero gradient. Listing
+    them costs one host sync per call. The gradients are formed in the forward over chunks of whole items: each
+    logit is computed once, and ``loss.backward()`` only scales them by the incoming gradient (so the graph runs
+    backward once). An item whose logits alone exceed the budget has them recomputed for its gradients, with a
+    warning.
     ``backend``: ``"auto"`` (Triton for CUDA tensors where it imports, else torch), ``"torch"``, ``"triton"`` or
     ``"cuda"``: which implementation of the row pass and the segment loss runs around the vendor GEMMs.
     ``memory_budget_bytes`` bounds the logits scratch (default ``RANKGRPO_MEMORY_BUDGET``, else 128 MiB on a CPU and
@@ -199,23 +204,14 @@ def rank_grpo_loss(
     hidden2d = hidden.reshape(B * T, hidden.shape[-1])
     backend = backends.choose(backend, hidden.device, hidden.dtype)
     budget = memory_budget(memory_budget_bytes, hidden.device)
-    needs = _needs_grads(hidden, weight, bias)
-    rows = lm_head.rows_per_chunk(backend, T, weight.shape[0], hidden.shape[-1], lm_head.gemm_dtype(hidden),
-                                  any(needs), budget)
-    if process_group is None and rows >= 1:
-        loss, stats, *_ = ops.fused_loss(hidden2d, weight, bias, targets, *_loss_operands(batch, cfg),
-                                         float(temperature), bool(compute_entropy), rows, *needs, backend)
-        return loss, stats_dict(stats.detach(), ref_logps is not None, compute_entropy)
     if process_group is None:
-        warnings.warn(f"rank_grpo_loss: the fp32 logits of one row ({T} tokens x {weight.shape[0]} vocabulary) exceed "
-                      f"memory_budget_bytes={budget}; recomputing them in the backward instead (a fourth GEMM): "
-                      "raise the budget (RANKGRPO_MEMORY_BUDGET) to avoid it", stacklevel=2)
-        logp, _, entropy = ops.fused_logprobs(hidden2d, weight, bias, targets, float(temperature), budget,
-                                              bool(compute_entropy), backend)
-        entropy = entropy if compute_entropy else None
-    else:
-        logp, entropy = distributed.sharded_logprobs(hidden2d, weight, bias, targets, vocab_start, float(temperature),
-                                                     budget, backend, bool(compute_entropy), process_group)
+        loss, stats, *_ = ops.fused_loss(hidden2d, weight, bias, targets, *_loss_operands(batch, cfg),
+                                         float(temperature), bool(compute_entropy), budget,
+                                         *_needs_grads(hidden, weight, bias), backend)
+        return loss, stats_dict(stats.detach(), ref_logps is not None, compute_entropy)
+    logp, entropy = distributed.sharded_logprobs(hidden2d, weight, bias, targets, batch.mask.reshape(-1), vocab_start,
+                                                 float(temperature), budget, backend, bool(compute_entropy),
+                                                 process_group)
     entropy = entropy.view(B, T) if entropy is not None else None
     loss, stats = _loss_from_logps(logp.view(B, T), batch, entropy, cfg, backend)
     return loss, stats_dict(stats.detach(), ref_logps is not None, compute_entropy)
@@ -236,6 +232,7 @@ def fused_logprobs(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    mask: torch.Tensor | None = None,
     backend: str = "auto",
     memory_budget_bytes: int | None = None,
     process_group=None,
@@ -246,20 +243,26 @@ def fused_logprobs(
     float32 (float64 for float64 inputs); the entropy ``-sum_v p log p`` comes back as a second (B, T) tensor
     without gradient. Gradients of the log-probs flow to ``hidden``, ``weight`` and ``bias``: the backward
     recomputes the logits of the tokens with a non-zero gradient (``lm_head.py``, the recompute path). Use it under
-    ``torch.no_grad()`` for old and reference log-probs. Shapes, dtypes, ``backend``, ``memory_budget_bytes`` and
+    ``torch.no_grad()`` for old and reference log-probs. ``mask`` (B, T) bool/int (e.g. the completion mask):
+    only its tokens enter the GEMMs, the others get log-prob and entropy 0 and no gradient (their targets may be
+    anything); listing them costs one host sync. Shapes, dtypes, ``backend``, ``memory_budget_bytes`` and
     ``process_group`` (a vocabulary-parallel head) as in ``rank_grpo_loss``.
     """
     B, T = check_head(hidden, weight, target_ids, bias, temperature)
-    mask = torch.ones_like(target_ids, dtype=torch.bool)
+    check_tensor(mask, "mask", (B, T), None, hidden.device, optional=True)
+    listed = None if mask is None else mask.bool().reshape(-1)
     vocab_start, vocab = _vocabulary(weight, process_group)
-    raise_on_bad_values(target_checks(target_ids, vocab, mask))
-    head = (hidden.reshape(B * T, hidden.shape[-1]), weight, bias, target_ids.reshape(-1))
+    in_range = torch.ones_like(target_ids, dtype=torch.bool) if mask is None else mask.bool()
+    raise_on_bad_values(target_checks(target_ids, vocab, in_range))
+    targets = target_ids.reshape(-1) if listed is None else torch.where(listed, target_ids.reshape(-1), vocab_start)
+    head = (hidden.reshape(B * T, hidden.shape[-1]), weight, bias, targets)
     budget = memory_budget(memory_budget_bytes, hidden.device)
     backend = backends.choose(backend, hidden.device, hidden.dtype)
     if process_group is None:
-        logp, _, entropy = ops.fused_logprobs(*head, float(temperature), budget, bool(return_entropy), backend)
+        logp, _, entropy = ops.fused_logprobs(*head, listed, float(temperature), budget, bool(return_entropy),
+                                              backend)
     else:
-        logp, entropy = distributed.sharded_logprobs(*head, vocab_start, float(temperature), budget, backend,
-                                                     bool(return_entropy), process_group)
+        logp, entropy = distributed.sharded_logprobs(*head, listed, vocab_start, float(temperature), budget,
+                                                     backend, bool(return_entropy), process_group)
     logp = logp.view(B, T)
     return (logp, entropy.view(B, T).detach()) if return_entropy else logp

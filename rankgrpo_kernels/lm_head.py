@@ -4,23 +4,32 @@ Shapes: hidden (N, H) with N = B * T tokens in row order, weight (V, H), bias (V
 ``z = (hidden @ weight.T + bias) / temperature`` and ``D = onehot(y) - softmax(z)``, so that the gradient of a
 token's log-prob with respect to its raw logits ``h W^T`` is ``D / temperature``.
 
+Cost follows the gradient (``token_plan``). Only the tokens the loss needs enter a GEMM: those in the loss
+(``batch.mask``), less, when nothing else reads them (``beta = 0``, no ``ref_logps``, no entropy asked), the tokens
+of items whose every advantage is 0, which carry no loss and no gradient. They are listed once per call, in row
+order, with one device-to-host copy that also fixes the chunks: runs of at most ``tokens_per_chunk`` listed tokens
+that never split an item.
+
 Gradient in the forward (``loss_and_grads``, what ``rank_grpo_loss`` runs). A token's loss gradient ``g`` depends
-only on the log-probs of its own item and on normalisers fixed by the masks, so a chunk of whole rows knows its
-``g`` as soon as its log-probs exist. Per chunk of C = rows * T tokens::
+only on the log-probs of its own item and on normalisers fixed by the full masks, so a chunk of whole items knows
+its ``g`` as soon as its log-probs exist. Per chunk of C listed tokens (``h_c = hidden[positions]``)::
 
     Z          = h_c W^T                  GEMM, fp32 output and accumulation: the only (C, V) buffer
     D, logp    = row_pass(Z)              one fused pass; D overwrites Z in the GEMM operand dtype (the torch
                                           backend with half operands on CUDA writes a separate D)
-    g          = segment_loss(logp)       O(C), the chunk's exact share of the loss and statistics
-    d_hidden_c = (g / T) * (D W)          GEMM with fp32 output, one row scale and cast
+    g          = segment_loss(logp)       over the chunk's rows, every token outside the chunk neutral
+    d_hidden_c = (g / T) * (D W)          GEMM with fp32 output, one row scale and cast, scattered to its rows
     d_weight  += D^T ((g / T) * h_c)      GEMM accumulating in fp32 in place (beta = 1)
     d_bias    += (g / T)^T D              GEMV accumulating in place
 
-Each logit is computed once; the backward only scales the saved gradients by the incoming gradient.
+Each logit is computed once; the backward only scales the saved gradients by the incoming gradient. An item
+longer than a chunk is the one exception: its logits are recomputed for its gradients (a fourth GEMM, with a
+warning). On a CPU, where reading a count costs no device sync, the rows of a chunk whose ``g`` is exactly 0
+(clipped items) leave the two gradient GEMMs.
 
-Recompute (``logprobs``, then ``logprob_grads`` in the backward): for ``fused_logprobs``, vocabulary-sharded heads
-and rows longer than the budget. The forward keeps ``lse`` per token; the backward recomputes Z for the tokens with
-a non-zero gradient (one host sync to list them), the row pass forms D with the saved ``lse``, then the same GEMMs.
+Recompute (``logprobs``, then ``logprob_grads`` in the backward): for ``fused_logprobs`` and vocabulary-sharded
+heads. The forward keeps ``lse`` per token; the backward recomputes Z for the tokens with a non-zero gradient (one
+host sync to list them), the row pass forms D with the saved ``lse``, then the same GEMMs.
 
 GEMMs: bf16/fp16 operands on CUDA give fp32 outputs through ``out_dtype``; a CPU has no such GEMM, so there the
 operands are upcast once per call. No atomics anywhere: results are bit-identical from run to run.
@@ -34,11 +43,16 @@ Equivalent PyTorch (holding all logits)::
 from __future__ import annotations
 
 import math
+import warnings
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import backends
 from .contract import STAT_NAMES, LossConfig, TokenBatch
+
+RATIO = STAT_NAMES.index("ratio_mean")
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -74,46 +88,137 @@ def _addmm_(total, a, b, *, beta=1.0, alpha=1.0):
 
 def bytes_per_token(backend: str, vocab, hidden_size, dtype, needs_grad) -> int:
     """Scratch per token of a chunk with GEMM operands of ``dtype`` (``gemm_dtype``): its fp32 logits row (plus a
-    separate D row where the backend cannot write D in place), and with gradients its fp32 (D W) row and its
-    scaled hidden row."""
+    separate D row where the backend cannot write D in place), its gathered hidden row, and with gradients its
+    fp32 (D W) row and its scaled hidden row."""
     acc = accumulator_dtype(dtype)
     grad_dtype = dtype if needs_grad else None
     per_logit = acc.itemsize
     if not backends.REGISTRY[backend].grad_in_place(acc, grad_dtype):
         per_logit += grad_dtype.itemsize
-    per_row = 0 if grad_dtype is None else hidden_size * (acc.itemsize + grad_dtype.itemsize)
+    per_row = hidden_size * dtype.itemsize
+    if grad_dtype is not None:
+        per_row += hidden_size * (acc.itemsize + grad_dtype.itemsize)
     return vocab * per_logit + per_row
 
 
-def rows_per_chunk(backend: str, row_length, vocab, hidden_size, dtype, needs_grad, budget_bytes) -> int:
-    """Whole rows per chunk of the gradient-in-forward path; 0 if one row does not fit the budget."""
-    return budget_bytes // max(1, row_length * bytes_per_token(backend, vocab, hidden_size, dtype, needs_grad))
+def tokens_per_chunk(backend: str, vocab, hidden_size, dtype, needs_grad, budget_bytes) -> int:
+    """Tokens per chunk within the budget: at least one token's whole vocabulary row."""
+    return max(1, budget_bytes // bytes_per_token(backend, vocab, hidden_size, dtype, needs_grad))
 
 
-def _grad_buffers(tokens, weight, bias, needs, dtype, acc):
-    """d_hidden (tokens, H) in ``dtype``, d_weight and d_bias in ``acc``; None where not needed. Uninitialised when
-    a chunk will write them (the first writes d_weight and d_bias, later ones add), zeros for no tokens."""
+# --- which tokens enter the GEMMs, and the chunks ------------------------------------------------------------------
+
+@dataclass
+class TokenPlan:
+    """The tokens that enter the GEMMs and how they are chunked.
+
+    ``positions`` (n,) int64 on the device: their flat indices in [0, B T), in row order. ``chunks``: host tuples
+    (c0, c1, r0, r1): listed tokens [c0, c1), whole items, lying in rows [r0, r1)."""
+
+    positions: torch.Tensor
+    chunks: list[tuple[int, int, int, int]]
+
+    @property
+    def tokens(self) -> int:
+        return self.positions.numel()
+
+
+def skips_zero_advantage_items(cfg: LossConfig, batch: TokenBatch, compute_entropy: bool) -> bool:
+    """Whether the items whose every advantage is 0 can stay out of the GEMMs: nothing then reads their log-probs
+    (no KL term or statistic, no entropy)."""
+    return cfg.beta == 0.0 and batch.ref_logps is None and not compute_entropy
+
+
+def token_plan(batch: TokenBatch, skip_zero_advantage: bool, chunk_tokens: int) -> TokenPlan:
+    """The tokens of ``batch`` that enter the GEMMs (see the module docstring) and chunks of at most
+    ``chunk_tokens`` of them (more only for a single longer item), from one device-to-host copy of (B T,) ints."""
+    B, T = batch.mask.shape
+    N = B * T
+    device = batch.mask.device
+    mask = batch.mask.reshape(-1)
+    group = batch.group.reshape(-1).clamp(min=0)  # dense ids in [0, N); tokens outside the loss read bin 0
+    if skip_zero_advantage:
+        signal = (mask & (batch.advantages.reshape(-1) != 0)).to(torch.int32)
+        live = torch.zeros(N, dtype=torch.int32, device=device).scatter_reduce_(0, group, signal, "amax")
+        listed = mask & (live[group] > 0)
+    else:
+        listed = mask
+    # A cut after flat position f splits no item iff no listed token up to f belongs to an item that goes on past f.
+    flat = torch.arange(N, device=device)
+    item_end = torch.full((N,), -1, dtype=torch.int64, device=device).scatter_reduce_(
+        0, group, torch.where(listed, flat, -1), "amax")
+    reach = torch.where(listed, item_end[group], -1).cummax(0).values if N else flat
+    count = listed.long().cumsum(0)
+    packed = (count * 2 + (listed & (reach == flat))).cpu().numpy()  # the call's one host sync for the sizes
+    count_host, cut_host = packed >> 1, (packed & 1).astype(bool)
+    n = int(count_host[-1]) if N else 0
+    positions_host = np.flatnonzero(np.diff(count_host, prepend=0))
+    positions = torch.nonzero_static(listed, size=n).squeeze(1) if n else flat[:0]
+    ends = count_host[cut_host]  # listed-token counts at the allowed cuts, ascending; the last is n
+    chunks, start = [], 0
+    while start < n:
+        i = int(np.searchsorted(ends, start + chunk_tokens, side="right")) - 1
+        end = int(ends[i]) if i >= 0 and ends[i] > start else int(ends[np.searchsorted(ends, start, side="right")])
+        chunks.append((start, end, int(positions_host[start]) // T, int(positions_host[end - 1]) // T + 1))
+        start = end
+    return TokenPlan(positions, chunks)
+
+
+def _chunk_batch(batch: TokenBatch, positions, r0, r1, logp, entropy) -> tuple[TokenBatch, torch.Tensor]:
+    """Rows [r0, r1) of ``batch`` holding the chunk's log-probs at ``positions`` (flat, of the batch). Every other
+    token of those rows stays in the masks (so the normalisers, M_i and n_k are the batch's) but is neutral: log-
+    probs, old and reference log-probs and advantage 0, so it adds no loss, gradient, clip count or KL, and a ratio
+    of exactly 1. Also returns the chunk's positions local to the rows."""
+    T = batch.mask.shape[1]
+    local = positions - r0 * T
+    sub = batch.rows(r0, r1)
+    size = (r1 - r0) * T
+    in_chunk = torch.zeros(size, dtype=torch.bool, device=local.device).index_fill_(0, local, True).view(r1 - r0, T)
+
+    def place(values):
+        return torch.zeros(size, dtype=values.dtype, device=values.device).index_copy_(0, local, values).view(
+            r1 - r0, T)
+
+    def neutral(x):
+        return None if x is None else torch.where(in_chunk, x, 0)
+
+    sub.logps = place(logp)
+    sub.entropy = place(entropy) if entropy is not None else None
+    sub.old_logps, sub.ref_logps, sub.advantages = (neutral(x) for x in (sub.old_logps, sub.ref_logps,
+                                                                           sub.advantages))
+    return sub, local
+
+
+# --- the gradient GEMMs --------------------------------------------------------------------------------------------
+
+def _grad_buffers(tokens, listed, weight, bias, needs, dtype, acc):
+    """d_hidden (tokens, H) in ``dtype`` (zeros unless every token is listed), d_weight and d_bias in ``acc``
+    (uninitialised when a chunk will write them, zeros when no token is listed); None where not needed."""
     need_h, need_w, need_b = needs
-    new = torch.empty if tokens else torch.zeros
     device = weight.device
-    d_hidden = new(tokens, weight.shape[1], dtype=dtype, device=device) if need_h else None
+    d_hidden = None
+    if need_h:
+        d_hidden = (torch.empty if listed == tokens else torch.zeros)(tokens, weight.shape[1], dtype=dtype,
+                                                                      device=device)
+    new = torch.empty if listed else torch.zeros
     d_weight = new(weight.shape, dtype=acc, device=device) if need_w else None
     d_bias = new(weight.shape[0], dtype=acc, device=device) if need_b and bias is not None else None
     return d_hidden, d_weight, d_bias
 
 
-def _accumulate_grads(d_logits, scale, h, weight, grads, t0, t1, product):
-    """With D (C, V) and ``scale = g / T`` (C,): ``d_hidden[t0:t1] = scale (D W)``, ``d_weight += D^T (scale h)``,
-    ``d_bias += scale^T D``; the first chunk (``t0 == 0``) writes the sums instead of adding to them. ``product``
-    is (C, H) fp32 scratch, or None when ``d_hidden`` is fp32 itself."""
+def _accumulate_grads(d_logits, scale, h, weight, grads, first, rows_out, product):
+    """With D (C, V) and ``scale = g / T`` (C,): ``d_hidden[rows_out] = scale (D W)``, ``d_weight += D^T (scale h)``,
+    ``d_bias += scale^T D``; ``first`` writes the sums instead of adding to them. ``product`` is (>= C, H) scratch
+    in the accumulator dtype."""
     d_hidden, d_weight, d_bias = grads
     if d_hidden is not None:
-        rows = _mm(d_logits, weight, out=d_hidden[t0:t1] if product is None else product[: t1 - t0])
-        torch.mul(rows, scale[:, None].to(rows.dtype), out=d_hidden[t0:t1])
+        rows = _mm(d_logits, weight, out=product[: d_logits.shape[0]])
+        rows.mul_(scale[:, None].to(rows.dtype))
+        d_hidden.index_copy_(0, rows_out, rows.to(d_hidden.dtype))
     if d_weight is None and d_bias is None:
         return
     factor = _operand_factor(scale, d_logits.dtype)
-    accumulate = dict(beta=0.0 if t0 == 0 else 1.0, alpha=1.0 / factor)
+    accumulate = dict(beta=0.0 if first else 1.0, alpha=1.0 / factor)
     if d_weight is not None:
         # where, not a product: a token outside the loss may hold a NaN hidden state, and its D row is 0.
         scaled = torch.where(scale[:, None] != 0, h * (scale[:, None] * factor), 0).to(d_logits.dtype)
@@ -144,66 +249,119 @@ def saved_grad_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 else dtype
 
 
+# --- the fused loss --------------------------------------------------------------------------------------------------
+
 def loss_and_grads(backend: str, hidden, weight, bias, targets, batch: TokenBatch, cfg: LossConfig, temperature: float,
-                   compute_entropy: bool, rows: int, needs: tuple[bool, bool, bool]):
+                   compute_entropy: bool, budget_bytes: int, needs: tuple[bool, bool, bool]):
     """Loss, statistics and the gradients (d_hidden, d_weight, d_bias; None where ``needs`` says so) of the fused
-    loss, ``rows`` whole rows per chunk (``rows_per_chunk``), in ``saved_grad_dtype``. ``batch.logps`` and
-    ``batch.entropy`` are unused."""
+    loss over chunks of whole items within ``budget_bytes`` of scratch, in ``saved_grad_dtype``. ``batch.logps`` and
+    ``batch.entropy`` are unused. ``ratio_mean`` is the mean over the tokens that entered the GEMMs."""
     impl = backends.load(backend)
-    B, T = batch.mask.shape
     V, H = weight.shape
+    N = hidden.shape[0]
     h_op, w_op = _gemm_operands(hidden, weight)
     acc = accumulator_dtype(hidden.dtype)
     grad_dtype = h_op.dtype if any(needs) else None
-    grads = _grad_buffers(B * T, weight, bias, needs, saved_grad_dtype(hidden.dtype), acc)
-    chunk_tokens = min(rows, B) * T
-    logits = torch.empty(chunk_tokens * V, dtype=acc, device=hidden.device)
-    product = (torch.empty(chunk_tokens, H, dtype=acc, device=hidden.device)
-               if grads[0] is not None and grads[0].dtype != acc else None)
+    cap = tokens_per_chunk(backend, V, H, h_op.dtype, grad_dtype is not None, budget_bytes)
+    plan = token_plan(batch, skips_zero_advantage_items(cfg, batch, compute_entropy), cap)
+    grads = _grad_buffers(N, plan.tokens, weight, bias, needs, saved_grad_dtype(hidden.dtype), acc)
+    largest = max((c1 - c0 for c0, c1, _, _ in plan.chunks), default=0)
+    if largest > cap:
+        warnings.warn(f"rank_grpo_loss: the fp32 logits of an item of {largest} tokens x {V} vocabulary exceed "
+                      f"memory_budget_bytes={budget_bytes}; recomputing the logits of the items longer than "
+                      f"{cap} tokens for their gradients (a fourth GEMM for them): raise the budget "
+                      "(RANKGRPO_MEMORY_BUDGET) to avoid it", stacklevel=2)
+    width = min(largest, cap)
+    logits = torch.empty(width * V, dtype=acc, device=hidden.device)
+    product = torch.empty(width, H, dtype=acc, device=hidden.device) if grads[0] is not None else None
     loss = torch.zeros((), dtype=acc, device=hidden.device)
     stats = torch.zeros(len(STAT_NAMES), dtype=acc, device=hidden.device)
     inv_t = 1.0 / temperature
-    for r0 in range(0, B, rows):
-        r1 = min(B, r0 + rows)
-        t0, t1 = r0 * T, r1 * T
-        z = _mm(h_op[t0:t1], w_op.T, out=logits[: (t1 - t0) * V].view(t1 - t0, V))
-        chunk = batch.rows(r0, r1)
-        logp, _, entropy, d_logits = impl.row_pass(z, bias, targets[t0:t1], chunk.mask.reshape(-1), inv_t, None,
-                                                   grad_dtype, compute_entropy)
-        chunk.logps = logp.view(r1 - r0, T)
-        chunk.entropy = entropy.view(r1 - r0, T) if entropy is not None else None
+    for c0, c1, r0, r1 in plan.chunks:
+        positions = plan.positions[c0:c1]
+        h, y = h_op.index_select(0, positions), targets.index_select(0, positions)
+        if c1 - c0 <= cap:
+            z = _mm(h, w_op.T, out=logits[: (c1 - c0) * V].view(c1 - c0, V))
+            logp, _, entropy, d_logits = impl.row_pass(z, bias, y, None, inv_t, None, grad_dtype, compute_entropy)
+        else:
+            logp, lse, entropy = _chunked_logprobs(impl, h, w_op, bias, y, inv_t, cap, logits, compute_entropy)
+        chunk, local = _chunk_batch(batch, positions, r0, r1, logp, entropy)
         chunk_loss, chunk_stats, g = impl.segment_loss(chunk, cfg)
         loss += chunk_loss
+        # the neutral tokens of the chunk's rows each added a ratio of exactly 1
+        chunk_stats[RATIO] -= (chunk.mask.sum() - (c1 - c0)).to(acc) / batch.tokens.to(acc)
         stats += chunk_stats
-        if grad_dtype is not None:
-            _accumulate_grads(d_logits, g.reshape(-1).to(acc) * inv_t, h_op[t0:t1], w_op, grads, t0, t1, product)
+        if grad_dtype is None:
+            continue
+        scale = g.reshape(-1).index_select(0, local).to(acc) * inv_t
+        if c1 - c0 <= cap:
+            _chunk_grads(d_logits, scale, h, w_op, grads, c0 == 0, positions, product)
+        else:
+            _recomputed_grads(impl, h, w_op, bias, y, inv_t, lse, scale, grads, c0 == 0, positions, cap, logits,
+                              product, h_op.dtype)
+    if plan.tokens:  # the ratio is a mean over the listed tokens (all loss tokens unless items were skipped)
+        stats[RATIO] *= batch.tokens.to(acc) / plan.tokens
     return (loss, stats, *_finish_grads(grads, saved_grad_dtype(weight.dtype)))
 
 
-def tokens_per_chunk(backend: str, vocab, hidden_size, dtype, needs_grad, budget_bytes) -> int:
-    """Tokens per chunk of the recompute path: at least one token's whole vocabulary row."""
-    return max(1, budget_bytes // bytes_per_token(backend, vocab, hidden_size, dtype, needs_grad))
+def _chunk_grads(d_logits, scale, h, w_op, grads, first, positions, product):
+    """The gradient GEMMs of one chunk. On a CPU, the rows whose ``g`` is exactly 0 (clipped or saturated items)
+    are left out first: counting them costs no device sync there."""
+    if scale.device.type == "cpu":
+        keep = scale.nonzero().squeeze(1)
+        if keep.numel() < scale.numel():
+            d_logits, scale, h, positions = (x.index_select(0, keep) for x in (d_logits, scale, h, positions))
+    _accumulate_grads(d_logits, scale, h, w_op, grads, first, positions, product)
 
 
-def logprobs(backend: str, hidden, weight, bias, targets, temperature: float, budget_bytes: int, want_entropy: bool):
-    """logp, lse and entropy (or None), each (N,) in fp32 (fp64 for fp64 inputs). A target outside [0, V) (another
-    vocabulary shard) has target logit 0, so its logp is ``-lse``."""
-    impl = backends.load(backend)
-    N, V = hidden.shape[0], weight.shape[0]
-    h_op, w_op = _gemm_operands(hidden, weight)
-    acc = accumulator_dtype(hidden.dtype)
-    chunk = tokens_per_chunk(backend, V, hidden.shape[1], h_op.dtype, False, budget_bytes)
-    logits = torch.empty(min(N, chunk) * V, dtype=acc, device=hidden.device)
-    logp, lse = (torch.empty(N, dtype=acc, device=hidden.device) for _ in range(2))
-    entropy = torch.empty(N, dtype=acc, device=hidden.device) if want_entropy else None
-    for t0 in range(0, N, chunk):
-        t1 = min(N, t0 + chunk)
-        z = _mm(h_op[t0:t1], w_op.T, out=logits[: (t1 - t0) * V].view(t1 - t0, V))
-        out = impl.row_pass(z, bias, targets[t0:t1], None, 1.0 / temperature, None, None, want_entropy)
+def _chunked_logprobs(impl, h, w_op, bias, y, inv_t, cap, logits, want_entropy):
+    """logp, lse and entropy (or None), each (C,), of the tokens of ``h`` (C, H), ``cap`` tokens at a time."""
+    C, V = h.shape[0], w_op.shape[0]
+    logp, lse = (torch.empty(C, dtype=logits.dtype, device=h.device) for _ in range(2))
+    entropy = torch.empty(C, dtype=logits.dtype, device=h.device) if want_entropy else None
+    for t0 in range(0, C, cap):
+        t1 = min(C, t0 + cap)
+        z = _mm(h[t0:t1], w_op.T, out=logits[: (t1 - t0) * V].view(t1 - t0, V))
+        out = impl.row_pass(z, bias, y[t0:t1], None, inv_t, None, None, want_entropy)
         logp[t0:t1], lse[t0:t1] = out[0], out[1]
         if want_entropy:
             entropy[t0:t1] = out[2]
     return logp, lse, entropy
+
+
+def _recomputed_grads(impl, h, w_op, bias, y, inv_t, lse, scale, grads, first, rows_out, cap, logits, product,
+                      grad_dtype):
+    """Gradients of the tokens of ``h`` (C, H) with their logits recomputed ``cap`` tokens at a time and D formed
+    with the saved ``lse``; ``d_hidden`` rows go to ``rows_out``."""
+    V = w_op.shape[0]
+    for t0 in range(0, h.shape[0], cap):
+        t1 = min(h.shape[0], t0 + cap)
+        z = _mm(h[t0:t1], w_op.T, out=logits[: (t1 - t0) * V].view(t1 - t0, V))
+        d_logits = impl.row_pass(z, bias, y[t0:t1], None, inv_t, lse[t0:t1], grad_dtype, False)[3]
+        _accumulate_grads(d_logits, scale[t0:t1], h[t0:t1], w_op, grads, first and t0 == 0, rows_out[t0:t1],
+                          product)
+
+
+# --- the recompute path ------------------------------------------------------------------------------------------
+
+def logprobs(backend: str, hidden, weight, bias, targets, temperature: float, budget_bytes: int, want_entropy: bool,
+             positions=None):
+    """logp, lse and entropy (or None), each (N,) in fp32 (fp64 for fp64 inputs), of the tokens at ``positions``
+    ((n,) int64; None: all), 0 for the others. A target outside [0, V) (another vocabulary shard) has target logit
+    0, so its logp is ``-lse``."""
+    impl = backends.load(backend)
+    N, V = hidden.shape[0], weight.shape[0]
+    h_op, w_op = _gemm_operands(hidden, weight)
+    acc = accumulator_dtype(hidden.dtype)
+    if positions is not None:
+        h_op, targets = h_op.index_select(0, positions), targets.index_select(0, positions)
+    cap = tokens_per_chunk(backend, V, hidden.shape[1], h_op.dtype, False, budget_bytes)
+    logits = torch.empty(min(h_op.shape[0], cap) * V, dtype=acc, device=hidden.device)
+    out = _chunked_logprobs(impl, h_op, w_op, bias, targets, 1.0 / temperature, cap, logits, want_entropy)
+    if positions is None:
+        return out
+    return tuple(None if x is None else torch.zeros(N, dtype=acc, device=hidden.device).index_copy_(0, positions, x)
+                 for x in out)
 
 
 def logprob_grads(backend: str, hidden, weight, bias, targets, temperature: float, lse, grad_logp, budget_bytes: int,
@@ -216,22 +374,14 @@ def logprob_grads(backend: str, hidden, weight, bias, targets, temperature: floa
     acc = accumulator_dtype(hidden.dtype)
     active = grad_logp.reshape(-1).nonzero().squeeze(1)
     n_active = active.numel()
-    need_h, need_w, need_b = needs
-    grads = _grad_buffers(n_active, weight, bias, needs, hidden.dtype, acc)
+    grads = _grad_buffers(hidden.shape[0], n_active, weight, bias, needs, hidden.dtype, acc)
     if n_active:
-        h, y, lse_active = h_op[active], targets[active], lse.reshape(-1)[active].to(acc)
+        cap = tokens_per_chunk(backend, V, H, h_op.dtype, True, budget_bytes)
+        width = min(n_active, cap)
+        logits = torch.empty(width * V, dtype=acc, device=hidden.device)
+        product = torch.empty(width, H, dtype=acc, device=hidden.device) if needs[0] else None
         scale = grad_logp.reshape(-1)[active].to(acc) / temperature
-        chunk = tokens_per_chunk(backend, V, H, h_op.dtype, True, budget_bytes)
-        logits = torch.empty(min(n_active, chunk) * V, dtype=acc, device=hidden.device)
-        product = (torch.empty(min(n_active, chunk), H, dtype=acc, device=hidden.device)
-                   if need_h and hidden.dtype != acc else None)
-        for t0 in range(0, n_active, chunk):
-            t1 = min(n_active, t0 + chunk)
-            z = _mm(h[t0:t1], w_op.T, out=logits[: (t1 - t0) * V].view(t1 - t0, V))
-            d_logits = impl.row_pass(z, bias, y[t0:t1], None, 1.0 / temperature, lse_active[t0:t1], h_op.dtype,
-                                     False)[3]
-            _accumulate_grads(d_logits, scale[t0:t1], h[t0:t1], w_op, grads, t0, t1, product)
-    d_hidden, d_weight, d_bias = _finish_grads(grads, weight.dtype)
-    if need_h:
-        d_hidden = torch.zeros_like(hidden).index_copy_(0, active, d_hidden)
-    return d_hidden, d_weight, d_bias
+        _recomputed_grads(impl, h_op[active], w_op, bias, targets[active], 1.0 / temperature,
+                          lse.reshape(-1)[active].to(acc), scale, grads, True, active, cap, logits, product,
+                          h_op.dtype)
+    return _finish_grads(grads, weight.dtype)

@@ -3,8 +3,9 @@
 
 rankgrpo::fused_loss       (hidden (N, H), weight, bias, targets (N,), token-level loss inputs (B, T)) ->
                            loss, stats, d_hidden, d_weight, d_bias      the gradients are formed in the forward
-rankgrpo::fused_logprobs   (hidden, weight, bias, targets) -> logp, lse, entropy    differentiable in logp
-rankgrpo::logprob_grads the LM-head gradients from ``grad_logp`` (the recompute path's backward)
+rankgrpo::fused_logprobs   (hidden, weight, bias, targets, mask) -> logp, lse, entropy  differentiable in logp
+                           (0 where mask is False: those tokens enter no GEMM)
+rankgrpo::logprob_grads    the LM-head gradients from ``grad_logp`` (the recompute path's backward)
 rankgrpo::loss_from_logps  (logps (B, T), loss inputs) -> loss, stats, grad_logp    differentiable in logps
 
 The loss is the last op, so its forward already knows every gradient; its backward only scales them by the
@@ -41,19 +42,19 @@ def fused_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: 
                old_logps: Optional[Tensor], ref_logps: Optional[Tensor], advantages: Tensor, group: Tensor,
                mask: Tensor, normaliser: Tensor, tokens: Tensor, epsilon_low: float, epsilon_high: float,
                delta: Optional[float], beta: float, loss_type: str, temperature: float, compute_entropy: bool,
-               rows_per_chunk: int, need_hidden: bool, need_weight: bool, need_bias: bool,
+               budget: int, need_hidden: bool, need_weight: bool, need_bias: bool,
                backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     batch = TokenBatch(None, old_logps, ref_logps, advantages, group, mask, normaliser, tokens)
     loss, stats, *grads = lm_head.loss_and_grads(
         backend, hidden, weight, bias, targets, batch,
-        LossConfig(epsilon_low, epsilon_high, delta, beta, loss_type), temperature, compute_entropy, rows_per_chunk,
+        LossConfig(epsilon_low, epsilon_high, delta, beta, loss_type), temperature, compute_entropy, budget,
         (need_hidden, need_weight, need_bias and bias is not None))
     return (loss, stats, *(_empty_if_none(g, hidden) for g in grads))
 
 
 @fused_loss.register_fake
 def _(hidden, weight, bias, targets, old_logps, ref_logps, advantages, group, mask, normaliser, tokens, epsilon_low,
-      epsilon_high, delta, beta, loss_type, temperature, compute_entropy, rows_per_chunk, need_hidden, need_weight,
+      epsilon_high, delta, beta, loss_type, temperature, compute_entropy, budget, need_hidden, need_weight,
       need_bias, backend):
     dtype = lm_head.saved_grad_dtype(hidden.dtype)
     return (*_fake_loss_outputs(hidden),
@@ -115,15 +116,17 @@ def _(hidden, weight, bias, targets, temperature, lse, grad_logp, budget, need_h
 
 
 @torch.library.custom_op("rankgrpo::fused_logprobs", mutates_args=())
-def fused_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, temperature: float,
-                   budget: int, return_entropy: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def fused_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, mask: Optional[Tensor],
+                   temperature: float, budget: int, return_entropy: bool,
+                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    positions = None if mask is None else mask.nonzero().squeeze(1)  # the sizes: one host sync
     logp, lse, entropy = lm_head.logprobs(backend, hidden, weight, bias, targets, temperature, budget,
-                                          return_entropy)
+                                          return_entropy, positions)
     return logp, lse, _empty_if_none(entropy, lse)
 
 
 @fused_logprobs.register_fake
-def _(hidden, weight, bias, targets, temperature, budget, return_entropy, backend):
+def _(hidden, weight, bias, targets, mask, temperature, budget, return_entropy, backend):
     dtype = lm_head.accumulator_dtype(hidden.dtype)
     N = hidden.shape[0]
     return (hidden.new_empty((N,), dtype=dtype), hidden.new_empty((N,), dtype=dtype),
@@ -131,15 +134,17 @@ def _(hidden, weight, bias, targets, temperature, budget, return_entropy, backen
 
 
 def _fused_logprobs_setup(ctx, inputs, output):
-    hidden, weight, bias, targets, temperature, budget, _, backend = inputs
-    ctx.save_for_backward(hidden, weight, bias, targets, output[1])
+    hidden, weight, bias, targets, mask, temperature, budget, _, backend = inputs
+    ctx.save_for_backward(hidden, weight, bias, targets, output[1], mask)
     ctx.temperature, ctx.budget, ctx.backend, ctx.num_inputs = temperature, budget, backend, len(inputs)
 
 
 def _fused_logprobs_backward(ctx, grad_logp, _lse, _entropy):
-    hidden, weight, bias, targets, lse = ctx.saved_tensors
+    hidden, weight, bias, targets, lse, mask = ctx.saved_tensors
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
     need_bias = need_bias and bias is not None
+    if mask is not None:  # the unlisted tokens' log-probs are the constant 0
+        grad_logp = torch.where(mask, grad_logp, 0)
     d_hidden, d_weight, d_bias = logprob_grads(hidden, weight, bias, targets, ctx.temperature, lse, grad_logp,
                                                   ctx.budget, need_hidden, need_weight, need_bias, ctx.backend)
     return (d_hidden if need_hidden else None, d_weight if need_weight else None, d_bias if need_bias else None,

@@ -42,19 +42,25 @@ LOSS_TOL = {torch.float64: dict(rtol=1e-9, atol=1e-11)}  # else fp32 logits: fp3
 FP32_TOL = dict(rtol=2e-5, atol=2e-6)
 
 
-def _budget(path, backend, T, V, H, dtype):
+def _budget(path, backend, kwargs, V, H, dtype):
+    """The memory budget of a path. ``chunked``: chunks as long as the longest item, so rows are split between
+    chunks; ``recompute``: row 1 becomes one item longer than a chunk (its logits are recomputed)."""
     if path == "fused":
         return None
-    row_bytes = T * lm_head.bytes_per_token(backend, V, H, lm_head.gemm_dtype(torch.empty(0, dtype=dtype,
-                                                                                          device=DEVICE)), True)
-    if path == "chunked":
-        return max(MIN_MEMORY_BUDGET, row_bytes)
-    assert row_bytes > MIN_MEMORY_BUDGET
-    return MIN_MEMORY_BUDGET
+    per_token = lm_head.bytes_per_token(backend, V, H, lm_head.gemm_dtype(torch.empty(0, dtype=dtype,
+                                                                                       device=DEVICE)), True)
+    if path == "recompute":
+        kwargs["item_ids"][1] = 0
+        kwargs["completion_mask"][1] = True
+        assert MIN_MEMORY_BUDGET // per_token < kwargs["item_ids"].shape[1]
+        return MIN_MEMORY_BUDGET
+    mask = kwargs["completion_mask"] & (kwargs["item_ids"] >= 0)
+    longest = int(torch.bincount(dense_groups(kwargs["item_ids"], mask)[mask]).max())
+    return max(MIN_MEMORY_BUDGET, longest * per_token)
 
 
 def _run(path, fn):
-    """Run ``fn``; the recompute path must announce its fallback with a warning, the others must not."""
+    """Run ``fn``; the recompute path must announce its long item with one warning, the others must not warn."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = fn()
@@ -93,7 +99,7 @@ def test_loss_and_gradients_match_reference(backend, dtype, path, loss_type):
         kwargs["num_items_in_batch"] = 2 * B * T
     if loss_type == "rank":
         kwargs["rec_num"] = 4
-    budget = _budget(path, backend, T, V, H, dtype)
+    budget = _budget(path, backend, kwargs, V, H, dtype)
     ours, ours_stats = _run(path, lambda: rank_grpo_loss(
         hidden, weight, targets, bias=bias, temperature=temperature, backend=backend, memory_budget_bytes=budget,
         compute_entropy=True, **kwargs))
@@ -163,7 +169,7 @@ def test_repeated_runs_are_bit_identical(backend, dtype, path):
     B, T, H, V = SHAPE
     hidden, weight, bias, targets = random_head(B, T, H, V, dtype, device=DEVICE)
     kwargs = loss_inputs_near_policy(hidden, weight, bias, targets, 1.0, K=3)
-    budget = _budget(path, backend, T, V, H, dtype)
+    budget = _budget(path, backend, kwargs, V, H, dtype)
     runs = []
     for _ in range(2):
         loss, _ = _run(path, lambda: rank_grpo_loss(hidden, weight, targets, bias=bias, backend=backend,
@@ -180,13 +186,14 @@ def test_gradient_accumulation_and_scaled_loss(backend, path):
     B, T, H, V = SHAPE
     hidden, weight, bias, targets = random_head(B, T, H, V, torch.float32, device=DEVICE)
     kwargs = loss_inputs_near_policy(hidden, weight, bias, targets, 1.0, K=3)
-    budget = _budget(path, backend, T, V, H, torch.float32)
+    budget = _budget(path, backend, kwargs, V, H, torch.float32)
 
     def rows_of(rows):
         return {k: v[rows] if torch.is_tensor(v) else v for k, v in kwargs.items()}
 
     def loss_of(h, rows):
-        return _run(path, lambda: rank_grpo_loss(h, weight, targets[rows], bias=bias, backend=backend,
+        warns = path != "recompute" or rows.start <= 1 < rows.stop  # the long item is in row 1
+        return _run(path if warns else "fused", lambda: rank_grpo_loss(h, weight, targets[rows], bias=bias, backend=backend,
                                                  memory_budget_bytes=budget, **rows_of(rows)))[0]
 
     halves = (slice(0, 2), slice(2, 3))
@@ -231,9 +238,9 @@ def test_non_finite_inputs(backend, path, where):
     kwargs = loss_inputs_near_policy(hidden, weight, bias, targets, 1.0, K=3)
     kwargs["old_logps"] = None  # on-policy: the ratio is 1 whatever the log-prob, which must not hide a NaN
     kwargs["ref_logps"] = None
+    budget = _budget(path, backend, kwargs, V, H, torch.float32)
     mask = kwargs["completion_mask"] & (kwargs["item_ids"] >= 0)
     inside, outside = mask.nonzero()[0].tolist(), (~mask).nonzero()[0].tolist()
-    budget = _budget(path, backend, T, V, H, torch.float32)
     clean, _ = _run(path, lambda: rank_grpo_loss(hidden, weight, targets, bias=bias, backend=backend,
                                                  memory_budget_bytes=budget, **kwargs))
     with torch.no_grad():
@@ -384,6 +391,8 @@ def test_no_tensor_beyond_the_budget_or_the_gradients(dtype, path):
     hidden, weight, _, targets = random_head(B, T, H, V, dtype, bias=False)
     kwargs = loss_inputs_near_policy(hidden, weight, None, targets, 1.0, K=4)
     kwargs["ref_logps"] = None
+    if path == "recompute":  # one item of 128 tokens, longer than the 32 tokens of a chunk
+        kwargs["item_ids"][0], kwargs["completion_mask"][0] = 0, True
     allowed = {(B * T, H), (V, H), (B, T, H)}
     with LargestScratch(allowed) as largest:
         loss, _ = _run(path, lambda: rank_grpo_loss(hidden, weight, targets, memory_budget_bytes=budget,
@@ -413,23 +422,26 @@ def _op_inputs(device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("rows,dtype", [(1, torch.float32), (2, torch.float32), (2, torch.float16)])
-def test_opcheck_fused_loss(backend, rows, dtype):
+@pytest.mark.parametrize("budget,dtype", [(MIN_MEMORY_BUDGET, torch.float32), (2**24, torch.float32),
+                                           (2**24, torch.float16)])
+def test_opcheck_fused_loss(backend, budget, dtype):
     """fp16 included: its saved gradients are fp32 (cast after the loss scale), and the fake must say so."""
     b = _op_inputs(DEVICE)
     for name in ("hidden", "weight", "bias"):
         b[name] = b[name].detach().to(dtype).requires_grad_()
     args = (b["hidden"], b["weight"], b["bias"], b["targets"], b["old_logps"], b["ref_logps"], b["advantages"],
-            b["group"], b["mask"], b["normaliser"], b["tokens"], 0.2, 0.28, 1.5, 0.01, "bnpo", 0.9, True, rows,
+            b["group"], b["mask"], b["normaliser"], b["tokens"], 0.2, 0.28, 1.5, 0.01, "bnpo", 0.9, True, budget,
             True, True, True, backend)
     torch.library.opcheck(ops.fused_loss, args)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("return_entropy", [False, True])
-def test_opcheck_fused_logprobs(backend, return_entropy):
+@pytest.mark.parametrize("masked", [False, True])
+def test_opcheck_fused_logprobs(backend, return_entropy, masked):
     b = _op_inputs(DEVICE)
-    args = (b["hidden"], b["weight"], None, b["targets"], 1.0, MIN_MEMORY_BUDGET, return_entropy, backend)
+    mask = b["mask"].reshape(-1) if masked else None
+    args = (b["hidden"], b["weight"], None, b["targets"], mask, 1.0, MIN_MEMORY_BUDGET, return_entropy, backend)
     torch.library.opcheck(ops.fused_logprobs, args)
 
 
