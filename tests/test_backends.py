@@ -463,12 +463,16 @@ def test_opcheck_logprob_grads(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_compiled_fullgraph_matches_eager(backend):
-    """One graph, no host sync: the value checks are skipped while compiling."""
+@pytest.mark.parametrize("beta", [0.01, 0.0])
+def test_compiled_fullgraph_matches_eager(backend, beta):
+    """One graph, no host sync: the value checks are skipped while compiling. beta = 0 without reference
+    log-probs, with a zero-advantage item: the tokens are listed (and that item skipped) inside the op."""
     b = _op_inputs(DEVICE)
     hidden = b["hidden"].detach().view(OP_B, OP_T, OP_H).requires_grad_()
+    if beta == 0.0:
+        b["advantages"][b["item_ids"] == 1] = 0.0
     kwargs = dict(item_ids=b["item_ids"], advantages=b["advantages"], completion_mask=b["completion_mask"],
-                  old_logps=b["old_logps"], ref_logps=b["ref_logps"], beta=0.01, backend=backend)
+                  old_logps=b["old_logps"], ref_logps=b["ref_logps"] if beta else None, beta=beta, backend=backend)
 
     def step(hidden, weight, targets):
         loss, stats = rank_grpo_loss(hidden, weight, targets, **kwargs)

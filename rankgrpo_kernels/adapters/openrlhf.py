@@ -195,8 +195,8 @@ def fused_actor_forward(self, sequences, action_mask=None, attention_mask=None, 
     """``Actor.forward`` for the action log-probs (B, A) of padded text batches, through ``fused_logprobs``.
 
     ``log p(sequences[:, t + 1] | <= t) = log softmax(h_t W^T / temperature)``, with ``h`` the backbone's last hidden
-    states; only positions ``S - A - 1 .. S - 2`` go through the head. Packed samples, vision-language models and
-    calls without ``action_mask`` take OpenRLHF's own forward. ``output.entropy`` (B, A) carries no gradient: leave
+    states; only positions ``S - A - 1 .. S - 2`` that ``action_mask`` keeps go through the head (the others get
+    0). Packed samples, vision-language models and calls without ``action_mask`` take OpenRLHF's own forward. ``output.entropy`` (B, A) carries no gradient: leave
     ``entropy_coef`` unset or 0.
     """
     if self.packing_samples or getattr(self, "is_vlm", False) or action_mask is None or return_logprobs:
@@ -211,7 +211,8 @@ def fused_actor_forward(self, sequences, action_mask=None, attention_mask=None, 
     hidden, targets = output.last_hidden_state[:, -A - 1 : -1], sequences[:, -A:]
     weight, bias = output_head(self.model)
     result = call_head(lambda h, w, b: fused_logprobs(h, w, targets, bias=b, temperature=self.temperature,
-                                                      return_entropy=return_entropy), hidden, weight, bias)
+                                                      return_entropy=return_entropy, mask=action_mask),
+                       hidden, weight, bias)
     log_probs, entropy = result if return_entropy else (result, None)
     action_log_probs = log_probs * action_mask.float()
     if not return_output:

@@ -165,8 +165,8 @@ def completion_logprobs(model, batch: RankGRPOStepInputs, temperature: float = 1
     """(B, T) log-probs of the completion tokens under ``model`` at ``temperature``, without a logits tensor: the
     old (behaviour) log-probs before an update, or the reference log-probs from a frozen copy."""
     hidden, weight, bias = _hidden_and_head(model, batch)
-    return call_head(lambda h, w, b: fused_logprobs(h, w, batch.completion_ids, bias=b, temperature=temperature),
-                     hidden, weight, bias)
+    return call_head(lambda h, w, b: fused_logprobs(h, w, batch.completion_ids, bias=b, temperature=temperature,
+                                                    mask=batch.completion_mask), hidden, weight, bias)
 
 
 def rank_grpo_loss_for_model(

@@ -322,10 +322,12 @@ class RankGRPOTrainer(GRPOTrainer):
                                            compute_entropy=False, compute_aux_loss=False, **multimodal_inputs):
         """Log-probs (B, T) of the last ``logits_to_keep`` tokens at the sampling temperature by ``fused_logprobs``
         (and entropies (B, T) if asked), ``batch_size`` rows at a time; TRL calls it for the old and reference
-        log-probs. Returns ``(logps, entropies or None, None)``."""
+        log-probs. Only the completion mask's tokens enter the GEMMs (the others get 0, and TRL masks them).
+        Returns ``(logps, entropies or None, None)``."""
         if compute_aux_loss or any(value is not None for value in multimodal_inputs.values()):
             raise NotImplementedError("RankGRPOTrainer scores text-only, non-MoE models")
         targets = input_ids[:, -logits_to_keep:]
+        completion_mask = attention_mask[:, -logits_to_keep:]  # TRL's: the completion up to EOS; only it is scored
         batch_size = batch_size or input_ids.size(0)
         logps, entropies = [], []
         for start in range(0, input_ids.size(0), batch_size):
@@ -333,7 +335,7 @@ class RankGRPOTrainer(GRPOTrainer):
 
             def head(hidden, weight, bias, rows=rows):
                 return fused_logprobs(hidden, weight, targets[rows], bias=bias, temperature=self.temperature,
-                                      return_entropy=compute_entropy)
+                                      return_entropy=compute_entropy, mask=completion_mask[rows])
 
             out = self._fused_head(model, input_ids[rows], attention_mask[rows], logits_to_keep, head)
             logps.append(out[0] if compute_entropy else out)
