@@ -46,11 +46,12 @@ float* f32(const Tensor& t, const char* name) {
   return t.data_ptr<float>();
 }
 
-// (B, T) fp32 token tensors, group (B, T) int32, num_bins (B,) int32, normaliser and tokens (1,) fp32,
-// scratch (3, B, T) fp32; writes grad (B, T) and row_sums (B, 5).
+// (B, T) fp32 token tensors (policy_weights optional), group (B, T) int32, num_bins (B,) int32, normaliser and
+// tokens (1,) fp32, scratch (3, B, T) fp32; writes grad (B, T) and row_sums (B, 5).
 void segment_loss(const Tensor& logps, const OptTensor& old_logps, const OptTensor& ref_logps,
-                  const Tensor& advantages, const Tensor& group, const Tensor& num_bins, const Tensor& normaliser,
-                  const Tensor& tokens, const Tensor& scratch, const Tensor& grad, const Tensor& row_sums,
+                  const Tensor& advantages, const OptTensor& policy_weights, const Tensor& group,
+                  const Tensor& num_bins, const Tensor& normaliser, const Tensor& tokens, const Tensor& scratch,
+                  const Tensor& grad, const Tensor& row_sums,
                   double beta, double lo, double hi, std::optional<double> delta, int64_t weighting,
                   double log_ratio_limit, int64_t stream) {
   TORCH_CHECK(logps.dim() == 2, "logps must be (B, T)");
@@ -58,14 +59,16 @@ void segment_loss(const Tensor& logps, const OptTensor& old_logps, const OptTens
   check_tensor(group, "group", at::kInt);
   check_tensor(num_bins, "num_bins", at::kInt);
   for (const Tensor* t : {&advantages, &group, &grad}) TORCH_CHECK(t->sizes() == logps.sizes(), "(B, T) shapes");
+  TORCH_CHECK(!policy_weights.has_value() || policy_weights->sizes() == logps.sizes(), "(B, T) policy_weights");
   TORCH_CHECK(num_bins.numel() == B && scratch.numel() == 3 * B * T && row_sums.numel() == B * rankgrpo::kRowSums,
               "num_bins (B,), scratch (3, B, T), row_sums (B, 5)");
   TORCH_CHECK(weighting >= 0 && weighting <= 2, "weighting must be 0 (grpo), 1 (token mean) or 2 (rank)");
   check_launch(rankgrpo::segment_loss(
                    f32(logps, "logps"), data_or_null<const float>(old_logps, "old_logps", at::kFloat),
                    data_or_null<const float>(ref_logps, "ref_logps", at::kFloat), f32(advantages, "advantages"),
-                   group.data_ptr<int32_t>(), num_bins.data_ptr<int32_t>(), f32(normaliser, "normaliser"),
-                   f32(tokens, "tokens"), f32(scratch, "scratch"), f32(grad, "grad"), f32(row_sums, "row_sums"), B, T,
+                   data_or_null<const float>(policy_weights, "policy_weights", at::kFloat), group.data_ptr<int32_t>(),
+                   num_bins.data_ptr<int32_t>(), f32(normaliser, "normaliser"), f32(tokens, "tokens"),
+                   f32(scratch, "scratch"), f32(grad, "grad"), f32(row_sums, "row_sums"), B, T,
                    static_cast<float>(beta), static_cast<float>(lo), static_cast<float>(hi),
                    static_cast<float>(delta.value_or(0.0)), delta.has_value(), static_cast<int>(weighting),
                    static_cast<float>(log_ratio_limit), as_stream(stream)),

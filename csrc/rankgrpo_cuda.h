@@ -17,13 +17,14 @@ const char* error_string(int code);
 
 constexpr int kRowSums = 5;  // loss, clipped low, clipped high, ratio, KL
 
-// Segment loss of B rows of T tokens (see segment_loss.cu). old_logps / ref_logps may be null; group holds
-// row-relative item ids (-1 outside the loss); scratch is 3 * B * T floats; outputs grad (B, T) and
+// Segment loss of B rows of T tokens (see segment_loss.cu). old_logps / ref_logps / policy_weights may be null;
+// group holds row-relative item ids (-1 outside the loss); scratch is 3 * B * T floats; outputs grad (B, T) and
 // row_sums (B, kRowSums). weighting: 0 grpo, 1 bnpo / dr_grpo / dapo, 2 rank.
 int segment_loss(const float* logps, const float* old_logps, const float* ref_logps, const float* advantages,
-                 const int32_t* group, const int32_t* num_bins, const float* normaliser, const float* tokens,
-                 float* scratch, float* grad, float* row_sums, int64_t B, int64_t T, float beta, float lo, float hi,
-                 float delta, bool has_delta, int weighting, float log_ratio_limit, cudaStream_t stream);
+                 const float* policy_weights, const int32_t* group, const int32_t* num_bins, const float* normaliser,
+                 const float* tokens, float* scratch, float* grad, float* row_sums, int64_t B, int64_t T, float beta,
+                 float lo, float hi, float delta, bool has_delta, int weighting, float log_ratio_limit,
+                 cudaStream_t stream);
 
 // Row pass over a chunk of fp32 logits (rows x cols, row stride row_stride >= cols elements; see row_pass.cu):
 // z = (logits + bias) * inv_temperature; logp = z_y - lse, lse = logsumexp(z) (or lse_in when given: then lse is

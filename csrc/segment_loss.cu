@@ -4,14 +4,14 @@
 //
 // Row i has T tokens; group[t] is the token's row-relative item id in [0, num_bins) or -1 outside the loss.
 // With c_t the loss type's weight (grpo 1/(normaliser M_i), M_i the row's loss tokens; bnpo, dr_grpo, dapo
-// 1/normaliser; rank 1/(normaliser n_k)):
+// 1/normaliser; rank 1/(normaliser n_k)) and pw_t the policy weights (1 when null; the policy term only):
 //
 //   pass 1:  n_k = |S_k|,  log w_k = mean_{t in S_k} (l_t - o_t)                           (0 on-policy)
-//   pass 2:  D_k = sum_{t in S_k} c_t (-a_t act_t)                                           (dL/dw_k)
+//   pass 2:  D_k = sum_{t in S_k} c_t pw_t (-a_t act_t)                                      (dL/dw_k)
 //   pass 3 (thread per token):
 //     w = exp(min(log w_k, LIMIT)),  v1 = min(w, delta) a,  v2 = clip(w, 1 - eps_low, 1 + eps_high) a
 //     act = d min(v1, v2)/dw / a: the taken branch's derivative, the mean of both on ties (as torch.min)
-//     L += -c_t min(v1, v2) + beta kw_t (e^(r-l) - (r - l) - 1)   (r - l clamped at LIMIT; kw = c, rank: 1/tokens)
+//     L += -c_t pw_t min(v1, v2) + beta kw_t (e^(r-l) - (r - l) - 1)  (r - l clamped at LIMIT; kw = c, rank: 1/tokens)
 //     g_t = D_k w_k [log w_k <= LIMIT] / n_k + beta kw_t (1 - e^(r-l)) [r - l <= LIMIT]
 //   and the row's sums (loss, clipped low, clipped high, ratio, KL) in fixed-order block reductions.
 //
@@ -35,6 +35,7 @@ struct Params {
   const float* old_logps;  // null: on-policy, every ratio is 1
   const float* ref_logps;  // null: no KL
   const float* advantages;
+  const float* policy_weights;  // null: 1
   const int32_t* group;
   const int32_t* num_bins;
   const float* normaliser;
@@ -68,6 +69,11 @@ __device__ __forceinline__ ItemTerms item_terms(const Params& p, float log_w, fl
   const float v1 = w_unclipped * a, v2 = w_clipped * a;
   const float act = v1 < v2 ? grad_unclipped : (v1 > v2 ? grad_clipped : 0.5f * (grad_unclipped + grad_clipped));
   return {w, w_unclipped, min_nan(v1, v2), act};
+}
+
+// The policy weight pw_t of token i (flat index), 1 without policy weights.
+__device__ __forceinline__ float token_policy_weight(const Params& p, int64_t i) {
+  return p.policy_weights == nullptr ? 1.0f : p.policy_weights[i];
 }
 
 // The loss type's weight c_t of a token in the loss whose item has n_k tokens.
@@ -144,7 +150,7 @@ __global__ void __launch_bounds__(kThreads) segment_loss_kernel(Params p) {
     float term = 0.0f;
     if (k >= 0) {
       const float a = p.advantages[base + t];
-      const float c = policy_weight(p, row_weight, p.bin_count[base + k]);
+      const float c = policy_weight(p, row_weight, p.bin_count[base + k]) * token_policy_weight(p, base + t);
       term = -c * a * item_terms(p, p.bin_log_w[base + k], a).act;
     }
     const unsigned peers = __match_any_sync(kFullMask, k);
@@ -165,7 +171,7 @@ __global__ void __launch_bounds__(kThreads) segment_loss_kernel(Params p) {
       const ItemTerms it = item_terms(p, log_w, a);
       const float unsaturated = log_w <= p.log_ratio_limit ? 1.0f : 0.0f;
       g = p.bin_dloss[base + k] * it.w * unsaturated / fmaxf(n_k, 1.0f);
-      loss += -c * it.branch_min;
+      loss += -c * token_policy_weight(p, base + t) * it.branch_min;
       low += (it.w_unclipped < p.lo && a < 0.0f) ? 1.0f : 0.0f;
       high += (it.w_unclipped > p.hi && a > 0.0f) ? 1.0f : 0.0f;
       ratio += it.w;
@@ -202,11 +208,12 @@ __global__ void __launch_bounds__(kThreads) segment_loss_kernel(Params p) {
 }  // namespace
 
 int segment_loss(const float* logps, const float* old_logps, const float* ref_logps, const float* advantages,
-                 const int32_t* group, const int32_t* num_bins, const float* normaliser, const float* tokens,
-                 float* scratch, float* grad, float* row_sums, int64_t B, int64_t T, float beta, float lo, float hi,
-                 float delta, bool has_delta, int weighting, float log_ratio_limit, cudaStream_t stream) {
+                 const float* policy_weights, const int32_t* group, const int32_t* num_bins, const float* normaliser,
+                 const float* tokens, float* scratch, float* grad, float* row_sums, int64_t B, int64_t T, float beta,
+                 float lo, float hi, float delta, bool has_delta, int weighting, float log_ratio_limit,
+                 cudaStream_t stream) {
   if (B == 0) return 0;
-  const Params p{logps, old_logps, ref_logps, advantages, group, num_bins, normaliser, tokens,
+  const Params p{logps, old_logps, ref_logps, advantages, policy_weights, group, num_bins, normaliser, tokens,
                  scratch, scratch + B * T, scratch + 2 * B * T, grad, row_sums,
                  T, beta, lo, hi, delta, log_ratio_limit, has_delta, weighting};
   segment_loss_kernel<<<static_cast<unsigned>(B), kThreads, 0, stream>>>(p);

@@ -54,7 +54,8 @@ class TokenBatch:
     [b*T, b*T + T), as ``dense_groups`` numbers them (``rows`` and ``row_relative_groups`` rely on it);
     ``mask`` is True exactly where ``group >= 0``. ``normaliser`` is the scalar of the loss type (B for grpo,
     sum M for bnpo, B * L_max for dr_grpo, num_items_in_batch for dapo, B * N for rank) and ``tokens`` the number
-    of loss tokens (clamped to >= 1), both of the whole batch: a slice of rows (``rows``) keeps them, so its loss
+    of loss tokens (clamped to >= 1), both of the whole batch; ``policy_weights`` (or None: 1) multiply each
+    token's policy term (not its KL term, not the statistics): a slice of rows (``rows``) keeps them, so its loss
     and statistics are its exact share of the batch's and the shares add up.
     """
 
@@ -67,6 +68,7 @@ class TokenBatch:
     normaliser: torch.Tensor
     tokens: torch.Tensor
     entropy: torch.Tensor | None = None
+    policy_weights: torch.Tensor | None = None
 
     def rows(self, start: int, stop: int) -> "TokenBatch":
         """Rows [start, stop) with their group ids rebased to the slice; normaliser and tokens stay the batch's."""
@@ -78,7 +80,7 @@ class TokenBatch:
         mask = self.mask[start:stop]
         return TokenBatch(take(self.logps), take(self.old_logps), take(self.ref_logps), self.advantages[start:stop],
                           torch.where(mask, self.group[start:stop] - start * T, -1), mask, self.normaliser,
-                          self.tokens, take(self.entropy))
+                          self.tokens, take(self.entropy), take(self.policy_weights))
 
 
 def dense_groups(item_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,10 @@ _LOSS_DOC = """
         loss_type: ``"grpo"``, ``"bnpo"`` (released runs), ``"dr_grpo"``, ``"dapo"`` or ``"rank"`` (paper).
         max_completion_length: ``dr_grpo``'s L_max (default T).
         num_items_in_batch: ``dapo``'s token count of the whole optimizer step (int or 0-dim tensor), required there.
+        policy_weights: optional (B, T) constants ``pw_t`` (finite, >= 0) multiplying each token's policy term
+            only: ``policy_t -> pw_t * policy_t``, the item ratios, normalisers, KL term and statistics unchanged
+            (TRL's order: policy loss x masks x importance-sampling ratio, then + beta KL). A truncated
+            importance-sampling correction (vLLM's sampler against the trainer), an off-policy or entropy mask.
         rec_num: N of the paper form (default K of per-rank advantages; required with per-token advantages).
         entropy: optional (B, T) per-token entropies, only averaged into the statistics.
 """
@@ -71,13 +75,13 @@ def _doc(*parts: str):
 
 def _loss_operands(batch, cfg):
     """The tensors and settings of the loss ops, in their argument order (after the log-probs or the head)."""
-    return (batch.old_logps, batch.ref_logps, batch.advantages, batch.group, batch.mask, batch.normaliser,
-            batch.tokens, cfg.epsilon_low, cfg.epsilon_high, cfg.delta, cfg.beta, cfg.loss_type)
+    return (batch.old_logps, batch.ref_logps, batch.advantages, batch.policy_weights, batch.group, batch.mask,
+            batch.normaliser, batch.tokens, cfg.epsilon_low, cfg.epsilon_high, cfg.delta, cfg.beta, cfg.loss_type)
 
 
 def _loss_from_logps(logps, batch, entropy, cfg, backend):
-    old, ref, adv, group, mask, normaliser, tokens, *settings = _loss_operands(batch, cfg)
-    loss, stats, _ = ops.loss_from_logps(logps, old, ref, adv, group, mask, normaliser, tokens, entropy, *settings,
+    *tensors, epsilon_low, epsilon_high, delta, beta, loss_type = _loss_operands(batch, cfg)
+    loss, stats, _ = ops.loss_from_logps(logps, *tensors, entropy, epsilon_low, epsilon_high, delta, beta, loss_type,
                                          backend)
     return loss, stats
 
@@ -108,6 +112,7 @@ def rank_grpo_loss_from_logps(
     num_items_in_batch: int | float | torch.Tensor | None = None,
     rec_num: int | None = None,
     entropy: torch.Tensor | None = None,
+    policy_weights: torch.Tensor | None = None,
     advantage_level: str = "auto",
     backend: str = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -120,7 +125,7 @@ def rank_grpo_loss_from_logps(
         B, T, logps.device, cfg, item_ids=item_ids, advantages=advantages, completion_mask=completion_mask,
         old_logps=old_logps, ref_logps=ref_logps, advantage_level=advantage_level,
         max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch, rec_num=rec_num,
-        entropy=entropy, logps=logps,
+        entropy=entropy, logps=logps, policy_weights=policy_weights,
     )
     raise_on_bad_values(checks)
     loss, stats = _loss_from_logps(logps, batch, entropy, cfg, backends.choose(backend, logps.device, logps.dtype))
@@ -184,6 +189,7 @@ def rank_grpo_loss(
     max_completion_length: int | None = None,
     num_items_in_batch: int | float | torch.Tensor | None = None,
     rec_num: int | None = None,
+    policy_weights: torch.Tensor | None = None,
     advantage_level: str = "auto",
     compute_entropy: bool = False,
     backend: str = "auto",
@@ -196,6 +202,7 @@ def rank_grpo_loss(
         B, T, hidden.device, cfg, item_ids=item_ids, advantages=advantages, completion_mask=completion_mask,
         old_logps=old_logps, ref_logps=ref_logps, advantage_level=advantage_level,
         max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch, rec_num=rec_num,
+        policy_weights=policy_weights,
     )
     vocab_start, vocab = _vocabulary(weight, process_group)
     raise_on_bad_values(checks + target_checks(target_ids, vocab, batch.mask))

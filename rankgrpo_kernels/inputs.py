@@ -95,7 +95,8 @@ def normaliser(cfg: LossConfig, mask, dtype, *, max_completion_length, num_items
 
 
 def token_batch(B, T, device, cfg: LossConfig, *, item_ids, advantages, completion_mask, old_logps, ref_logps,
-                advantage_level, max_completion_length, num_items_in_batch, rec_num, entropy=None, logps=None):
+                advantage_level, max_completion_length, num_items_in_batch, rec_num, entropy=None, logps=None,
+                policy_weights=None):
     """Validate the loss inputs and bring them to the token level; returns the ``TokenBatch`` (``logps`` as given,
     None for the fused path) and the value checks."""
     check_tensor(item_ids, "item_ids", (B, T), "int", device)
@@ -104,6 +105,7 @@ def token_batch(B, T, device, cfg: LossConfig, *, item_ids, advantages, completi
     check_tensor(old_logps, "old_logps", (B, T), "float", device, optional=True)
     check_tensor(ref_logps, "ref_logps", (B, T), "float", device, optional=True)
     check_tensor(entropy, "entropy", (B, T), "float", device, optional=True)
+    check_tensor(policy_weights, "policy_weights", (B, T), "float", device, optional=True)
     if cfg.beta != 0.0 and ref_logps is None:
         raise ValueError(f"beta={cfg.beta} needs ref_logps (or set beta=0.0)")
 
@@ -121,11 +123,15 @@ def token_batch(B, T, device, cfg: LossConfig, *, item_ids, advantages, completi
     for name, x in (("old_logps", old_logps), ("ref_logps", ref_logps)):
         if x is not None:
             checks.append((f"{name} contain NaN on tokens in the loss", (torch.isnan(x) & mask).any()))
+    if policy_weights is not None:
+        policy_weights = policy_weights.detach()
+        checks.append(("policy_weights must be finite and >= 0 on tokens in the loss",
+                       ~((policy_weights >= 0) & torch.isfinite(policy_weights) | ~mask).all()))
     if cfg.loss_type == "dapo" and isinstance(num_items_in_batch, torch.Tensor):
         checks.append(("num_items_in_batch must be finite and > 0", ~((scale > 0) & torch.isfinite(scale))))
 
     batch = TokenBatch(logps, old_logps, ref_logps, per_token, dense_groups(item_ids, mask), mask, scale,
-                       mask.sum().clamp(min=1).to(dtype), entropy)
+                       mask.sum().clamp(min=1).to(dtype), entropy, policy_weights)
     return batch, checks
 
 

@@ -167,7 +167,7 @@ def token_plan(batch: TokenBatch, skip_zero_advantage: bool, chunk_tokens: int) 
 def _chunk_batch(batch: TokenBatch, positions, r0, r1, logp, entropy) -> tuple[TokenBatch, torch.Tensor]:
     """Rows [r0, r1) of ``batch`` holding the chunk's log-probs at ``positions`` (flat, of the batch). Every other
     token of those rows stays in the masks (so the normalisers, M_i and n_k are the batch's) but is neutral: log-
-    probs, old and reference log-probs and advantage 0, so it adds no loss, gradient, clip count or KL, and a ratio
+    probs, old and reference log-probs, advantage and policy weight 0, so it adds no loss, gradient, clip count or KL, and a ratio
     of exactly 1. Also returns the chunk's positions local to the rows."""
     T = batch.mask.shape[1]
     local = positions - r0 * T
@@ -184,8 +184,8 @@ def _chunk_batch(batch: TokenBatch, positions, r0, r1, logp, entropy) -> tuple[T
 
     sub.logps = place(logp)
     sub.entropy = place(entropy) if entropy is not None else None
-    sub.old_logps, sub.ref_logps, sub.advantages = (neutral(x) for x in (sub.old_logps, sub.ref_logps,
-                                                                           sub.advantages))
+    sub.old_logps, sub.ref_logps, sub.advantages, sub.policy_weights = (
+        neutral(x) for x in (sub.old_logps, sub.ref_logps, sub.advantages, sub.policy_weights))
     return sub, local
 
 

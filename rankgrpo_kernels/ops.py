@@ -39,12 +39,13 @@ def _fake_loss_outputs(like: Tensor):
 
 @torch.library.custom_op("rankgrpo::fused_loss", mutates_args=())
 def fused_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
-               old_logps: Optional[Tensor], ref_logps: Optional[Tensor], advantages: Tensor, group: Tensor,
-               mask: Tensor, normaliser: Tensor, tokens: Tensor, epsilon_low: float, epsilon_high: float,
+               old_logps: Optional[Tensor], ref_logps: Optional[Tensor], advantages: Tensor,
+               policy_weights: Optional[Tensor], group: Tensor, mask: Tensor, normaliser: Tensor, tokens: Tensor,
+               epsilon_low: float, epsilon_high: float,
                delta: Optional[float], beta: float, loss_type: str, temperature: float, compute_entropy: bool,
                budget: int, need_hidden: bool, need_weight: bool, need_bias: bool,
                backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    batch = TokenBatch(None, old_logps, ref_logps, advantages, group, mask, normaliser, tokens)
+    batch = TokenBatch(None, old_logps, ref_logps, advantages, group, mask, normaliser, tokens, None, policy_weights)
     loss, stats, *grads = lm_head.loss_and_grads(
         backend, hidden, weight, bias, targets, batch,
         LossConfig(epsilon_low, epsilon_high, delta, beta, loss_type), temperature, compute_entropy, budget,
@@ -53,8 +54,8 @@ def fused_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: 
 
 
 @fused_loss.register_fake
-def _(hidden, weight, bias, targets, old_logps, ref_logps, advantages, group, mask, normaliser, tokens, epsilon_low,
-      epsilon_high, delta, beta, loss_type, temperature, compute_entropy, budget, need_hidden, need_weight,
+def _(hidden, weight, bias, targets, old_logps, ref_logps, advantages, policy_weights, group, mask, normaliser, tokens,
+      epsilon_low, epsilon_high, delta, beta, loss_type, temperature, compute_entropy, budget, need_hidden, need_weight,
       need_bias, backend):
     dtype = lm_head.saved_grad_dtype(hidden.dtype)
     return (*_fake_loss_outputs(hidden),
@@ -65,7 +66,7 @@ def _(hidden, weight, bias, targets, old_logps, ref_logps, advantages, group, ma
 
 def _fused_loss_setup(ctx, inputs, output):
     ctx.save_for_backward(*output[2:])
-    need_hidden, need_weight, need_bias = inputs[19:22]
+    need_hidden, need_weight, need_bias = inputs[20:23]
     ctx.needs = (need_hidden, need_weight, need_bias and inputs[2] is not None)
     ctx.input_dtype = inputs[0].dtype
     ctx.num_inputs, ctx.spent = len(inputs), False
@@ -158,16 +159,17 @@ fused_logprobs.register_autograd(_fused_logprobs_backward, setup_context=_fused_
 
 @torch.library.custom_op("rankgrpo::loss_from_logps", mutates_args=())
 def loss_from_logps(logps: Tensor, old_logps: Optional[Tensor], ref_logps: Optional[Tensor], advantages: Tensor,
-                    group: Tensor, mask: Tensor, normaliser: Tensor, tokens: Tensor, entropy: Optional[Tensor],
-                    epsilon_low: float, epsilon_high: float, delta: Optional[float], beta: float, loss_type: str,
-                    backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    batch = TokenBatch(logps, old_logps, ref_logps, advantages, group, mask, normaliser, tokens, entropy)
+                    policy_weights: Optional[Tensor], group: Tensor, mask: Tensor, normaliser: Tensor, tokens: Tensor,
+                    entropy: Optional[Tensor], epsilon_low: float, epsilon_high: float, delta: Optional[float],
+                    beta: float, loss_type: str, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    batch = TokenBatch(logps, old_logps, ref_logps, advantages, group, mask, normaliser, tokens, entropy,
+                       policy_weights)
     return backends.load(backend).segment_loss(batch, LossConfig(epsilon_low, epsilon_high, delta, beta, loss_type))
 
 
 @loss_from_logps.register_fake
-def _(logps, old_logps, ref_logps, advantages, group, mask, normaliser, tokens, entropy, epsilon_low, epsilon_high,
-      delta, beta, loss_type, backend):
+def _(logps, old_logps, ref_logps, advantages, policy_weights, group, mask, normaliser, tokens, entropy, epsilon_low,
+      epsilon_high, delta, beta, loss_type, backend):
     return (*_fake_loss_outputs(logps), logps.new_empty(logps.shape, dtype=lm_head.accumulator_dtype(logps.dtype)))
 
 

@@ -53,11 +53,14 @@ def reference_loss_from_logps(
     num_items_in_batch: float | None = None,
     rec_num: int | None = None,
     entropy: torch.Tensor | None = None,
+    policy_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Rank-GRPO loss from per-token log-probs; all tensors (B, T), ``advantages`` per token.
 
     ``item_ids >= 0`` name the groups of a row; tokens with a negative id or ``completion_mask == 0`` are outside
-    the loss. ``rec_num`` (N) is needed by ``loss_type="rank"`` only. Returns the scalar loss and detached
+    the loss. ``rec_num`` (N) is needed by ``loss_type="rank"`` only. ``policy_weights`` (constants, e.g. an
+    importance-sampling correction) multiply each token's policy term, nothing else: ``loss = sum_t c_t pw_t
+    policy_t + beta sum_t kw_t KL_t`` (TRL's order). Returns the scalar loss and detached
     statistics (token means over the tokens in the loss; ``kl`` only with ``ref_logps``,
     ``entropy`` only when given).
     """
@@ -86,6 +89,8 @@ def reference_loss_from_logps(
     w_clipped = torch.clamp(w, 1 - epsilon_low, 1 + epsilon_high)
     w_unclipped = w if delta is None else torch.clamp(w, max=delta)
     policy = -torch.min(w_unclipped * a, w_clipped * a)
+    if policy_weights is not None:
+        policy = policy * policy_weights[mask].detach().to(l.dtype)
 
     tokens = mask.sum().clamp(min=1).to(l.dtype)
     row_tokens = mask.sum(1).clamp(min=1).to(l.dtype)

@@ -41,14 +41,15 @@ class Launch:
 
 
 def segment_kernels():
-    seg = dict(logp_ptr="*fp32", old_ptr="*fp32", ref_ptr="*fp32", adv_ptr="*fp32", group_ptr="*i32",
+    seg = dict(logp_ptr="*fp32", old_ptr="*fp32", ref_ptr="*fp32", adv_ptr="*fp32", pw_ptr="*fp32", group_ptr="*i32",
                sorted_ptr="*i32", order_ptr="*i32", normaliser_ptr="*fp32", tokens_ptr="*fp32",
                bin_count_ptr="*fp32", bin_log_w_ptr="*fp32", bin_dloss_ptr="*fp32", grad_ptr="*fp32",
                row_sums_ptr="*fp32", T="i32", beta="fp32", lo="fp32", hi="fp32", delta="fp32",
                log_ratio_limit="fp32")
     return [
         ("segment_loss", segment_loss._segment_loss_kernel, seg,
-         dict(HAS_OLD=True, HAS_REF=True, ADD_KL=True, HAS_DELTA=True, WEIGHTING=2, BLOCK_T=segment_loss.BLOCK_T),
+         dict(HAS_OLD=True, HAS_REF=True, ADD_KL=True, HAS_DELTA=True, HAS_PW=True, WEIGHTING=2,
+              BLOCK_T=segment_loss.BLOCK_T),
          Launch(num_warps=4)),  # the launcher's (Triton's default)
     ]
 

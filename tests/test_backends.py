@@ -95,6 +95,8 @@ def test_loss_and_gradients_match_reference(backend, dtype, path, loss_type):
     kwargs["completion_mask"][1, :] = True
     kwargs["item_ids"][2, 5] = 9  # a one-token item
     kwargs.update(loss_type=loss_type, beta=0.04, epsilon_low=0.05, epsilon_high=0.08, delta=1.3)
+    # an importance-sampling correction with masked (0) tokens: it scales the policy terms only
+    kwargs["policy_weights"] = torch.rand(B, T, device=DEVICE) * 2 * (torch.rand(B, T, device=DEVICE) > 0.2)
     if loss_type == "dapo":
         kwargs["num_items_in_batch"] = 2 * B * T
     if loss_type == "rank":
@@ -193,8 +195,8 @@ def test_gradient_accumulation_and_scaled_loss(backend, path):
 
     def loss_of(h, rows):
         warns = path != "recompute" or rows.start <= 1 < rows.stop  # the long item is in row 1
-        return _run(path if warns else "fused", lambda: rank_grpo_loss(h, weight, targets[rows], bias=bias, backend=backend,
-                                                 memory_budget_bytes=budget, **rows_of(rows)))[0]
+        return _run(path if warns else "fused", lambda: rank_grpo_loss(
+            h, weight, targets[rows], bias=bias, backend=backend, memory_budget_bytes=budget, **rows_of(rows)))[0]
 
     halves = (slice(0, 2), slice(2, 3))
     first, second = (hidden[rows].detach().requires_grad_() for rows in halves)
@@ -416,6 +418,7 @@ def _op_inputs(device):
         bias=torch.randn(OP_V, device=device, requires_grad=True),
         targets=torch.randint(0, OP_V, (OP_B * OP_T,), device=device),
         group=dense_groups(b["item_ids"], mask), mask=mask, normaliser=mask.sum().float(),
+        policy_weights=torch.rand(OP_B, OP_T, device=device) * 2,
         tokens=mask.sum().clamp(min=1).float(),
     )
     return b
@@ -430,8 +433,8 @@ def test_opcheck_fused_loss(backend, budget, dtype):
     for name in ("hidden", "weight", "bias"):
         b[name] = b[name].detach().to(dtype).requires_grad_()
     args = (b["hidden"], b["weight"], b["bias"], b["targets"], b["old_logps"], b["ref_logps"], b["advantages"],
-            b["group"], b["mask"], b["normaliser"], b["tokens"], 0.2, 0.28, 1.5, 0.01, "bnpo", 0.9, True, budget,
-            True, True, True, backend)
+            b["policy_weights"], b["group"], b["mask"], b["normaliser"], b["tokens"], 0.2, 0.28, 1.5, 0.01, "bnpo", 0.9,
+            True, budget, True, True, True, backend)
     torch.library.opcheck(ops.fused_loss, args)
 
 
@@ -448,8 +451,8 @@ def test_opcheck_fused_logprobs(backend, return_entropy, masked):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_loss_from_logps(backend):
     b = _op_inputs(DEVICE)
-    args = (b["logps"].requires_grad_(), None, b["ref_logps"], b["advantages"], b["group"], b["mask"],
-            b["normaliser"], b["tokens"], None, 0.2, 0.2, None, 0.04, "rank", backend)
+    args = (b["logps"].requires_grad_(), None, b["ref_logps"], b["advantages"], b["policy_weights"], b["group"],
+            b["mask"], b["normaliser"], b["tokens"], None, 0.2, 0.2, None, 0.04, "rank", backend)
     torch.library.opcheck(ops.loss_from_logps, args)
 
 

@@ -58,6 +58,11 @@ LOGPS_CASES = [
     (dict(loss_type="rank"), ValueError, "rec_num"),
     (dict(loss_type="dr_grpo", max_completion_length=0), ValueError, "max_completion_length"),
     (dict(advantage_level="item"), ValueError, "advantage_level"),
+    (dict(policy_weights=torch.ones(B, T + 1)), ValueError, "policy_weights"),
+    (dict(policy_weights=torch.ones(B, T, dtype=torch.long)), TypeError, "policy_weights"),
+    (dict(policy_weights=-torch.ones(B, T)), ValueError, "policy_weights"),
+    (dict(policy_weights=torch.full((B, T), float("nan"))), ValueError, "policy_weights"),
+    (dict(policy_weights=torch.full((B, T), float("inf"))), ValueError, "policy_weights"),
 ]
 
 

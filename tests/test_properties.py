@@ -181,3 +181,35 @@ def test_saturated_ratios_match_the_reference():
     torch.testing.assert_close(loss, ref_loss)
     torch.testing.assert_close(grad, ref_grad)
     assert torch.isfinite(loss) and torch.all(grad[0, :2] == 0) and torch.all(grad[0, 2:] != 0)
+
+
+def _trl_token_level_loss(logps, old_logps, ref_logps, advantages, mask, is_ratio, beta, eps_low, eps_high,
+                          loss_type):
+    """TRL 1.16 ``GRPOTrainer._compute_loss`` (token-level ratio, vLLM importance-sampling correction), written
+    out: policy loss x IS ratio, then + beta KL, aggregated over the completion mask."""
+    coef_1 = torch.exp(logps - old_logps)
+    coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
+    per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages) * is_ratio
+    per_token_loss = per_token_loss + beta * (torch.exp(ref_logps - logps) - (ref_logps - logps) - 1)
+    if loss_type == "grpo":
+        return ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "bnpo":
+        return (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+    return (per_token_loss * mask).sum() / (per_token_loss.size(0) * per_token_loss.size(1))  # dr_grpo
+
+
+@given(loss_batches(layout="token"), st.sampled_from(["grpo", "bnpo", "dr_grpo"]))
+def test_policy_weights_are_trls_importance_sampling_correction(batch, loss_type):
+    """One item per token and per-token policy weights = TRL's loss with ``importance_sampling_ratio``."""
+    B, T = batch["logps"].shape
+    mask = batch["completion_mask"] & (batch["item_ids"] >= 0)
+    g = torch.Generator().manual_seed(B * 100 + T)
+    is_ratio = torch.rand(B, T, generator=g, dtype=batch["logps"].dtype) * 2
+    settings = {**batch, "delta": None, "loss_type": loss_type, "policy_weights": is_ratio}
+    ours, grad, _ = loss_and_grad(rank_grpo_loss_from_logps, settings)
+    logps = batch["logps"].clone().requires_grad_()
+    trl = _trl_token_level_loss(logps, batch["old_logps"], batch["ref_logps"], batch["advantages"], mask.to(logps.dtype),
+                                is_ratio, batch["beta"], batch["epsilon_low"], batch["epsilon_high"], loss_type)
+    (trl_grad,) = torch.autograd.grad(trl, logps)
+    torch.testing.assert_close(ours, trl.detach(), **TOL[logps.dtype])
+    torch.testing.assert_close(grad, trl_grad, **TOL[logps.dtype])

@@ -32,14 +32,16 @@ PATHS = ["torch", "triton", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def _inputs(item_ids, mask=None, *, seed=0):
-    """Random fp32 log-probs, advantages and old/reference log-probs for the given item ids."""
+    """Random fp32 log-probs, advantages, old/reference log-probs and policy weights (a quarter 0) for the given item
+    ids."""
     g = torch.Generator().manual_seed(seed)
     B, T = item_ids.shape
     logps = -3 * torch.rand(B, T, generator=g)
     return dict(logps=logps, item_ids=item_ids, advantages=torch.randn(B, T, generator=g),
                 completion_mask=torch.ones(B, T, dtype=torch.bool) if mask is None else mask,
                 old_logps=logps + 0.3 * torch.randn(B, T, generator=g),
-                ref_logps=logps + 0.2 * torch.randn(B, T, generator=g))
+                ref_logps=logps + 0.2 * torch.randn(B, T, generator=g),
+                policy_weights=2 * torch.rand(B, T, generator=g) * (torch.rand(B, T, generator=g) > 0.25))
 
 
 def _settings(loss_type, ref):
@@ -53,7 +55,8 @@ def _reference(inputs, loss_type, old, ref):
     loss, stats = reference_loss_from_logps(
         logps, inputs["item_ids"], inputs["advantages"].double(), inputs["completion_mask"],
         old_logps=inputs["old_logps"].double() if old else None,
-        ref_logps=inputs["ref_logps"].double() if ref else None, **_settings(loss_type, ref))
+        ref_logps=inputs["ref_logps"].double() if ref else None, policy_weights=inputs["policy_weights"].double(),
+        **_settings(loss_type, ref))
     (grad,) = torch.autograd.grad(loss, logps, allow_unused=True)
     return loss.detach(), stats, torch.zeros_like(logps) if grad is None else grad
 
@@ -65,8 +68,8 @@ def _public(inputs, loss_type, old, ref, backend):
     logps = x["logps"].clone().requires_grad_()
     loss, stats = rank_grpo_loss_from_logps(
         logps, item_ids=x["item_ids"], advantages=x["advantages"], completion_mask=x["completion_mask"],
-        old_logps=x["old_logps"] if old else None, ref_logps=x["ref_logps"] if ref else None, backend=backend,
-        **_settings(loss_type, ref))
+        old_logps=x["old_logps"] if old else None, ref_logps=x["ref_logps"] if ref else None,
+        policy_weights=x["policy_weights"], backend=backend, **_settings(loss_type, ref))
     (grad,) = torch.autograd.grad(loss, logps)
     return loss.cpu(), {k: v.cpu() for k, v in stats.items()}, grad.cpu(), None
 
@@ -93,7 +96,7 @@ def _launcher(inputs, loss_type, old, ref):
         torch.as_tensor(normaliser, dtype=torch.float32, device=device), tokens,
         beta=_settings(loss_type, ref)["beta"], clip_low=1 - SETTINGS["epsilon_low"],
         clip_high=1 + SETTINGS["epsilon_high"], delta=SETTINGS["delta"], weighting=WEIGHTING[loss_type],
-        log_ratio_limit=20.0)
+        log_ratio_limit=20.0, policy_weights=x["policy_weights"])
     assert grad.shape == (B, T) and row_sums.shape == (B, 5)
     sums, tokens = row_sums.sum(0).cpu(), tokens.cpu()
     low, high = sums[1] / tokens, sums[2] / tokens

@@ -196,8 +196,8 @@ def fused_actor_forward(self, sequences, action_mask=None, attention_mask=None, 
 
     ``log p(sequences[:, t + 1] | <= t) = log softmax(h_t W^T / temperature)``, with ``h`` the backbone's last hidden
     states; only positions ``S - A - 1 .. S - 2`` that ``action_mask`` keeps go through the head (the others get
-    0). Packed samples, vision-language models and calls without ``action_mask`` take OpenRLHF's own forward. ``output.entropy`` (B, A) carries no gradient: leave
-    ``entropy_coef`` unset or 0.
+    0). Packed samples, vision-language models and calls without ``action_mask`` take OpenRLHF's own forward.
+    ``output.entropy`` (B, A) carries no gradient: leave ``entropy_coef`` unset or 0.
     """
     if self.packing_samples or getattr(self, "is_vlm", False) or action_mask is None or return_logprobs:
         return _ACTOR_FORWARD(self, sequences, action_mask, attention_mask, return_output, allgather_logits,

@@ -102,8 +102,9 @@ def segment_loss(batch: TokenBatch, cfg: LossConfig):
     grad = torch.empty(B, T, **f32)
     row_sums = torch.empty(B, ROW_SUMS, **f32)
     _ext.segment_loss(operand(batch.logps), operand(batch.old_logps), operand(batch.ref_logps),
-                      operand(batch.advantages), group, num_bins, operand(batch.normaliser).reshape(1),
-                      operand(batch.tokens).reshape(1), torch.empty(3, B, T, **f32), grad, row_sums, cfg.beta,
+                      operand(batch.advantages), operand(batch.policy_weights), group, num_bins,
+                      operand(batch.normaliser).reshape(1), operand(batch.tokens).reshape(1),
+                      torch.empty(3, B, T, **f32), grad, row_sums, cfg.beta,
                       1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high, cfg.delta, WEIGHTING[cfg.loss_type],
                       LOG_RATIO_LIMIT, _stream(device))
     loss, stats = loss_from_row_sums(row_sums, batch)

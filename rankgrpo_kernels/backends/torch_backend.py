@@ -8,9 +8,10 @@ row_pass     over a chunk of raw logits ``acc = h W^T`` (C, V): ``z = (acc + b) 
              the gradient dtype is the logits' (else into one new tensor). Four streaming passes over the chunk on
              a CPU (max, softmax in place, max of p, negate), plus bias and temperature when given.
 segment_loss the O(B T) loss with its analytic gradient ``g = dL/dlogp``, without autograd or host sync. With ``w``
-             the item's ratio, ``n_k`` its masked token count and ``c_t`` the loss type's weight:
+             the item's ratio, ``n_k`` its masked token count, ``c_t`` the loss type's weight and ``pw_t`` the
+             policy weights (1 when None):
 
-    dL/dl_u = (w_k / n_k) * [log w_k <= 20] * sum_{t in k} c_t * (-a_t * act_t) + beta * kw_u * (1 - exp(r_u - l_u))
+    dL/dl_u = (w_k / n_k) [log w_k <= 20] sum_{t in k} c_t pw_t (-a_t act_t) + beta kw_u (1 - exp(r_u - l_u))
 
 where ``act_t`` is the derivative of ``min(min(w, delta) a, clip(w) a) / a`` with respect to ``w``, split evenly
 between the two branches on ties exactly as ``torch.min`` does (so ``act = 1`` inside the clip range).
@@ -121,10 +122,12 @@ def _segment_loss(batch: TokenBatch, cfg: LossConfig):
         c = m / (batch.normaliser.to(dtype) * n_bin[group].clamp(min=1))
     else:
         c = m / batch.normaliser.to(dtype)
-    loss = (c * policy).sum()
+    # the policy terms' weights: c times the policy weights (the KL term keeps c)
+    cp = c if batch.policy_weights is None else c * masked(batch.policy_weights)
+    loss = (cp * policy).sum()
 
     # dL/dw summed over each item, then dw/dl_u = w / n_k for each of its tokens.
-    dloss_dw = _bin_sum(-c * a * act, group, B * T)
+    dloss_dw = _bin_sum(-cp * a * act, group, B * T)
     # where, not * m: tokens outside the loss read bin 0, which a NaN log-prob of a loss token may fill
     g = torch.where(in_loss, (dloss_dw * w_bin * unsaturated / n_bin.clamp(min=1))[group], 0)
 

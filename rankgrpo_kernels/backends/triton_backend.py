@@ -23,6 +23,6 @@ def segment_loss(batch: TokenBatch, cfg: LossConfig):
     grad, row_sums = _segment.segment_loss_rows(
         batch.logps, batch.old_logps, batch.ref_logps, batch.advantages, group, batch.normaliser, batch.tokens,
         beta=cfg.beta, clip_low=1.0 - cfg.epsilon_low, clip_high=1.0 + cfg.epsilon_high, delta=cfg.delta,
-        weighting=WEIGHTING[cfg.loss_type], log_ratio_limit=LOG_RATIO_LIMIT)
+        weighting=WEIGHTING[cfg.loss_type], log_ratio_limit=LOG_RATIO_LIMIT, policy_weights=batch.policy_weights)
     loss, stats = loss_from_row_sums(row_sums, batch)
     return loss, stats, grad

@@ -3,16 +3,18 @@
 atomics, no host sync).
 
 Row i holds T tokens with log-probs ``l``, old log-probs ``o``, reference log-probs ``r``, advantages ``a`` and
-row-relative item ids ``k`` in [0, T) (one id per item of the row), -1 outside the loss. With ``n_k`` the item's
-token count, ``c_t`` the policy weight (``weighting`` 0: ``1 / (normaliser M_i)`` with M_i the row's loss tokens,
+row-relative item ids ``k`` in [0, T) (one id per item of the row), -1 outside the loss, and optional policy
+weights ``pw`` (1 when absent; they scale each token's policy term only). With ``n_k`` the item's token count,
+``c_t`` the policy weight (``weighting`` 0: ``1 / (normaliser M_i)`` with M_i the row's loss tokens,
 1: ``1 / normaliser``, 2: ``1 / (normaliser n_k)``) and ``lo, hi = clip_low, clip_high``:
 
     log w_k = mean_{t in k} (l_t - o_t)        w_k = exp(min(log w_k, limit))        (o = l when old is None)
     v1 = min(w, delta) a,  v2 = clip(w, lo, hi) a,  act = d min(v1, v2) / dw / a   (ties: the mean of both sides)
-    D_k = sum_{t in k} c_t (-a_t act_t)                                             (dL/dw_k)
+    D_k = sum_{t in k} c_t pw_t (-a_t act_t)                                        (dL/dw_k)
     g_t = D_k w_k [log w_k <= limit] / n_k + beta kw_t (1 - e^(r_t - l_t)) [r_t - l_t <= limit]
-    row sums: sum_t -c_t min(v1, v2) + beta kw_t KL_t,  #(min(w, delta) < lo, a < 0),  #(min(w, delta) > hi, a > 0),
-              sum_t w_t,  sum_t KL_t   with KL = e^x - x - 1, x = min(r - l, limit), kw = c (weighting 2: 1 / tokens)
+    row sums: sum_t -c_t pw_t min(v1, v2) + beta kw_t KL_t,  #(min(w, delta) < lo, a < 0),
+              #(min(w, delta) > hi, a > 0),  sum_t w_t,  sum_t KL_t
+              with KL = e^x - x - 1, x = min(r - l, limit), kw = c (weighting 2: 1 / tokens)
 
 The launcher sorts each row's item ids stably (``torch.sort``, on the device), so that each item's tokens form one
 contiguous run of the sorted order. Three passes walk the row in blocks of ``BLOCK_T`` tokens:
@@ -39,9 +41,10 @@ Equivalent PyTorch (fp32; ``m = group >= 0``, ``k = group.clamp(min=0)``)::
     act = torch.where(v1 < v2, d1, torch.where(v1 > v2, d2, (d1 + d2) / 2))
     c = m / normaliser * [1 / m.sum(1, keepdim=True).clamp(min=1), 1, 1 / n_t][weighting]
     x = (r - l).clamp(max=limit); kl = m * (x.exp() - x - 1); kw = m / tokens if weighting == 2 else c
-    grad = m * (per_item(-c * a * act) * w * (log_w <= limit) / n).gather(1, k) \
+    grad = m * (per_item(-c * pw * a * act) * w * (log_w <= limit) / n).gather(1, k) \
         + beta * kw * (1 - x.exp()) * (r - l <= limit)
-    row_sums = torch.stack([(-c * torch.minimum(v1, v2) + beta * kw * kl).sum(1), (m & (wu < lo) & (a < 0)).sum(1),
+    row_sums = torch.stack([(-c * pw * torch.minimum(v1, v2) + beta * kw * kl).sum(1),
+                            (m & (wu < lo) & (a < 0)).sum(1),
                             (m & (wu > hi) & (a > 0)).sum(1), (m * w_t).sum(1), kl.sum(1)], 1)
 """
 
@@ -116,11 +119,11 @@ def _last(x, BLOCK_T: tl.constexpr):
 
 @triton.jit
 def _segment_loss_kernel(
-    logp_ptr, old_ptr, ref_ptr, adv_ptr, group_ptr, sorted_ptr, order_ptr, normaliser_ptr, tokens_ptr,
+    logp_ptr, old_ptr, ref_ptr, adv_ptr, pw_ptr, group_ptr, sorted_ptr, order_ptr, normaliser_ptr, tokens_ptr,
     bin_count_ptr, bin_log_w_ptr, bin_dloss_ptr, grad_ptr, row_sums_ptr,
     T, beta, lo, hi, delta, log_ratio_limit,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, ADD_KL: tl.constexpr, HAS_DELTA: tl.constexpr,
-    WEIGHTING: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_PW: tl.constexpr, WEIGHTING: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = row * T
@@ -167,6 +170,8 @@ def _segment_loss_kernel(
         log_w = tl.load(bin_log_w_ptr + base + item, mask=in_loss, other=0.0)
         n_items = tl.load(bin_count_ptr + base + item, mask=in_loss, other=1.0)
         c = tl.where(in_loss, _policy_weight(row_weight, normaliser, n_items, WEIGHTING), 0.0)
+        if HAS_PW:
+            c *= tl.load(pw_ptr + base + token, mask=in_loss, other=0.0)
         _, _, _, act = _item_terms(log_w, a, lo, hi, delta, log_ratio_limit, HAS_DELTA)
         dloss = -c * a * act
         dloss = tl.where(head & (item == carry_item), dloss + carry_sum, dloss)
@@ -194,7 +199,10 @@ def _segment_loss_kernel(
         w, w_unclipped, branch_min, _ = _item_terms(log_w, a, lo, hi, delta, log_ratio_limit, HAS_DELTA)
         unsaturated = tl.where(log_w <= log_ratio_limit, 1.0, 0.0)
         grad = tl.where(in_loss, dloss * w * unsaturated / tl.maximum(n_items, 1.0), 0.0)
-        loss += tl.sum(-c * branch_min, axis=0)
+        if HAS_PW:
+            loss += tl.sum(-c * tl.load(pw_ptr + base + t, mask=in_loss, other=0.0) * branch_min, axis=0)
+        else:
+            loss += tl.sum(-c * branch_min, axis=0)
         low += tl.sum(tl.where(in_loss & (w_unclipped < lo) & (a < 0), 1.0, 0.0), axis=0)
         high += tl.sum(tl.where(in_loss & (w_unclipped > hi) & (a > 0), 1.0, 0.0), axis=0)
         ratio += tl.sum(tl.where(in_loss, w, 0.0), axis=0)
@@ -222,10 +230,11 @@ def _segment_loss_kernel(
 
 
 def segment_loss_rows(logps, old_logps, ref_logps, advantages, group, normaliser, tokens, *, beta, clip_low,
-                      clip_high, delta, weighting, log_ratio_limit):
+                      clip_high, delta, weighting, log_ratio_limit, policy_weights=None):
     """Per-token gradient and per-row sums of the segment loss, from plain tensors on one device.
 
-    logps, advantages (B, T) float; old_logps, ref_logps (B, T) float or None (on-policy; no KL); group (B, T) int
+    logps, advantages (B, T) float; old_logps, ref_logps (B, T) float or None (on-policy; no KL); policy_weights
+    (B, T) float or None (1); group (B, T) int
     row-relative item ids in [0, T), -1 outside the loss; normaliser and tokens one-element tensors (the loss type's
     normaliser; the loss tokens of the batch, >= 1); clip_low, clip_high the clip range of the ratio
     (1 - eps_low, 1 + eps_high); delta a float or None; weighting 0 (grpo), 1 (bnpo, dr_grpo, dapo), 2 (rank).
@@ -248,10 +257,11 @@ def segment_loss_rows(logps, old_logps, ref_logps, advantages, group, normaliser
     grad, row_sums = torch.empty(B, T, **f32), torch.empty(B, ROW_SUMS, **f32)
     _segment_loss_kernel[(B,)](
         logps, logps if old_logps is None else operand(old_logps), logps if ref_logps is None else operand(ref_logps),
-        operand(advantages), group, sorted_group, order.to(torch.int32), operand(normaliser).reshape(1),
-        operand(tokens).reshape(1), *torch.empty(3, B, T, **f32), grad, row_sums,
+        operand(advantages), logps if policy_weights is None else operand(policy_weights), group, sorted_group,
+        order.to(torch.int32), operand(normaliser).reshape(1), operand(tokens).reshape(1),
+        *torch.empty(3, B, T, **f32), grad, row_sums,
         T, beta, clip_low, clip_high, 0.0 if delta is None else delta, log_ratio_limit,
         HAS_OLD=old_logps is not None, HAS_REF=ref_logps is not None, ADD_KL=beta != 0.0,
-        HAS_DELTA=delta is not None, WEIGHTING=weighting, BLOCK_T=BLOCK_T,
+        HAS_DELTA=delta is not None, HAS_PW=policy_weights is not None, WEIGHTING=weighting, BLOCK_T=BLOCK_T,
     )
     return grad, row_sums
