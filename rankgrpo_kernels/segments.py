@@ -107,7 +107,7 @@ def segment_items(
     completion_mask: torch.Tensor,
     token_lines: torch.Tensor,
     max_items: int,
-    eos_token_id: int | None = None,
+    eos_token_id: int | list[int] | tuple[int, ...] | None = None,
     skip_blank_lines: bool = False,
 ) -> Segments:
     """Assign every completion token to an item of the ranked list, fully vectorised (no host synchronisation).
@@ -119,7 +119,8 @@ def segment_items(
             ``line_table(tokenizer)``; ``skip_blank_lines=True`` needs the latter. Move it to the ids' device once
             (``table.to(device)``); ids outside the table count as text without newlines.
         max_items: N, the number of ranks; items >= N share the overflow bin N.
-        eos_token_id: the EOS id, or None when completions carry none.
+        eos_token_id: the EOS id, a list of them (``generation_config.eos_token_id`` of Llama-3 and Qwen2.5: any of
+            them ends the list), or None when completions carry none.
         skip_blank_lines: False for the authors' segmentation, True for the aligned mode (module docstring).
 
     Equivalent slow loop for ``skip_blank_lines=False`` (per row)::
@@ -158,7 +159,10 @@ def segment_items(
     if eos_token_id is None:
         is_eos = torch.zeros_like(valid)
     else:
-        is_eos = (completion_ids == eos_token_id) & valid
+        eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        if not eos_ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in eos_ids):
+            raise ValueError(f"eos_token_id must be an int, a non-empty list of ints or None, got {eos_token_id!r}")
+        is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=device)) & valid
     eos_mask = is_eos & (is_eos.long().cumsum(1) == 1)
     terminated = is_eos.any(1)
 

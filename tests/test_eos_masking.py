@@ -184,3 +184,17 @@ def test_trl_exact_and_early_stop_ratios_count_only_eos_inside_the_mask(pad_is_e
     assert _last(trainer, "emitted_mean") == 3.0
     assert _last(trainer, "exact_ratio") == 0.25
     assert _last(trainer, "early_stop_ratio") == 0.25
+
+
+@pytest.mark.parametrize("skip_blank_lines", [False, True])
+def test_a_list_of_eos_ids_ends_the_list_at_any_of_them(skip_blank_lines):
+    """Llama-3 and Qwen2.5 declare several EOS ids (``generation_config.eos_token_id`` is a list)."""
+    pad = TOK.encode(["<pad>"])[0]
+    ids, mask = _row([], ["A", "\n", "B", "<pad>"])  # <pad> stands for a second EOS id here
+    one = segment_items(ids, mask, _table(skip_blank_lines), 3, eos_token_id=EOS, skip_blank_lines=skip_blank_lines)
+    both = segment_items(ids, mask, _table(skip_blank_lines), 3, eos_token_id=[EOS, pad],
+                         skip_blank_lines=skip_blank_lines)
+    assert not one.terminated.any() and both.terminated.all()
+    assert both.eos_mask[0].nonzero().flatten().tolist() == [3]
+    with pytest.raises(ValueError, match="eos_token_id"):
+        segment_items(ids, mask, _table(skip_blank_lines), 3, eos_token_id=[])

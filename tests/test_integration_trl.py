@@ -407,3 +407,88 @@ def test_plain_loop_loss_equals_the_reference_from_full_logits(world, tie_word_e
     torch.testing.assert_close(loss, reference, rtol=1e-9, atol=1e-12)
     for fused_grad, reference_grad in zip(grads, torch.autograd.grad(reference, list(model.parameters()))):
         torch.testing.assert_close(fused_grad, reference_grad, rtol=1e-7, atol=1e-10)
+
+
+def test_vllm_config_with_trls_defaults_constructs(tmp_path):
+    """TRL 1.16 turns the vLLM importance-sampling correction on by default ("sequence_mask", clip_max 3)."""
+    args = rank_config(tmp_path, use_vllm=True)
+    assert args.vllm_importance_sampling_correction and args.vllm_importance_sampling_mode == "sequence_mask"
+    rank_config(tmp_path, use_vllm=True, vllm_importance_sampling_mode="item_truncate")
+    with pytest.raises(ValueError, match="vllm_importance_sampling_mode"):
+        rank_config(tmp_path, use_vllm=True, vllm_importance_sampling_mode="token")
+
+
+def _sampler_step(trainer, world, mode):
+    """A scored batch as TRL leaves it with vLLM on (this CPU has no vLLM server): old log-probs, sampler
+    log-probs near them, and TRL's importance-sampling ratio of ``mode`` computed as GRPOTrainer computes it."""
+    inputs = scored_batch(trainer, world)
+    with torch.no_grad():
+        old = trainer._get_per_token_logps_and_entropies(
+            trainer.model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1), inputs["completion_ids"].shape[1])[0]
+    mask = inputs["completion_mask"]
+    sampler = old + 0.3 * torch.randn(old.shape, generator=torch.Generator().manual_seed(2))
+    inputs.update(old_per_token_logps=old, sampling_per_token_logps=sampler)
+    trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
+    diff = (old - sampler) * mask
+    if mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True)
+    ratio = diff.exp()
+    if mode.endswith("truncate"):
+        ratio = ratio.clamp(max=trainer.vllm_importance_sampling_clip_max)
+    else:
+        ratio = ratio.masked_fill(ratio > trainer.vllm_importance_sampling_clip_max, 0.0)
+    inputs["importance_sampling_ratio"] = ratio
+    return inputs
+
+
+@pytest.mark.parametrize("option", ["sequence_mask", "token_truncate", "item_truncate", "item_mask",
+                                    "off_policy_mask", "top_entropy_quantile"])
+def test_importance_sampling_and_masks_weight_the_policy_terms(world, tmp_path, option):
+    """Each option reaches the loss as policy weights, equal to the reference with TRL's order (policy x masks x
+    IS ratio, then + beta KL); item modes weight each item by the geometric mean of its tokens' ratios."""
+    overrides = dict(beta=0.04)
+    if option == "off_policy_mask":
+        overrides["off_policy_mask_threshold"] = 0.02
+    if option == "top_entropy_quantile":
+        overrides["top_entropy_quantile"] = 0.5
+    trainer = rank_trainer(world, tmp_path, **overrides)
+    mode = option if "_" in option and option.split("_")[0] in ("sequence", "token", "item") else "token_truncate"
+    inputs = _sampler_step(trainer, world, "token_" + mode.split("_")[1] if mode.startswith("item") else mode)
+    mask = inputs["completion_mask"].bool() & (inputs["item_ids"] >= 0)
+    weights = inputs["importance_sampling_ratio"].expand_as(mask).clone()
+    if option.startswith("item"):
+        trainer._item_is_mode = option
+        for name in ("min", "mean", "max"):  # GRPOTrainer's token-level figures, which the item ones replace
+            trainer._metrics["train"][f"sampling/importance_sampling_ratio/{name}"].append(float("nan"))
+        inputs["importance_sampling_ratio"] = trainer._item_importance_sampling(inputs, "train")
+        weights = inputs["importance_sampling_ratio"]
+        assert trainer._metrics["train"]["sampling/importance_sampling_ratio/max"][-1] == weights[mask].max()
+        row, item = mask.nonzero()[0].tolist()[0], inputs["item_ids"][mask][0].item()
+        tokens = mask[row] & (inputs["item_ids"][row] == item)
+        geometric = (inputs["old_per_token_logps"][row, tokens] - inputs["sampling_per_token_logps"][row, tokens]
+                     ).mean().exp()
+        geometric = geometric.clamp(max=3.0) if option == "item_truncate" else geometric * (geometric <= 3.0)
+        torch.testing.assert_close(weights[row, tokens], geometric.expand(int(tokens.sum())))
+    with torch.no_grad():
+        current = trainer._get_per_token_logps_and_entropies(
+            trainer.model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1), inputs["completion_ids"].shape[1],
+            compute_entropy=True)
+    if option == "off_policy_mask":
+        from rankgrpo_kernels.importance import item_means
+
+        kl = item_means(inputs["sampling_per_token_logps"] - current[0], inputs["item_ids"], mask)
+        keep = (inputs["advantages"] >= 0) | (kl <= 0.02)
+        assert not keep[mask].all() and keep[mask].any()  # the mask drops some items and keeps others
+        weights = weights * keep
+    if option == "top_entropy_quantile":
+        weights = weights * trainer.get_high_entropy_mask(current[1], inputs["completion_mask"], 0.5)
+    fused = trainer._compute_loss(trainer.model, inputs)
+    reference = reference_from_full_logits(
+        trainer.model, inputs, 1.0, epsilon_low=0.06, epsilon_high=0.08, beta=0.04, loss_type="bnpo",
+        policy_weights=weights)
+    unweighted = reference_from_full_logits(
+        trainer.model, inputs, 1.0, epsilon_low=0.06, epsilon_high=0.08, beta=0.04, loss_type="bnpo")
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(reference, unweighted)

@@ -33,6 +33,15 @@ GRPOTrainer's); four methods are overridden:
 * ``_compute_loss``: ``rank_grpo_loss`` on the last hidden states and the LM head, scaled for gradient accumulation
   as TRL scales each loss type; logs the clip ratios, the mean ratio and the KL.
 
+TRL's corrections reach the loss as ``policy_weights`` (each token's policy term times the weight, then + beta KL,
+TRL's order): the vLLM importance-sampling ratio of TRL's four modes exactly as GRPOTrainer computes it
+(``vllm_importance_sampling_mode``, ``_clip_min``, ``_clip_max``; on by default with ``use_vllm=True``), or per item
+with ``"item_truncate"`` / ``"item_mask"`` (the item's geometric mean of the trainer/sampler ratio, truncated or
+masked by the same bounds; ``importance.py``); ``off_policy_mask_threshold`` per item (an item with a negative
+advantage whose mean KL to the sampler passes the threshold is dropped); ``top_entropy_quantile`` (TRL's
+high-entropy token mask). The two masks read the current policy's log-probs and entropies before the loss: one more
+logits GEMM without gradient.
+
 The fused head runs as TRL runs its chunked distillation loss: inside the forward of the model the trainer calls
 (the DDP, FSDP2 or DeepSpeed wrapper), for that one call, without replacing the model's ``forward``
 (``run_inside_forward``), on the backbone's last hidden states and the LM head read directly. Multi-process training
@@ -51,8 +60,7 @@ The fused head runs as TRL runs its chunked distillation loss: inside the forwar
 Tied embeddings are one parameter throughout: the embedding weight is the head.
 
 Not supported (rejected with a message): reward models and async reward functions, tools and environments,
-vision-language models, FSDP version 1, TRL's entropy bonus and masks, the off-policy mask, vLLM importance-sampling
-correction, MoE router losses, logit softcapping or scaling.
+vision-language models, FSDP version 1, TRL's entropy bonus, MoE router losses, logit softcapping or scaling.
 """
 
 from __future__ import annotations
@@ -66,6 +74,7 @@ from packaging.version import Version
 
 from ..contract import LOSS_TYPES, LossConfig
 from ..functional import fused_logprobs, rank_grpo_loss
+from ..importance import ITEM_IS_MODES, item_importance_weights, item_off_policy_mask
 from ..rewards import ADVANTAGE_SCALES, rank_advantages, rank_rewards, token_advantages
 from ..segments import Segments, line_table, segment_items
 from .hf_model import (
@@ -80,6 +89,7 @@ from .hf_model import (
 from .plain import per_rank_tensor
 
 SUPPORTED_TRL = (Version("1.16"), Version("1.17"))  # [low, high): the private GRPOTrainer methods overridden here
+TRL_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
 def check_trl_version(installed: str) -> None:
@@ -168,13 +178,12 @@ class RankGRPOConfig(GRPOConfig):
              "leave it at 'token'"),
             (self.multi_objective_aggregation != "sum_then_normalize",
              "multi_objective_aggregation: per-rank rewards are summed with reward_weights, then normalised per rank"),
-            (self.top_entropy_quantile < 1.0, "top_entropy_quantile < 1 (the high-entropy token mask)"),
             (self.entropy_coef != 0.0 or self.use_adaptive_entropy, "the entropy bonus (entropy_coef, "
                                                                      "use_adaptive_entropy)"),
-            (self.off_policy_mask_threshold is not None, "off_policy_mask_threshold"),
             (self.use_bias_correction_kl, "use_bias_correction_kl"),
-            (self.use_vllm and self.vllm_importance_sampling_correction,
-             "vLLM importance-sampling correction: set vllm_importance_sampling_correction=False"),
+            (self.vllm_importance_sampling_mode not in TRL_IS_MODES + ITEM_IS_MODES,
+             f"vllm_importance_sampling_mode={self.vllm_importance_sampling_mode!r}: use one of "
+             f"{TRL_IS_MODES + ITEM_IS_MODES}"),
         ]
         for is_set, what in unsupported:
             if is_set:
@@ -237,10 +246,13 @@ class RankGRPOTrainer(GRPOTrainer):
                              f"undefined), got {self.num_generations_eval}")
         check_plain_logits(self.model)
 
+        self._item_is_mode = None
+        if self.vllm_importance_sampling_mode in ITEM_IS_MODES:  # TRL computes (and logs) token ratios, replaced
+            self._item_is_mode = self.vllm_importance_sampling_mode  # per item in _generate_and_score_completions
+            self.vllm_importance_sampling_mode = "token_" + self._item_is_mode.split("_")[1]
         device = self.accelerator.device
         vocab_size = head_rows(output_head(self.model)[0])
         self._line_table = line_table(self._tokenizer, vocab_size).to(device)  # decodes the vocabulary once
-        self._eos_ids = torch.tensor(self.eos_token_ids, device=device)
         self._rank_rewards = None  # (B_all, N), set by _calculate_rewards for _generate_and_score_completions
 
     def _fused_head(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_tokens: int, head):
@@ -280,14 +292,31 @@ class RankGRPOTrainer(GRPOTrainer):
         rewards, self._rank_rewards = self._rank_rewards, None
         mode = "train" if self.model.training else "eval"
         output.update(self._rank_fields(output["completion_ids"], output["completion_mask"], rewards, mode))
+        if self._item_is_mode is not None and "importance_sampling_ratio" in output:
+            output["importance_sampling_ratio"] = self._item_importance_sampling(output, mode)
         return output
+
+    def _item_importance_sampling(self, output, mode: str) -> torch.Tensor:
+        """The item-level vLLM importance-sampling weights (B, T) (``importance.item_importance_weights``), with
+        TRL's ``sampling/importance_sampling_ratio/{min,mean,max}`` metrics over the loss tokens in place of its
+        token-level ones."""
+        mask = output["completion_mask"].bool() & (output["item_ids"] >= 0)
+        weights = item_importance_weights(
+            output["old_per_token_logps"], output["sampling_per_token_logps"], output["item_ids"], mask,
+            self._item_is_mode, self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max)
+        flat = weights[mask]
+        empty = torch.zeros((), device=weights.device)
+        summary = [flat.min() if flat.numel() else empty, flat.mean() if flat.numel() else empty,
+                   flat.max() if flat.numel() else empty]
+        for name, value, reduce in zip(("min", "mean", "max"), summary, (torch.min, torch.mean, torch.max)):
+            values = self._metrics[mode][f"sampling/importance_sampling_ratio/{name}"]
+            values[-1] = reduce(self.accelerator.gather(value)).item()  # TRL appended the token-level figure
+        return weights
 
     def _segment(self, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> Segments:
         """Items of completions (B, T); every EOS id the model declares ends the list."""
-        eos = self.eos_token_ids[0]
-        ids = torch.where(torch.isin(completion_ids, self._eos_ids), eos, completion_ids)
-        return segment_items(ids, completion_mask, self._line_table, self.args.rec_num, eos_token_id=eos,
-                             skip_blank_lines=self.args.skip_blank_lines)
+        return segment_items(completion_ids, completion_mask, self._line_table, self.args.rec_num,
+                             eos_token_id=list(self.eos_token_ids), skip_blank_lines=self.args.skip_blank_lines)
 
     def _rank_fields(self, completion_ids, completion_mask, rewards, mode: str) -> dict[str, torch.Tensor]:
         """Per-token advantages and item ids (B, T) of this process's completions, from the per-rank rewards of the
@@ -366,12 +395,38 @@ class RankGRPOTrainer(GRPOTrainer):
                 epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, delta=self.args.delta, beta=self.beta,
                 loss_type=self.loss_type, max_completion_length=self.max_completion_length,
                 num_items_in_batch=num_items, rec_num=self.args.rec_num,
+                policy_weights=self._policy_weights(inputs, hidden, weight, bias, mode),
             )
 
         loss, stats = self._fused_head(model, input_ids, attention_mask, completion_ids.size(1), head)
         tokens = ((inputs["item_ids"] >= 0) & completion_mask.bool()).sum()
         self._log_token_means(mode, stats, tokens)
         return loss if self.loss_type == "dapo" else loss / accumulation
+
+    def _policy_weights(self, inputs, hidden, weight, bias, mode: str) -> torch.Tensor | None:
+        """What multiplies each token's policy term, in TRL's order: the off-policy mask (per item here), the
+        high-entropy mask, the vLLM importance-sampling ratio; None when none is on. The two masks need the
+        current policy's log-probs or entropies before the loss: one more logits GEMM, without gradient."""
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        weights = None
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            weights = inputs["importance_sampling_ratio"].expand_as(completion_mask).float()
+        if self.off_policy_mask_threshold is None and self.top_entropy_quantile >= 1.0:
+            return weights
+        with torch.no_grad():
+            logps, entropies = fused_logprobs(hidden, weight, completion_ids, bias=bias, temperature=self.temperature,
+                                              return_entropy=True, mask=completion_mask)
+        masks = []
+        if self.off_policy_mask_threshold is not None:
+            old = inputs.get("old_per_token_logps")
+            sampler = inputs.get("sampling_per_token_logps", logps if old is None else old)
+            masks.append(item_off_policy_mask(logps, sampler, inputs["advantages"], inputs["item_ids"],
+                                              completion_mask, self.off_policy_mask_threshold))
+        if self.top_entropy_quantile < 1.0:
+            masks.append(self.get_high_entropy_mask(entropies, completion_mask, 1 - self.top_entropy_quantile).float())
+        for extra in masks:
+            weights = extra if weights is None else weights * extra
+        return weights
 
     def _log_token_means(self, mode: str, stats: dict[str, torch.Tensor], tokens: torch.Tensor) -> None:
         """Log the loss statistics as token means over all processes (each process's mean weighted by its tokens)."""

@@ -1,0 +1,70 @@
+"""Policy weights at the item level: importance-sampling corrections and off-policy masks for ``policy_weights=``.
+
+Rank-GRPO's ratio is an item's geometric mean, so its corrections are too. With ``M`` the loss mask and item k a
+group of tokens of one row (``item_ids``, as the loss takes them)::
+
+    mean_k(x)              = sum_{t in k, M_t} x_t / |{t in k, M_t}|
+    item_importance_weights: w_k = exp(mean_k(old - sampler))         the trainer's over the sampler's probability
+        "item_truncate":  min(max(w_k, clip_min), clip_max)            (a None bound: none)
+        "item_mask":      w_k where clip_min <= w_k <= clip_max, else 0
+    item_off_policy_mask:   1 where a_t >= 0 or mean_k(sampler - policy) <= threshold, else 0
+
+Both are constants (no gradient) of shape (B, T), spread over every token of their item; tokens outside the loss
+get 1. A NaN log-prob difference (a token the sampler could not score) counts as 0, as TRL counts it.
+
+Equivalent PyTorch for one item k of row i (``tokens = (item_ids[i] == k) & M[i]``)::
+
+    w = (old[i, tokens] - sampler[i, tokens]).nan_to_num(0).mean().exp()
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .contract import dense_groups
+
+ITEM_IS_MODES = ("item_truncate", "item_mask")
+
+
+def item_means(values: torch.Tensor, item_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T): the mean of ``values`` over the loss tokens of each token's item (0 outside the loss)."""
+    in_loss = mask.bool() & (item_ids >= 0)
+    B, T = item_ids.shape
+    group = dense_groups(item_ids, in_loss).clamp(min=0).reshape(-1)
+    x = torch.where(in_loss, values.detach().nan_to_num(0.0), 0).reshape(-1)
+    sums = torch.zeros(B * T, dtype=x.dtype, device=x.device).index_add_(0, group, x)
+    counts = torch.zeros(B * T, dtype=x.dtype, device=x.device).index_add_(0, group, in_loss.reshape(-1).to(x.dtype))
+    return torch.where(in_loss, (sums / counts.clamp(min=1))[group].view(B, T), 0)
+
+
+def item_importance_weights(old_logps: torch.Tensor, sampler_logps: torch.Tensor, item_ids: torch.Tensor,
+                            mask: torch.Tensor, mode: str, clip_min: float | None,
+                            clip_max: float | None) -> torch.Tensor:
+    """(B, T) item-level importance-sampling weights (module docstring), 1 outside the loss."""
+    if mode not in ITEM_IS_MODES:
+        raise ValueError(f"mode must be one of {ITEM_IS_MODES}, got {mode!r}")
+    for name, bound in (("clip_min", clip_min), ("clip_max", clip_max)):
+        if bound is not None and not (0 <= bound < math.inf):
+            raise ValueError(f"{name} must be None or a finite number >= 0, got {bound!r}")
+    in_loss = mask.bool() & (item_ids >= 0)
+    weights = torch.exp(item_means(old_logps.float() - sampler_logps.float(), item_ids, mask))
+    if mode == "item_truncate":
+        if clip_min is not None or clip_max is not None:
+            weights = weights.clamp(min=clip_min, max=clip_max)
+    else:
+        low = -math.inf if clip_min is None else clip_min
+        high = math.inf if clip_max is None else clip_max
+        weights = torch.where((weights >= low) & (weights <= high), weights, 0)
+    return torch.where(in_loss, weights, 1)
+
+
+def item_off_policy_mask(policy_logps: torch.Tensor, sampler_logps: torch.Tensor, advantages: torch.Tensor,
+                         item_ids: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(B, T) 0/1: TRL's off-policy sequence mask (DeepSeek-V3.2) per item: an item with a negative advantage
+    whose mean KL ``sampler - policy`` exceeds ``threshold`` is dropped; 1 outside the loss."""
+    in_loss = mask.bool() & (item_ids >= 0)
+    kl = item_means(sampler_logps.float() - policy_logps.float(), item_ids, mask)
+    keep = (advantages >= 0) | (kl <= threshold)
+    return (~in_loss | keep).float()
