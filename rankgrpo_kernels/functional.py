@@ -15,8 +15,8 @@ _LOSS_DOC = """
     ``clip_ratio_low``, ``clip_ratio_high``, ``clip_ratio_region`` (fractions of loss tokens whose item ratio is
     clipped; a token with advantage 0 is never clipped), ``ratio_mean`` (token mean of the item ratios over the
     loss tokens whose log-probs are computed: all of them, except that ``rank_grpo_loss`` leaves out the items it
-    skips, see below), ``kl`` (mean k3 KL, only with ``ref_logps``) and ``entropy`` (only when given or
-    computed), each over all loss tokens.
+    skips, see below), ``kl`` (mean k3 KL over the loss tokens, only with ``ref_logps``) and ``entropy`` (only when
+    given or computed; over the same tokens as ``ratio_mean``).
 
     Maths, per row i and item k (a group of tokens with the same id ``>= 0``), with ``l`` the log-probs, ``o``
     ``old_logps`` (``l.detach()`` when None: on-policy, every ratio is 1) and ``M`` the mask::
@@ -147,8 +147,8 @@ def _needs_grads(hidden, weight, bias):
     gradients flow to ``hidden``, ``weight`` and ``bias``.
 
     Cost follows the gradient (``lm_head.py``): only the tokens the loss needs enter the GEMMs, those in the loss
-    (``completion_mask`` and ``item_ids >= 0``) and, when nothing else reads them (``beta=0``, no ``ref_logps``, no
-    ``compute_entropy``), not the items whose every advantage is 0 (a rank every completion of the group missed),
+    (``completion_mask`` and ``item_ids >= 0``) and, when nothing else reads them (``beta=0`` and no ``ref_logps``),
+    not the items whose every advantage is 0 (a rank every completion of the group missed),
     which carry no loss and no gradient; their ``hidden`` rows are never read and get exactly zero gradient. Listing
     them costs one host sync per call. The gradients are formed in the forward over chunks of whole items: each
     logit is computed once, and ``loss.backward()`` only scales them by the incoming gradient (so the graph runs
@@ -158,10 +158,10 @@ def _needs_grads(hidden, weight, bias):
     ``"cuda"``: which implementation of the row pass and the segment loss runs around the vendor GEMMs.
     ``memory_budget_bytes`` bounds the logits scratch (default ``RANKGRPO_MEMORY_BUDGET``, else 128 MiB on a CPU and
     1.5 GiB on a GPU; ``settings.py``). ``compute_entropy=True`` adds the mean entropy of the policy over the loss
-    tokens to the statistics. ``process_group``: with a vocabulary-parallel head, ``weight`` and ``bias`` hold this
-    rank's rows (shards in rank order, uneven allowed) and ``target_ids`` stay global; ``d_weight`` stays local,
-    ``d_hidden`` is all-reduced, and every rank gets the same loss (``distributed.py``; the recompute path, not
-    traceable by ``torch.compile``).
+    tokens whose log-probs are computed to the statistics. ``process_group``: with a vocabulary-parallel head,
+    ``weight`` and ``bias`` hold this rank's rows (shards in rank order, uneven allowed) and ``target_ids`` stay
+    global; ``d_weight`` stays local, ``d_hidden`` is all-reduced, and every rank gets the same loss
+    (``distributed.py``; the recompute path over the loss tokens, not traceable by ``torch.compile``).
 
     Returns:""", _LOSS_DOC, _NON_FINITE_DOC, """
     Equivalent PyTorch (holding all logits)::

@@ -52,6 +52,8 @@ import torch
 from . import backends
 from .contract import STAT_NAMES, LossConfig, TokenBatch
 
+# The statistics of the policy's own distribution at a token, means over the tokens whose log-probs are computed.
+LISTED_MEANS = [STAT_NAMES.index("ratio_mean"), STAT_NAMES.index("entropy")]
 RATIO = STAT_NAMES.index("ratio_mean")
 
 
@@ -123,10 +125,10 @@ class TokenPlan:
         return self.positions.numel()
 
 
-def skips_zero_advantage_items(cfg: LossConfig, batch: TokenBatch, compute_entropy: bool) -> bool:
-    """Whether the items whose every advantage is 0 can stay out of the GEMMs: nothing then reads their log-probs
-    (no KL term or statistic, no entropy)."""
-    return cfg.beta == 0.0 and batch.ref_logps is None and not compute_entropy
+def skips_zero_advantage_items(cfg: LossConfig, batch: TokenBatch) -> bool:
+    """Whether the items whose every advantage is 0 can stay out of the GEMMs: no loss term or exact statistic
+    then reads their log-probs (no KL term or statistic)."""
+    return cfg.beta == 0.0 and batch.ref_logps is None
 
 
 def token_plan(batch: TokenBatch, skip_zero_advantage: bool, chunk_tokens: int) -> TokenPlan:
@@ -255,7 +257,7 @@ def loss_and_grads(backend: str, hidden, weight, bias, targets, batch: TokenBatc
                    compute_entropy: bool, budget_bytes: int, needs: tuple[bool, bool, bool]):
     """Loss, statistics and the gradients (d_hidden, d_weight, d_bias; None where ``needs`` says so) of the fused
     loss over chunks of whole items within ``budget_bytes`` of scratch, in ``saved_grad_dtype``. ``batch.logps`` and
-    ``batch.entropy`` are unused. ``ratio_mean`` is the mean over the tokens that entered the GEMMs."""
+    ``batch.entropy`` are unused. ``ratio_mean`` and ``entropy`` are means over the tokens that entered the GEMMs."""
     impl = backends.load(backend)
     V, H = weight.shape
     N = hidden.shape[0]
@@ -263,7 +265,7 @@ def loss_and_grads(backend: str, hidden, weight, bias, targets, batch: TokenBatc
     acc = accumulator_dtype(hidden.dtype)
     grad_dtype = h_op.dtype if any(needs) else None
     cap = tokens_per_chunk(backend, V, H, h_op.dtype, grad_dtype is not None, budget_bytes)
-    plan = token_plan(batch, skips_zero_advantage_items(cfg, batch, compute_entropy), cap)
+    plan = token_plan(batch, skips_zero_advantage_items(cfg, batch), cap)
     grads = _grad_buffers(N, plan.tokens, weight, bias, needs, saved_grad_dtype(hidden.dtype), acc)
     largest = max((c1 - c0 for c0, c1, _, _ in plan.chunks), default=0)
     if largest > cap:
@@ -299,8 +301,8 @@ def loss_and_grads(backend: str, hidden, weight, bias, targets, batch: TokenBatc
         else:
             _recomputed_grads(impl, h, w_op, bias, y, inv_t, lse, scale, grads, c0 == 0, positions, cap, logits,
                               product, h_op.dtype)
-    if plan.tokens:  # the ratio is a mean over the listed tokens (all loss tokens unless items were skipped)
-        stats[RATIO] *= batch.tokens.to(acc) / plan.tokens
+    if plan.tokens:  # means over the listed tokens (all loss tokens unless items were skipped)
+        stats[LISTED_MEANS] *= batch.tokens.to(acc) / plan.tokens
     return (loss, stats, *_finish_grads(grads, saved_grad_dtype(weight.dtype)))
 
 

@@ -150,18 +150,27 @@ def test_no_listed_token_gives_zero_loss_and_gradients(monkeypatch, backend):
 
 
 @pytest.mark.parametrize("backend", [name for name, dtype in CASES if dtype == torch.float32])
-def test_entropy_and_reference_logps_keep_every_loss_token(monkeypatch, backend):
-    """The entropy statistic, or a KL statistic at beta = 0, reads every loss token's log-probs: nothing skipped."""
+def test_reference_logps_keep_every_loss_token_and_entropy_is_over_the_listed_ones(monkeypatch, backend):
+    """A KL statistic (reference log-probs at beta = 0) reads every loss token's log-probs: nothing skipped. The
+    entropy statistic does not stop the skipping: it is the mean over the listed tokens, like the ratio."""
     hidden, weight, bias, targets, kwargs = _batch(torch.float32, off_policy=True)
     mask = kwargs["completion_mask"]
-    for extra in (dict(compute_entropy=True), dict(ref_logps=kwargs["old_logps"] - 0.05)):
-        rows = GemmRows(monkeypatch)
-        _, stats = rank_grpo_loss(hidden, weight, targets, bias=bias, backend=backend, **kwargs, **extra)
-        assert rows.logits == int(mask.sum())
-        ref_kwargs = {k: v for k, v in extra.items() if k != "compute_entropy"}
-        _, ref_stats = reference_loss(hidden.double(), weight.double(), targets, bias=bias.double(), **kwargs,
-                                      **ref_kwargs)
-        torch.testing.assert_close(stats["ratio_mean"].double(), ref_stats["ratio_mean"], **TOL[torch.float32])
+    rows = GemmRows(monkeypatch)
+    _, stats = rank_grpo_loss(hidden, weight, targets, bias=bias, backend=backend,
+                              ref_logps=kwargs["old_logps"] - 0.05, **kwargs)
+    assert rows.logits == int(mask.sum())
+    _, ref_stats = reference_loss(hidden.double(), weight.double(), targets, bias=bias.double(),
+                                  ref_logps=kwargs["old_logps"] - 0.05, **kwargs)
+    for name in ("ratio_mean", "kl"):
+        torch.testing.assert_close(stats[name].double(), ref_stats[name], **TOL[torch.float32])
+
+    listed = _listed(kwargs, skip=True)
+    rows = GemmRows(monkeypatch)
+    _, stats = rank_grpo_loss(hidden, weight, targets, bias=bias, backend=backend, compute_entropy=True, **kwargs)
+    assert rows.logits == int(listed.sum()) < int(mask.sum())
+    _, entropy = reference_logprobs(hidden.double(), weight.double(), targets, bias=bias.double(),
+                                    return_entropy=True)
+    torch.testing.assert_close(stats["entropy"].double(), entropy[listed].mean(), **TOL[torch.float32])
 
 
 def test_a_long_completion_stays_on_the_fused_path(monkeypatch):

@@ -42,8 +42,9 @@ from rankgrpo_kernels.adapters.trl import (  # noqa: E402
 from rankgrpo_kernels.reference import reference_loss_from_logps  # noqa: E402
 
 REC_NUM = 4
-SAMPLING_METRICS = ("rewards/rank_1/mean", "rewards/rank_4/mean", "items/emitted_mean", "items/exact_ratio")
-LOSS_METRICS = ("clip_ratio/region_mean", "ratio/mean", "kl")
+SAMPLING_METRICS = ("rewards/rank_1/mean", "rewards/rank_4/mean", "items/emitted_mean", "items/exact_ratio",
+                    "rewards/rank_1/frac_zero_std", "frac_rank_reward_zero_std")
+LOSS_METRICS = ("clip_ratio/region_mean", "ratio/mean", "kl", "entropy")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -311,7 +312,8 @@ def test_one_item_per_completion_equals_trl_sequence_level_loss(world, tmp_path,
 
     # Completions of content tokens only: one item each, and no EOS, so no length shaping either.
     completion_ids = inputs["completion_ids"]
-    content = (rank._line_table[completion_ids, 0] == 0) & ~torch.isin(completion_ids, rank._eos_ids)
+    eos_ids = torch.tensor(rank.eos_token_ids)
+    content = (rank._line_table[completion_ids, 0] == 0) & ~torch.isin(completion_ids, eos_ids)
     completion_ids = torch.where(content, completion_ids, world.tokenizer.convert_tokens_to_ids("Star"))
     inputs["completion_ids"] = completion_ids
     rank.model.double(), trl.model.double()
@@ -492,3 +494,36 @@ def test_importance_sampling_and_masks_weight_the_policy_terms(world, tmp_path, 
         trainer.model, inputs, 1.0, epsilon_low=0.06, epsilon_high=0.08, beta=0.04, loss_type="bnpo")
     torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(reference, unweighted)
+
+
+def test_a_peft_adapter_on_the_lm_head_is_refused_by_name(world):
+    """A LoRA-wrapped head (PEFT's lora.Linear keeps the base Linear as base_layer) would lose its update."""
+    from rankgrpo_kernels.adapters.hf_model import output_head
+
+    model = fresh_model(world)
+
+    class LoraLinear(torch.nn.Module):  # the attributes PEFT's LoRA layer has
+        def __init__(self, base):
+            super().__init__()
+            self.base_layer, self.lora_A, self.lora_B = base, torch.nn.ModuleDict(), torch.nn.ModuleDict()
+            self.weight = base.weight
+
+    model.lm_head = LoraLinear(model.lm_head)
+    with pytest.raises(TypeError, match="LoraLinear.*target_modules"):
+        output_head(model)
+
+
+def test_zero_std_is_logged_per_rank(world, tmp_path):
+    """Groups that differ only in which ranks hit have signal at those ranks and none at the others."""
+    from rankgrpo_kernels.segments import segment_items
+
+    trainer = rank_trainer(world, tmp_path, beta=0.0)
+    G = trainer.num_generations
+    rewards = torch.zeros(2 * G, REC_NUM)
+    rewards[0, 0] = 1.0  # group 0: rank 1 differs between completions; group 1: no signal anywhere
+    ids = torch.zeros(2 * G, 3, dtype=torch.long)
+    segments = segment_items(ids, torch.ones_like(ids, dtype=torch.bool), trainer._line_table, REC_NUM)
+    trainer._log_rank_metrics("train", rewards, segments, G)
+    metrics = trainer._metrics["train"]
+    assert metrics["rewards/rank_1/frac_zero_std"][-1] == 0.5 and metrics["rewards/rank_2/frac_zero_std"][-1] == 1.0
+    assert metrics["frac_rank_reward_zero_std"][-1] == (2 * REC_NUM - 1) / (2 * REC_NUM)

@@ -21,6 +21,10 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplie
                      "logits_scaling")
 
 
+# What a PEFT adapter layer wrapping a Linear holds (LoRA, its variants, IA3): the head is then not its weight alone.
+_ADAPTER_LAYERS = ("base_layer", "lora_A", "ia3_l")
+
+
 def unwrap_peft(model):
     """The ``transformers`` model inside a PEFT wrapper (the model itself otherwise)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -52,6 +56,10 @@ def output_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
         raise ValueError(f"{type(unwrap_peft(model)).__name__} has no output embeddings with a weight: the fused "
                          "Rank-GRPO loss needs a causal LM head (get_output_embeddings())")
+    if any(hasattr(head, name) for name in _ADAPTER_LAYERS):
+        raise TypeError(f"the LM head of {type(unwrap_peft(model)).__name__} is a PEFT adapter layer "
+                        f"({type(head).__name__}): the fused loss reads its base weight only and would drop the "
+                        "adapter's update. Leave lm_head out of the LoRA target_modules (or merge the adapter first)")
     return head.weight, getattr(head, "bias", None)
 
 

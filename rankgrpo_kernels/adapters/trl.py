@@ -31,7 +31,8 @@ GRPOTrainer's); four methods are overridden:
 * ``_get_per_token_logps_and_entropies``: old and reference log-probs by ``fused_logprobs`` at the sampling
   temperature, the kernels of the loss itself, so an on-policy ratio is exactly 1.
 * ``_compute_loss``: ``rank_grpo_loss`` on the last hidden states and the LM head, scaled for gradient accumulation
-  as TRL scales each loss type; logs the clip ratios, the mean ratio and the KL.
+  as TRL scales each loss type; logs the clip ratios, the mean ratio, the KL and the entropy (the mean ratio and
+  the entropy over the tokens whose log-probs the loss computes: at ``beta=0`` not those of items with advantage 0).
 
 TRL's corrections reach the loss as ``policy_weights`` (each token's policy term times the weight, then + beta KL,
 TRL's order): the vLLM importance-sampling ratio of TRL's four modes exactly as GRPOTrainer computes it
@@ -332,13 +333,19 @@ class RankGRPOTrainer(GRPOTrainer):
             overflow_penalty=args.overflow_penalty, end_of_list_bonus=args.end_of_list_bonus,
             early_stop_penalty=args.early_stop_penalty,
         )
-        self._log_rank_metrics(mode, rewards, segments)
+        self._log_rank_metrics(mode, rewards, segments, num_generations)
         return {"advantages": per_token, "item_ids": segments.item_ids_for(self.loss_type)}
 
-    def _log_rank_metrics(self, mode: str, rewards: torch.Tensor, segments: Segments) -> None:
-        """Mean reward of each rank over the whole batch, and how many items the completions emitted."""
-        for rank, value in enumerate(rewards.mean(0).tolist(), start=1):
-            self._metrics[mode][f"rewards/rank_{rank}/mean"].append(value)
+    def _log_rank_metrics(self, mode: str, rewards: torch.Tensor, segments: Segments, num_generations: int) -> None:
+        """Mean reward of each rank over the whole batch, the share of groups in which a rank's reward has zero std
+        (no signal at that rank: TRL's ``frac_reward_zero_std`` sees only the sum over ranks), and how many items the
+        completions emitted."""
+        zero_std = rewards.view(-1, num_generations, rewards.shape[1]).std(1, unbiased=False) == 0  # (groups, N)
+        per_rank = torch.stack([rewards.mean(0), zero_std.float().mean(0)], 1).tolist()
+        for rank, (mean, frac_zero_std) in enumerate(per_rank, start=1):
+            self._metrics[mode][f"rewards/rank_{rank}/mean"].append(mean)
+            self._metrics[mode][f"rewards/rank_{rank}/frac_zero_std"].append(frac_zero_std)
+        self._metrics[mode]["frac_rank_reward_zero_std"].append(zero_std.float().mean().item())
         overflow = segments.overflow_mask.any(1)
         exact = (segments.items_emitted == segments.max_items) & segments.terminated & ~overflow
         per_row = torch.stack([segments.items_emitted.float(), exact.float(), overflow.float(),
@@ -395,7 +402,7 @@ class RankGRPOTrainer(GRPOTrainer):
                 epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, delta=self.args.delta, beta=self.beta,
                 loss_type=self.loss_type, max_completion_length=self.max_completion_length,
                 num_items_in_batch=num_items, rec_num=self.args.rec_num,
-                policy_weights=self._policy_weights(inputs, hidden, weight, bias, mode),
+                policy_weights=self._policy_weights(inputs, hidden, weight, bias, mode), compute_entropy=True,
             )
 
         loss, stats = self._fused_head(model, input_ids, attention_mask, completion_ids.size(1), head)
@@ -431,7 +438,8 @@ class RankGRPOTrainer(GRPOTrainer):
     def _log_token_means(self, mode: str, stats: dict[str, torch.Tensor], tokens: torch.Tensor) -> None:
         """Log the loss statistics as token means over all processes (each process's mean weighted by its tokens)."""
         names = {"clip_ratio_low": "clip_ratio/low_mean", "clip_ratio_high": "clip_ratio/high_mean",
-                 "clip_ratio_region": "clip_ratio/region_mean", "ratio_mean": "ratio/mean", "kl": "kl"}
+                 "clip_ratio_region": "clip_ratio/region_mean", "ratio_mean": "ratio/mean", "kl": "kl",
+                 "entropy": "entropy"}
         present = [key for key in names if key in stats]  # no kl without reference log-probs
         weighted = [stats[key].float() * tokens for key in present] + [tokens.float()]
         totals = self.accelerator.reduce(torch.stack(weighted), reduction="sum").tolist()
