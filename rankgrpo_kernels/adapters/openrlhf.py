@@ -33,6 +33,7 @@ from openrlhf.models.utils import masked_mean
 from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
 
 from ..functional import fused_logprobs
+from ..importance import item_means
 from ..rewards import rank_advantages, token_advantages
 from ..segments import Segments, line_table, segment_items
 from .common import check_form, framework_loss
@@ -87,7 +88,12 @@ class RankGRPOPolicyLoss(PolicyLoss):
     ``dual_clip`` becomes Rank-GRPO's ``delta``: for ``A < 0`` both cap the ratio at ``dual_clip``, the same
     function when ``dual_clip >= 1 + clip_eps_high``.
     ``policy_loss_type`` only keeps its effect on the aggregation ("gspo" forces the per-sample mean); the ratio
-    is always per item. Rollout importance-sampling correction is not supported.
+    is always per item.
+
+    Rollout importance-sampling correction (``is_correction_level`` "token" or "seq", and "item": the item's
+    geometric mean of ``pi_train / pi_rollout``), with OpenRLHF's ``is_correction_mode``, ``_gating`` and
+    ``_threshold``, weights each token's policy term as OpenRLHF's ``PolicyLoss`` does (``rollout_is_weights``);
+    ``forward`` then also returns OpenRLHF's vLLM KL and filtered fraction.
 
     Aggregation (as OpenRLHF's ``aggregate_loss``): per token, ``sum_t M L_t / batch_num_tokens * dp_size``
     (``loss_type="dapo"``; a plain token mean without ``batch_num_tokens``); per sample, ``sum_i mean_t L_t /
@@ -96,10 +102,12 @@ class RankGRPOPolicyLoss(PolicyLoss):
     """
 
     def __init__(self, *args, form: str = "code", rec_num: int | None = None, **kwargs):
+        item_level = kwargs.get("is_correction_level") == "item"
+        if item_level:  # OpenRLHF's checks know token and seq; item is seq's gate over each item's tokens
+            kwargs["is_correction_level"] = "seq"
         super().__init__(*args, **kwargs)
-        if self.is_correction_level != "off":
-            raise NotImplementedError("rollout importance-sampling correction (is_correction_level) is not "
-                                      "supported with the Rank-GRPO item-level ratio")
+        if item_level:
+            self.is_correction_level = "item"
         if self.dual_clip is not None and self.dual_clip < 1 + self.clip_eps_high:
             raise ValueError(f"dual_clip={self.dual_clip} must be >= 1 + clip_eps_high with Rank-GRPO")
         check_form(form)
@@ -137,14 +145,61 @@ class RankGRPOPolicyLoss(PolicyLoss):
             raise ValueError("RankGRPOPolicyLoss needs item_ids: pass them or call it inside bind_item_ids(...)")
         mask = torch.ones_like(log_probs, dtype=torch.bool) if action_mask is None else action_mask.bool()
         samples = (mask.sum(-1) > 0).sum().clamp(min=1) if global_batch_size is None else global_batch_size
+        weights = vllm_kl = filtered = None
+        if self.is_correction_level != "off":
+            if rollout_log_probs is None:
+                raise ValueError(f"is_correction_level={self.is_correction_level!r} needs rollout_log_probs")
+            weights, filtered = rollout_is_weights(
+                old_log_probs, rollout_log_probs, mask, item_ids, level=self.is_correction_level,
+                mode=self.is_correction_mode, gating=self.is_correction_gating,
+                threshold=self.is_correction_threshold)
+            vllm_kl = masked_mean((rollout_log_probs - old_log_probs).detach(), mask, dim=None)
         loss, stats = framework_loss(
             log_probs, old_log_probs, advantages, mask, item_ids, form=self.form, rec_num=self.rec_num,
             per_sample=not self.token_level_loss, samples=samples, dp_size=dp_size,
             token_count=None if batch_num_tokens is None else batch_num_tokens / dp_size,
             epsilon_low=self.clip_eps_low, epsilon_high=self.clip_eps_high, delta=self.dual_clip,
+            policy_weights=weights,
         )
         ppo_kl = masked_mean(-(log_probs - old_log_probs).detach(), mask, dim=None)
-        return loss, stats["clip_ratio_region"].float(), ppo_kl, None, None
+        return loss, stats["clip_ratio_region"].float(), ppo_kl, vllm_kl, filtered
+
+
+def rollout_is_weights(old_log_probs, rollout_log_probs, mask, item_ids, *, level: str, mode: str, gating: str,
+                       threshold):
+    """OpenRLHF 0.11's rollout correction as policy weights (B, A), and the fraction of units it filters.
+
+    A unit is a token (``level="token"``), a sequence (``"seq"``) or an item (``"item"``); its statistic is the
+    ratio ``r = pi_train / pi_rollout`` (its geometric mean over the unit) or, per token and then averaged over the
+    unit, the binary KL or total variation between the two probabilities of the sampled token. ``mode="clip"``
+    (token ratios only) clamps r into ``[low, high]``; ``"mask"`` keeps each token's own ratio on units whose
+    statistic lies in ``[low, high]`` and 0 elsewhere. The fraction filtered is over units (per sequence at the
+    sequence level, per loss token otherwise, as OpenRLHF reports it)."""
+    low, high = threshold
+    log_ratio = (old_log_probs - rollout_log_probs).detach().float()
+    m = mask.float()
+    if gating == "ratio":
+        per_token = log_ratio
+    else:
+        p = rollout_log_probs.detach().float().exp().clamp(1e-6, 1 - 1e-6)
+        q = old_log_probs.detach().float().exp().clamp(1e-6, 1 - 1e-6)
+        per_token = (p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log() if gating == "binary_kl"
+                     else (p - q).abs())
+    if level == "seq":
+        stat = ((per_token * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)).expand_as(m)
+    elif level == "item":
+        stat = item_means(per_token, item_ids, mask)
+    else:
+        stat = per_token
+    if gating == "ratio":
+        stat = stat.exp()
+    outside = (stat < low) | (stat > high)
+    weights = stat.clamp(min=low, max=high) if mode == "clip" else torch.where(outside, 0.0, log_ratio.exp())
+    if level == "seq":
+        filtered = outside[:, 0].float().mean()
+    else:
+        filtered = (outside.float() * m).sum() / m.sum().clamp(min=1)
+    return weights, filtered
 
 
 class RankGRPOExperienceMaker(RemoteExperienceMaker):

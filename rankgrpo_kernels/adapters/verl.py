@@ -186,13 +186,13 @@ def compute_policy_loss_rank_grpo(old_log_prob, log_prob, advantages, response_m
     ``seq-mean-token-mean``  sum_i mean_t L / global_batch_size * dp  (``grpo`` rescaled)
     ``seq-mean-token-sum[-norm]``  sum M L / global_batch_size * dp [/ loss_scale_factor]  (``dapo``)
 
-    Item ids come from ``bind_item_ids``; one item per sequence is verl's GSPO, one per token its vanilla PPO.
+    ``rollout_is_weights`` (verl's rollout correction, (B, T), computed by verl) multiply each token's policy term,
+    as in verl's vanilla loss. Item ids come from ``bind_item_ids``; one item per sequence is verl's GSPO, one per
+    token its vanilla PPO.
     """
     item_ids = _ITEM_IDS.get()
     if item_ids is None:
         raise ValueError("the rank_grpo policy loss needs item ids: use rank_grpo_ppo_loss as the actor's loss_fn")
-    if rollout_is_weights is not None:
-        raise NotImplementedError("rollout importance-sampling weights are not supported with the item-level ratio")
     info = config.global_batch_info
     dp = info.get("dp_size", 1) or 1
     mask = response_mask.bool()
@@ -219,7 +219,7 @@ def compute_policy_loss_rank_grpo(old_log_prob, log_prob, advantages, response_m
         log_prob, old_log_prob, advantages, mask, item_ids, form=form,
         rec_num=_setting("rec_num", policy_loss, where) if form == "rank" else None, per_sample=per_sample,
         token_count=token_count, samples=samples, dp_size=dp, epsilon_low=low, epsilon_high=high,
-        delta=config.get("clip_ratio_c", 3.0),
+        delta=config.get("clip_ratio_c", 3.0), policy_weights=rollout_is_weights,
     )
     ppo_kl = verl_F.masked_mean(-(log_prob - old_log_prob).detach(), mask)
     metrics = {

@@ -295,3 +295,49 @@ def test_readme_reward_function_on_openrlhf_queries(chat_tok, tmp_path):
 def test_import_is_lazy():
     code = "import sys, rankgrpo_kernels; print(sorted({'openrlhf', 'deepspeed', 'ray'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
+IS_CORRECTIONS = [dict(is_correction_level="token", is_correction_mode="mask"),
+                  dict(is_correction_level="token", is_correction_mode="clip"),
+                  dict(is_correction_level="seq", is_correction_mode="mask"),
+                  dict(is_correction_level="token", is_correction_gating="tv", is_correction_threshold=(0.0, 0.05)),
+                  dict(is_correction_level="seq", is_correction_gating="binary_kl",
+                       is_correction_threshold=(0.0, 0.02))]
+
+
+@pytest.mark.parametrize("correction", IS_CORRECTIONS)
+@pytest.mark.parametrize("info", AGGREGATION)
+def test_rollout_importance_sampling_correction_is_openrlhfs(tok, info, correction):
+    """One item per token: OpenRLHF's PPO loss with its rollout correction, vLLM KL and filtered fraction."""
+    b = openrlhf_batch(tok, seed=3)
+    adv = torch.randn(b.logps.shape, dtype=torch.float64, generator=b.g) * b.action_mask
+    rollout = b.old + 0.3 * torch.randn(b.old.shape, dtype=torch.float64, generator=b.g)
+    items = torch.where(b.action_mask, torch.arange(b.logps.shape[1]).expand_as(b.logps), -1)
+    kwargs = dict(clip_eps_low=0.2, clip_eps_high=0.28, **correction)
+    theirs = PolicyLoss(**kwargs)(b.logps, b.old, adv, action_mask=b.action_mask, rollout_log_probs=rollout, **info)
+    ours = adapter.RankGRPOPolicyLoss(**kwargs)(b.logps, b.old, adv, action_mask=b.action_mask,
+                                                rollout_log_probs=rollout, item_ids=items, **info)
+    assert_same(ours, theirs, b.logps)
+    torch.testing.assert_close(ours[3].double(), theirs[3].double())  # vLLM KL
+    torch.testing.assert_close(ours[4].double(), theirs[4].double())  # filtered fraction
+    assert 0 < theirs[4] < 1  # some units filtered, not all
+
+
+def test_item_level_rollout_correction_weights_each_item_by_its_geometric_mean(tok):
+    b = openrlhf_batch(tok, seed=4)
+    items = adapter.RankItems.from_tokenizer(tok, 3).item_ids(b.sequences, b.action_mask)
+    adv = torch.randn(b.logps.shape, dtype=torch.float64, generator=b.g) * b.action_mask
+    rollout = b.old + 0.2 * torch.randn(b.old.shape, dtype=torch.float64, generator=b.g)
+    loss_fn = adapter.RankGRPOPolicyLoss(clip_eps_low=0.2, clip_eps_high=0.28, is_correction_level="item",
+                                         is_correction_threshold=(0.8, 1.25))
+    ours = loss_fn(b.logps, b.old, adv, action_mask=b.action_mask, rollout_log_probs=rollout, item_ids=items)
+    mask = b.action_mask & (items >= 0)
+    from rankgrpo_kernels.importance import item_means
+
+    geometric = item_means(b.old - rollout, items, mask).exp()
+    keep = (geometric >= 0.8) & (geometric <= 1.25)
+    assert keep[mask].any() and not keep[mask].all()
+    weights = torch.where(keep, (b.old - rollout).exp(), 0.0)
+    want, _ = reference_loss_from_logps(b.logps, items, adv, b.action_mask, b.old, epsilon_low=0.2,
+                                        epsilon_high=0.28, loss_type="bnpo", policy_weights=weights)
+    torch.testing.assert_close(ours[0], want)

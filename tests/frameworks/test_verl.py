@@ -97,6 +97,24 @@ def test_one_item_per_token_is_vanilla_ppo(tok, mode, info):
     assert_same(ours, theirs, b.logps)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_rollout_is_weights_weight_the_policy_terms_as_vanilla_ppo(tok, mode):
+    """verl's rollout correction weights (precomputed by verl, some 0: rejected tokens) multiply each token's
+    policy term: one item per token equals verl's vanilla loss with the same weights."""
+    b = verl_batch(tok, seed=2)
+    adv = torch.randn(b.logps.shape, dtype=torch.float64, generator=b.g) * b.mask
+    weights = torch.rand(b.logps.shape, dtype=torch.float64, generator=b.g) * 2
+    weights[weights > 1.6] = 0.0
+    args = dict(old_log_prob=b.old, log_prob=b.logps, advantages=adv, response_mask=b.mask, loss_agg_mode=mode,
+                config=config(mode), rollout_is_weights=weights)
+    theirs = core_algos.get_policy_loss_fn("vanilla")(**args)
+    with adapter.bind_item_ids(torch.where(b.mask, torch.arange(b.mask.shape[1]).expand_as(b.mask), -1)):
+        ours = core_algos.get_policy_loss_fn(adapter.NAME)(**args)
+        unweighted = core_algos.get_policy_loss_fn(adapter.NAME)(**{**args, "rollout_is_weights": None})
+    assert_same(ours, theirs, b.logps)
+    assert not torch.allclose(ours[0], unweighted[0])
+
+
 def loss_data(b, advantages, prompt_ids):
     """The micro-batch verl's loss hook receives: a TensorDict, log-probs flat over prompt + response tokens."""
     B, T = b.mask.shape
