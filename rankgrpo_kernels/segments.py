@@ -17,6 +17,8 @@ with pad == EOS) is neither the row's EOS nor a termination.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import weakref
 from dataclasses import dataclass
 
@@ -203,15 +205,37 @@ def _aligned_items(newlines, lead, inner, trail):
     return item[:, :T], items_emitted
 
 
+_SEGMENTATION: contextvars.ContextVar[tuple[bool, str] | None] = contextvars.ContextVar("rankgrpo_segmentation",
+                                                                                       default=None)
+
+
+@contextlib.contextmanager
+def segmentation_in_use(skip_blank_lines: bool, owner: str):
+    """Within the block (a trainer's reward calls), ``split_items`` with another ``skip_blank_lines`` than the
+    one ``owner`` segments tokens with raises: its hits would land on other items than the loss's."""
+    token = _SEGMENTATION.set((skip_blank_lines, owner))
+    try:
+        yield
+    finally:
+        _SEGMENTATION.reset(token)
+
+
 def split_items(text: str, skip_blank_lines: bool = True) -> list[str]:
     """Split a decoded completion into its items, by the same rule as ``segment_items``.
 
     ``skip_blank_lines=True``: the non-blank lines, stripped. ``False``: every "\\n"-separated part, as the
     authors' segmentation counts them (blank parts kept), without an empty part after a final newline.
-    Pass the completion text without the EOS token.
+    Pass the completion text without the EOS token. Inside a trainer's reward call (``segmentation_in_use``) a
+    ``skip_blank_lines`` other than the trainer's is a ``ValueError``.
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
+    in_use = _SEGMENTATION.get()
+    if in_use is not None and in_use[0] != skip_blank_lines:
+        raise ValueError(f"split_items(skip_blank_lines={skip_blank_lines}) in a reward function of {in_use[1]}, "
+                         f"whose segmentation has skip_blank_lines={in_use[0]}: the hits would land on other items "
+                         f"than the loss's; pass skip_blank_lines={in_use[0]} (item_hits and make_rank_hit_reward "
+                         "take it too)")
     lines = text.split("\n")
     if skip_blank_lines:
         return [line.strip() for line in lines if line.strip()]

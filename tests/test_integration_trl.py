@@ -527,3 +527,18 @@ def test_zero_std_is_logged_per_rank(world, tmp_path):
     metrics = trainer._metrics["train"]
     assert metrics["rewards/rank_1/frac_zero_std"][-1] == 0.5 and metrics["rewards/rank_2/frac_zero_std"][-1] == 1.0
     assert metrics["frac_rank_reward_zero_std"][-1] == (2 * REC_NUM - 1) / (2 * REC_NUM)
+
+
+def test_a_reward_splitting_items_otherwise_than_the_trainer_is_refused(world, tmp_path):
+    """The trainer segments with skip_blank_lines=False; item_hits' default (True) would move hits between ranks."""
+    def default_split(completions, **kwargs):
+        return [item_hits(text, ALL_TITLES, REC_NUM) for text in completions]
+
+    def same_split(completions, **kwargs):
+        return [item_hits(text, ALL_TITLES, REC_NUM, skip_blank_lines=False) for text in completions]
+
+    trainer = rank_trainer(world, tmp_path, reward=default_split, skip_blank_lines=False, beta=0.0)
+    with pytest.raises(ValueError, match="skip_blank_lines=False.*default_split|default_split.*skip_blank_lines"):
+        trainer._calculate_rewards([{"prompt": "p"}] * 2, ["p"] * 2, ["a\n\nb", "c"], [[1], [2]])
+    trainer = rank_trainer(world, tmp_path, reward=same_split, skip_blank_lines=False, beta=0.0)
+    trainer._calculate_rewards([{"prompt": "p"}] * 2, ["p"] * 2, ["a\n\nb", "c"], [[1], [2]])

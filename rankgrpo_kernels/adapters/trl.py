@@ -77,7 +77,7 @@ from ..contract import LOSS_TYPES, LossConfig
 from ..functional import fused_logprobs, rank_grpo_loss
 from ..importance import ITEM_IS_MODES, item_importance_weights, item_off_policy_mask
 from ..rewards import ADVANTAGE_SCALES, rank_advantages, rank_rewards, token_advantages
-from ..segments import Segments, line_table, segment_items
+from ..segments import Segments, line_table, segment_items, segmentation_in_use
 from .hf_model import (
     call_head,
     check_plain_logits,
@@ -274,8 +274,9 @@ class RankGRPOTrainer(GRPOTrainer):
                              log_metric=self._log_metric)
         per_function = []
         for func, name in zip(self.reward_funcs, self.reward_func_names, strict=True):
-            output = func(prompts=prompts, completions=completions, completion_ids=completion_ids_list,
-                          **reward_kwargs)
+            with segmentation_in_use(self.args.skip_blank_lines, f"RankGRPOTrainer (reward function {name!r})"):
+                output = func(prompts=prompts, completions=completions, completion_ids=completion_ids_list,
+                              **reward_kwargs)
             if output is None or len(output) != len(prompts):
                 raise ValueError(f"reward function {name!r} returned {'None' if output is None else len(output)} "
                                  f"entries for {len(prompts)} completions; return one list of rec_num="
