@@ -49,7 +49,8 @@ def item_importance_weights(old_logps: torch.Tensor, sampler_logps: torch.Tensor
         if bound is not None and not (0 <= bound < math.inf):
             raise ValueError(f"{name} must be None or a finite number >= 0, got {bound!r}")
     in_loss = mask.bool() & (item_ids >= 0)
-    weights = torch.exp(item_means(old_logps.float() - sampler_logps.float(), item_ids, mask))
+    dtype = torch.promote_types(old_logps.dtype, torch.float32)
+    weights = torch.exp(item_means(old_logps.to(dtype) - sampler_logps.to(dtype), item_ids, mask))
     if mode == "item_truncate":
         if clip_min is not None or clip_max is not None:
             weights = weights.clamp(min=clip_min, max=clip_max)
@@ -65,6 +66,7 @@ def item_off_policy_mask(policy_logps: torch.Tensor, sampler_logps: torch.Tensor
     """(B, T) 0/1: TRL's off-policy sequence mask (DeepSeek-V3.2) per item: an item with a negative advantage
     whose mean KL ``sampler - policy`` exceeds ``threshold`` is dropped; 1 outside the loss."""
     in_loss = mask.bool() & (item_ids >= 0)
-    kl = item_means(sampler_logps.float() - policy_logps.float(), item_ids, mask)
+    dtype = torch.promote_types(policy_logps.dtype, torch.float32)
+    kl = item_means(sampler_logps.to(dtype) - policy_logps.to(dtype), item_ids, mask)
     keep = (advantages >= 0) | (kl <= threshold)
     return (~in_loss | keep).float()

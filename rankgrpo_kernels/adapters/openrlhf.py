@@ -176,13 +176,14 @@ def rollout_is_weights(old_log_probs, rollout_log_probs, mask, item_ids, *, leve
     statistic lies in ``[low, high]`` and 0 elsewhere. The fraction filtered is over units (per sequence at the
     sequence level, per loss token otherwise, as OpenRLHF reports it)."""
     low, high = threshold
-    log_ratio = (old_log_probs - rollout_log_probs).detach().float()
-    m = mask.float()
+    dtype = torch.promote_types(old_log_probs.dtype, torch.float32)
+    log_ratio = (old_log_probs - rollout_log_probs).detach().to(dtype)
+    m = mask.to(dtype)
     if gating == "ratio":
         per_token = log_ratio
     else:
-        p = rollout_log_probs.detach().float().exp().clamp(1e-6, 1 - 1e-6)
-        q = old_log_probs.detach().float().exp().clamp(1e-6, 1 - 1e-6)
+        p = rollout_log_probs.detach().to(dtype).exp().clamp(1e-6, 1 - 1e-6)
+        q = old_log_probs.detach().to(dtype).exp().clamp(1e-6, 1 - 1e-6)
         per_token = (p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log() if gating == "binary_kl"
                      else (p - q).abs())
     if level == "seq":

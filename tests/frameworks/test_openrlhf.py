@@ -297,9 +297,9 @@ def test_import_is_lazy():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
 
 
-IS_CORRECTIONS = [dict(is_correction_level="token", is_correction_mode="mask"),
-                  dict(is_correction_level="token", is_correction_mode="clip"),
-                  dict(is_correction_level="seq", is_correction_mode="mask"),
+IS_CORRECTIONS = [dict(is_correction_level="token", is_correction_mode="mask", is_correction_threshold=(0.7, 1.4)),
+                  dict(is_correction_level="token", is_correction_mode="clip", is_correction_threshold=(0.7, 1.4)),
+                  dict(is_correction_level="seq", is_correction_mode="mask", is_correction_threshold=(0.97, 1.03)),
                   dict(is_correction_level="token", is_correction_gating="tv", is_correction_threshold=(0.0, 0.05)),
                   dict(is_correction_level="seq", is_correction_gating="binary_kl",
                        is_correction_threshold=(0.0, 0.02))]
