@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import backends, distributed, lm_head, ops
+from . import backends, distributed, ops
 from .contract import LossConfig, stats_dict
 from .inputs import check_head, check_tensor, raise_on_bad_values, target_checks, token_batch
 from .settings import memory_budget

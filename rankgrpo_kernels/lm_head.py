@@ -88,6 +88,26 @@ def _addmm_(total, a, b, *, beta=1.0, alpha=1.0):
     return torch.addmm(total, a, b, out_dtype=total.dtype, beta=beta, alpha=alpha, out=total)
 
 
+ROW_ALIGNMENT = 16  # elements: logits rows start on 64-byte boundaries, so row-pass loads vectorise for any V
+
+
+def padded_vocab(vocab: int) -> int:
+    """The row stride (elements) of a logits chunk: V rounded up to ``ROW_ALIGNMENT``."""
+    return -(-vocab // ROW_ALIGNMENT) * ROW_ALIGNMENT
+
+
+class LogitsBuffer:
+    """The one (rows x V) fp32 logits scratch of a call, rows ``padded_vocab(V)`` elements apart (the GEMM writes
+    them with that leading dimension); ``rows(C)`` is the (C, V) view of the first C rows."""
+
+    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device):
+        self.vocab, self.stride = vocab, padded_vocab(vocab)
+        self.data = torch.empty(rows * self.stride, dtype=dtype, device=device)
+
+    def rows(self, count: int) -> torch.Tensor:
+        return self.data.as_strided((count, self.vocab), (self.stride, 1))
+
+
 def bytes_per_token(backend: str, vocab, hidden_size, dtype, needs_grad) -> int:
     """Scratch per token of a chunk with GEMM operands of ``dtype`` (``gemm_dtype``): its fp32 logits row (plus a
     separate D row where the backend cannot write D in place), its gathered hidden row, and with gradients its
@@ -97,6 +117,7 @@ def bytes_per_token(backend: str, vocab, hidden_size, dtype, needs_grad) -> int:
     per_logit = acc.itemsize
     if not backends.REGISTRY[backend].grad_in_place(acc, grad_dtype):
         per_logit += grad_dtype.itemsize
+    vocab = padded_vocab(vocab)
     per_row = hidden_size * dtype.itemsize
     if grad_dtype is not None:
         per_row += hidden_size * (acc.itemsize + grad_dtype.itemsize)
@@ -274,7 +295,7 @@ def loss_and_grads(backend: str, hidden, weight, bias, targets, batch: TokenBatc
                       f"{cap} tokens for their gradients (a fourth GEMM for them): raise the budget "
                       "(RANKGRPO_MEMORY_BUDGET) to avoid it", stacklevel=2)
     width = min(largest, cap)
-    logits = torch.empty(width * V, dtype=acc, device=hidden.device)
+    logits = LogitsBuffer(width, V, acc, hidden.device)
     product = torch.empty(width, H, dtype=acc, device=hidden.device) if grads[0] is not None else None
     loss = torch.zeros((), dtype=acc, device=hidden.device)
     stats = torch.zeros(len(STAT_NAMES), dtype=acc, device=hidden.device)
@@ -283,7 +304,7 @@ def loss_and_grads(backend: str, hidden, weight, bias, targets, batch: TokenBatc
         positions = plan.positions[c0:c1]
         h, y = h_op.index_select(0, positions), targets.index_select(0, positions)
         if c1 - c0 <= cap:
-            z = _mm(h, w_op.T, out=logits[: (c1 - c0) * V].view(c1 - c0, V))
+            z = _mm(h, w_op.T, out=logits.rows(c1 - c0))
             logp, _, entropy, d_logits = impl.row_pass(z, bias, y, None, inv_t, None, grad_dtype, compute_entropy)
         else:
             logp, lse, entropy = _chunked_logprobs(impl, h, w_op, bias, y, inv_t, cap, logits, compute_entropy)
@@ -318,12 +339,12 @@ def _chunk_grads(d_logits, scale, h, w_op, grads, first, positions, product):
 
 def _chunked_logprobs(impl, h, w_op, bias, y, inv_t, cap, logits, want_entropy):
     """logp, lse and entropy (or None), each (C,), of the tokens of ``h`` (C, H), ``cap`` tokens at a time."""
-    C, V = h.shape[0], w_op.shape[0]
-    logp, lse = (torch.empty(C, dtype=logits.dtype, device=h.device) for _ in range(2))
-    entropy = torch.empty(C, dtype=logits.dtype, device=h.device) if want_entropy else None
+    C = h.shape[0]
+    logp, lse = (torch.empty(C, dtype=logits.data.dtype, device=h.device) for _ in range(2))
+    entropy = torch.empty(C, dtype=logits.data.dtype, device=h.device) if want_entropy else None
     for t0 in range(0, C, cap):
         t1 = min(C, t0 + cap)
-        z = _mm(h[t0:t1], w_op.T, out=logits[: (t1 - t0) * V].view(t1 - t0, V))
+        z = _mm(h[t0:t1], w_op.T, out=logits.rows(t1 - t0))
         out = impl.row_pass(z, bias, y[t0:t1], None, inv_t, None, None, want_entropy)
         logp[t0:t1], lse[t0:t1] = out[0], out[1]
         if want_entropy:
@@ -335,10 +356,9 @@ def _recomputed_grads(impl, h, w_op, bias, y, inv_t, lse, scale, grads, first, r
                       grad_dtype):
     """Gradients of the tokens of ``h`` (C, H) with their logits recomputed ``cap`` tokens at a time and D formed
     with the saved ``lse``; ``d_hidden`` rows go to ``rows_out``."""
-    V = w_op.shape[0]
     for t0 in range(0, h.shape[0], cap):
         t1 = min(h.shape[0], t0 + cap)
-        z = _mm(h[t0:t1], w_op.T, out=logits[: (t1 - t0) * V].view(t1 - t0, V))
+        z = _mm(h[t0:t1], w_op.T, out=logits.rows(t1 - t0))
         d_logits = impl.row_pass(z, bias, y[t0:t1], None, inv_t, lse[t0:t1], grad_dtype, False)[3]
         _accumulate_grads(d_logits, scale[t0:t1], h[t0:t1], w_op, grads, first and t0 == 0, rows_out[t0:t1],
                           product)
@@ -358,7 +378,7 @@ def logprobs(backend: str, hidden, weight, bias, targets, temperature: float, bu
     if positions is not None:
         h_op, targets = h_op.index_select(0, positions), targets.index_select(0, positions)
     cap = tokens_per_chunk(backend, V, hidden.shape[1], h_op.dtype, False, budget_bytes)
-    logits = torch.empty(min(h_op.shape[0], cap) * V, dtype=acc, device=hidden.device)
+    logits = LogitsBuffer(min(h_op.shape[0], cap), V, acc, hidden.device)
     out = _chunked_logprobs(impl, h_op, w_op, bias, targets, 1.0 / temperature, cap, logits, want_entropy)
     if positions is None:
         return out
@@ -380,7 +400,7 @@ def logprob_grads(backend: str, hidden, weight, bias, targets, temperature: floa
     if n_active:
         cap = tokens_per_chunk(backend, V, H, h_op.dtype, True, budget_bytes)
         width = min(n_active, cap)
-        logits = torch.empty(width * V, dtype=acc, device=hidden.device)
+        logits = LogitsBuffer(width, V, acc, hidden.device)
         product = torch.empty(width, H, dtype=acc, device=hidden.device) if needs[0] else None
         scale = grad_logp.reshape(-1)[active].to(acc) / temperature
         _recomputed_grads(impl, h_op[active], w_op, bias, targets[active], 1.0 / temperature,
