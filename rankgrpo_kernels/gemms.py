@@ -43,7 +43,7 @@ import torch
 __all__ = ["mm_into", "addmm_into", "ieee_fp32", "probe", "native_out_dtype", "SCRATCH_BYTES", "IEEE_FP32"]
 
 # Output bytes per block of the two-step fallback: the fp32 scratch it holds at once. 64 MiB is 18.7k rows of a
-# 896-wide d_weight (GEMMs of that size run at full speed) and 5% of the 1.5 GiB logits budget.
+# 896-wide d_weight (GEMMs of that size run at full speed) and at most 1/8 of the GPU logits budget (settings).
 SCRATCH_BYTES = 2**26
 
 # fp32 operands on these device types run at IEEE fp32 (not TF32) whatever torch.backends.cuda.matmul says.
