@@ -5,14 +5,39 @@ when torch is importable at build time, is a CUDA build, and a CUDA toolchain (n
 pip's build isolation hides the installed torch, so prebuilding takes ``pip install --no-build-isolation .``; every
 other install is the plain pure-Python one, and ``backend="cuda"`` then compiles ``csrc/`` just in time on first
 use. ``RANKGRPO_BUILD_CUDA=0`` skips the extension, ``RANKGRPO_BUILD_CUDA=1`` makes a missing prerequisite an error.
+
+The sources of that JIT build travel in every wheel: ``build_py`` copies ``csrc/*.cu, *.cuh, *.h, *.cpp`` into
+``rankgrpo_kernels/csrc/`` of the build (the repository's top-level ``csrc/`` stays the only copy in git), where
+``backends/cuda_backend.py`` looks first. The sdist carries ``csrc/`` through MANIFEST.in.
 """
 
 import os
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 CSRC = Path("csrc")
+CSRC_PATTERNS = ("*.cu", "*.cuh", "*.h", "*.cpp")
+
+
+def csrc_files() -> list[Path]:
+    return sorted(path for pattern in CSRC_PATTERNS for path in CSRC.glob(pattern))
+
+
+class BuildPyWithSources(build_py):
+    """build_py, plus the CUDA sources as package data under rankgrpo_kernels/csrc/ (for the JIT build)."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / "rankgrpo_kernels" / "csrc"
+        self.mkpath(str(target))
+        for source in csrc_files():
+            self.copy_file(str(source), str(target / source.name))
+
+    def get_outputs(self, include_bytecode=True):
+        target = Path(self.build_lib) / "rankgrpo_kernels" / "csrc"
+        return [*super().get_outputs(include_bytecode), *(str(target / p.name) for p in csrc_files())]
 
 
 def cuda_build_options() -> dict:
@@ -41,4 +66,6 @@ def cuda_build_options() -> dict:
     return {}
 
 
-setup(**cuda_build_options())
+options = cuda_build_options()
+options["cmdclass"] = {**options.get("cmdclass", {}), "build_py": BuildPyWithSources}
+setup(**options)

@@ -71,27 +71,39 @@ def per_token_advantages(advantages, item_ids, advantage_level, B, T):
     )
 
 
+def _scalar(value, dtype, device):
+    """A 0-dim tensor of a host number, written on the device by a fill kernel: ``torch.tensor(value, device=cuda)``
+    would copy it from the host, a sync on every call."""
+    return torch.full((), value, dtype=dtype, device=device)
+
+
 def normaliser(cfg: LossConfig, mask, dtype, *, max_completion_length, num_items_in_batch, rec_num, per_rank):
-    """The scalar of the loss type (see ``TokenBatch``)."""
+    """The scalar of the loss type (see ``TokenBatch``). No host sync: host numbers are filled in on the device,
+    a ``num_items_in_batch`` tensor is only converted, and its check is a flag read with the others."""
     B, T = mask.shape
     device = mask.device
     if cfg.loss_type == "grpo":
-        return torch.tensor(float(B), dtype=dtype, device=device)
+        return _scalar(float(B), dtype, device)
     if cfg.loss_type == "bnpo":
         return mask.sum().clamp(min=1).to(dtype)
     if cfg.loss_type == "dr_grpo":
         length = _positive_int(T if max_completion_length is None else max_completion_length, "max_completion_length")
-        return torch.tensor(float(B * length), dtype=dtype, device=device)
+        return _scalar(float(B * length), dtype, device)
     if cfg.loss_type == "dapo":
         if num_items_in_batch is None:
             raise ValueError("loss_type='dapo' needs num_items_in_batch (the step's total count of loss tokens)")
         if not isinstance(num_items_in_batch, torch.Tensor) and not (0 < float(num_items_in_batch) < math.inf):
             raise ValueError(f"num_items_in_batch must be a finite number > 0, got {num_items_in_batch!r}")
-        return torch.as_tensor(num_items_in_batch, dtype=dtype, device=device).reshape(())
+        if isinstance(num_items_in_batch, torch.Tensor):
+            if num_items_in_batch.numel() != 1:
+                raise ValueError(f"num_items_in_batch must be a number or a 1-element tensor, got shape "
+                                 f"{tuple(num_items_in_batch.shape)}")
+            return num_items_in_batch.to(device=device, dtype=dtype).reshape(())
+        return _scalar(float(num_items_in_batch), dtype, device)
     n_ranks = rec_num if rec_num is not None else (per_rank.shape[1] if per_rank is not None else None)
     if n_ranks is None:
         raise ValueError("loss_type='rank' needs rec_num (N) when advantages are not per rank")
-    return torch.tensor(float(B * _positive_int(n_ranks, "rec_num")), dtype=dtype, device=device)
+    return _scalar(float(B * _positive_int(n_ranks, "rec_num")), dtype, device)
 
 
 def token_batch(B, T, device, cfg: LossConfig, *, item_ids, advantages, completion_mask, old_logps, ref_logps,

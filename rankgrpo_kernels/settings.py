@@ -1,7 +1,7 @@
 """Environment knobs, read in one place. Every name starts with ``RANKGRPO_``.
 
-RANKGRPO_MEMORY_BUDGET  bytes of logits scratch one fused call may hold at once (default: 128 MiB on a CPU,
-                        1.5 GiB on a GPU, see ``DEFAULT_MEMORY_BUDGET``)
+RANKGRPO_MEMORY_BUDGET  bytes of logits scratch one fused call may hold at once (default: 128 MiB on a CPU; on
+                        a GPU 1/32 of its memory within [512 MiB, 4 GiB], see ``gpu_memory_budget``)
 RANKGRPO_VALIDATE       "0" skips the value checks that need a host sync (NaN, target ids in range); shape,
                         dtype and device checks always run
 """
@@ -12,13 +12,33 @@ import os
 
 import torch
 
-# The logits chunk is the only scratch that grows with the vocabulary. On a GPU, 1.5 GiB holds the fp32 logits of
-# 2.6k tokens of a 152k vocabulary (Qwen2.5) and 3.1k of a 128k one (Llama-3): GEMMs of that height run near the
-# tensor-core peak, and it is about 5% of what eager holds at 16k tokens (bf16 logits, their fp32 copy, log_softmax
-# and its gradient: 30-40 GB). On a CPU, 128 MiB keeps a 512-token row of a 32k vocabulary in one chunk (GEMMs of
-# 512 rows already run at the BLAS peak) and the extra memory under 10% of eager's.
-DEFAULT_MEMORY_BUDGET = {"cuda": 3 * 2**29, "cpu": 2**27}
+# The logits chunk is the only scratch that grows with the vocabulary. Per token of a chunk it holds an fp32 logits
+# row (plus its bf16 gradient where a backend cannot write it in place) and two H-wide rows: 0.6 MB for a 152k
+# vocabulary (Qwen2.5), 0.5 MB for a 128k one (Llama-3). On a CPU, 128 MiB keeps a 512-token row of a 32k vocabulary
+# in one chunk (GEMMs of 512 rows already run at the BLAS peak) and the extra memory under 10% of eager's.
+#
+# On a GPU the budget sets the height C of the chunk GEMMs (C x H by H x V, then their gradients): cuBLAS reaches
+# its large-GEMM efficiency (70-80% of the tensor-core peak) from a few thousand rows, lower below ~1k rows (wave
+# quantisation), and gains nothing past ~4k while each chunk's memory is taken from the activations of the model
+# around it. So the default is a fraction of the device's memory, clamped: 1/32 gives 4 GiB on an H200 (141 GB;
+# ~7k tokens of Qwen's head) or an H100/A100 of 80 GB (2.5 GiB, ~4k tokens), 1.25 GiB on a 40 GB A100 and the
+# 512 MiB floor (~900 tokens) on cards of 16 GB and less. Eager holds 30-40 GB of logits and their copies at 16k
+# tokens; the budget stays far below that everywhere.
+DEFAULT_MEMORY_BUDGET = {"cuda": 3 * 2**29, "cpu": 2**27}  # cuda: used only where the device cannot be queried
+GPU_MEMORY_FRACTION = 1 / 32
+GPU_MEMORY_BUDGET_RANGE = (2**29, 2**32)  # [512 MiB, 4 GiB]
 MIN_MEMORY_BUDGET = 2**16
+
+
+def gpu_memory_budget(device: torch.device) -> int:
+    """The default budget of a CUDA device: ``GPU_MEMORY_FRACTION`` of its memory, clamped to
+    ``GPU_MEMORY_BUDGET_RANGE``, in whole MiB. Host-side (device properties), no sync."""
+    try:
+        total = torch.cuda.get_device_properties(device).total_memory
+    except (RuntimeError, AssertionError, AttributeError):  # no CUDA here (a fake or meta device in a trace)
+        return DEFAULT_MEMORY_BUDGET["cuda"]
+    low, high = GPU_MEMORY_BUDGET_RANGE
+    return min(high, max(low, int(total * GPU_MEMORY_FRACTION))) // 2**20 * 2**20
 
 
 def memory_budget(override: int | None, device: torch.device) -> int:
@@ -27,6 +47,8 @@ def memory_budget(override: int | None, device: torch.device) -> int:
         value = override
     elif "RANKGRPO_MEMORY_BUDGET" in os.environ:
         value = int(os.environ["RANKGRPO_MEMORY_BUDGET"])
+    elif device.type == "cuda":
+        value = gpu_memory_budget(device)
     else:
         value = DEFAULT_MEMORY_BUDGET.get(device.type, DEFAULT_MEMORY_BUDGET["cpu"])
     if isinstance(value, bool) or not isinstance(value, int) or value < MIN_MEMORY_BUDGET:

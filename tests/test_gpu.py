@@ -7,11 +7,15 @@ to bf16's resolution (~1e-2 of their largest entry).
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import pytest
 import torch
 
 from rankgrpo_kernels import fused_logprobs, rank_grpo_loss
-from rankgrpo_kernels.reference import reference_logprobs, reference_loss
+from rankgrpo_kernels.reference import reference_logprobs, reference_loss, reference_loss_from_logps
+from rankgrpo_kernels.settings import memory_budget
 
 pytestmark = pytest.mark.gpu
 
@@ -38,6 +42,29 @@ def _relative(got, want):
     return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
 
 
+def _recompute_warnings(caught):
+    return [w for w in caught if "recomput" in str(w.message).lower()]
+
+
+def _float64_reference(hidden, weight, targets, kwargs, rows_per_slice=2):
+    """The eager loss and gradients in float64 on the (rounded) inputs, without holding all logits: log-probs
+    slice by slice, ``g = dL/dlogp`` from the loss on all of them, then each slice's log-probs again with their
+    graph and the chain rule (``backward(g)``) into the float64 gradients."""
+    h64, w64 = hidden.detach().double(), weight.detach().double().requires_grad_()
+    slices = [slice(b, b + rows_per_slice) for b in range(0, hidden.shape[0], rows_per_slice)]
+    with torch.no_grad():
+        logps = torch.cat([reference_logprobs(h64[s], w64, targets[s]) for s in slices])
+    logps.requires_grad_()
+    loss, stats = reference_loss_from_logps(logps, **kwargs)
+    (g,) = torch.autograd.grad(loss, logps)
+    d_hidden = torch.empty_like(h64)
+    for s in slices:
+        h = h64[s].clone().requires_grad_()
+        reference_logprobs(h, w64, targets[s]).backward(g[s])
+        d_hidden[s] = h.grad
+    return loss.detach(), stats, (d_hidden, w64.grad)
+
+
 @pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
 @pytest.mark.parametrize("head", list(HEADS))
 def test_bf16_real_head_matches_reference(backend, head):
@@ -52,6 +79,27 @@ def test_bf16_real_head_matches_reference(backend, head):
     for got, want in zip(grads, ref_grads):
         assert got.dtype == torch.bfloat16 and _relative(got, want) < 2e-2
     torch.testing.assert_close(stats["kl"], ref_stats["kl"].float(), rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
+def test_several_chunks_at_the_default_budget_match_float64(backend):
+    """Qwen2.5-0.5B's head with enough tokens for at least two chunks at this GPU's default budget (each token's
+    fp32 logits row alone is 4 V bytes), on the fused path (no recompute warning), against float64 eager."""
+    H, V = HEADS["qwen2.5-0.5b"]
+    T = 1024
+    budget = memory_budget(None, torch.device("cuda"))
+    B = math.ceil(2.5 * budget / (4 * V * T))
+    assert 4 * V * B * T > 2 * budget
+    hidden, weight, targets, kwargs = _batch(B, T, H, V, torch.bfloat16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss, _ = rank_grpo_loss(hidden, weight, targets, backend=backend, **kwargs)
+        grads = torch.autograd.grad(loss, (hidden, weight))
+    assert not _recompute_warnings(caught), [str(w.message) for w in caught]
+    ref_loss, _, ref_grads = _float64_reference(hidden, weight, targets, kwargs)
+    assert _relative(loss, ref_loss) < 1e-3
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == torch.bfloat16 and _relative(got, want) < 2e-2
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
@@ -70,14 +118,19 @@ def test_memory_is_the_gradients_plus_the_budget(backend, path):
     per-token vectors and one (chunk x H) product), far below the (tokens x vocab) logits."""
     H, V = HEADS["qwen2.5-0.5b"]
     hidden, weight, targets, kwargs = _batch(8, 1024, H, V, torch.bfloat16)
-    budget = 2**28 if path == "fused" else 2**26  # 64 MiB: less than one 1024-token row of logits (622 MB)
+    # A 1024-token row of fp32 logits is 622 MB: 2 GiB holds three such rows with their gradients' scratch (the
+    # fused path, in 3 chunks), 64 MiB not even one (the recompute path, with its warning).
+    budget = 2**31 if path == "fused" else 2**26
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    loss, _ = rank_grpo_loss(hidden, weight, targets, backend=backend, memory_budget_bytes=budget, **kwargs)
-    torch.autograd.grad(loss, (hidden, weight))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss, _ = rank_grpo_loss(hidden, weight, targets, backend=backend, memory_budget_bytes=budget, **kwargs)
+        torch.autograd.grad(loss, (hidden, weight))
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
+    assert bool(_recompute_warnings(caught)) == (path == "recompute"), [str(w.message) for w in caught]
     gradients = 2 * (hidden.numel() + weight.numel()) + 4 * weight.numel()  # bf16 results, fp32 d_weight sums
     logits = 4 * targets.numel() * V
     assert peak < gradients + budget + 0.02 * logits, (peak, logits)

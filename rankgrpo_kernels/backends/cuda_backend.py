@@ -24,7 +24,17 @@ from ..contract import LOG_RATIO_LIMIT, ROW_SUMS, WEIGHTING, LossConfig, TokenBa
 from ..contract import row_relative_groups
 from . import on_input_device
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+# The JIT build's sources: rankgrpo_kernels/csrc/ in an installed wheel (setup.py copies them there), else the
+# source checkout's csrc/ (an editable install or a plain checkout on sys.path).
+CSRC_CANDIDATES = (Path(__file__).resolve().parents[1] / "csrc", Path(__file__).resolve().parents[2] / "csrc")
+
+
+def find_csrc(candidates=CSRC_CANDIDATES) -> Path:
+    """The first candidate holding ``binding.cpp``; the first candidate (where a wheel puts them) if none does."""
+    return next((path for path in candidates if (path / "binding.cpp").is_file()), candidates[0])
+
+
+CSRC = find_csrc()
 
 __all__ = ["row_pass", "segment_loss", "CudaBackendUnavailable"]
 

@@ -1,0 +1,116 @@
+"""``benchmarks/gpu_check.py``: the dry run goes through every phase on the CPU and writes the JSON; a phase that
+times out is recorded and the next one runs; the JSON is rewritten after each phase; the benchmark phase passes
+``--workload`` exactly when run.py takes it."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check_under_test", BENCH / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _report(folder):
+    (path,) = Path(folder).glob("gpu_check_*.json")
+    return json.loads(path.read_text())
+
+
+def test_dry_run_goes_through_every_phase(gpu_check, tmp_path):
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    report = _report(tmp_path)
+    assert report["complete"] and report["environment"]["dry_run"] is True
+    phases = report["phases"]
+    assert list(phases) == list(gpu_check.PHASES)
+    for name, entry in phases.items():
+        assert entry["status"] == "ok", (name, entry)
+    assert "collected" in phases["gpu_tests"]["summary"] and "collected" in phases["native_kernels"]["summary"]
+    probe = phases["torch_probe"]["result"]
+    assert probe["bfloat16"] == {"mm": "upcast", "addmm": "upcast"}  # a CPU has no out_dtype GEMM
+    assert probe["precision_inside_ieee_fp32"] == "highest" and probe["precision_after"] == "high"
+    timings = phases["timings"]["result"]
+    for rates in timings["gemms"].values():
+        assert set(rates) == {"logits", "d_hidden", "d_weight"} and all(r["tflops"] > 0 for r in rates.values())
+    assert timings["row_pass"]["triton"]["gb_per_s"] > 0 and timings["row_pass"]["torch"]["gb_per_s"] > 0
+    assert all(timings["segment_loss"][b]["ms"] > 0 for b in ("triton", "torch"))
+    assert {k: v["fwd_bwd_ms"] > 0 for k, v in timings["full_loss"].items()} == {"default": True, "small": True}
+    assert phases["host_syncs"]["result"]["status"].startswith("skipped: ")
+    assert phases["int64_rows"]["result"]["ok"] is True
+    assert phases["triton_registers"]["result"]["status"].startswith("skipped: ")
+    runs = phases["benchmark"]["result"]
+    ran = [r for r in runs.values() if r["status"] == "ok"]
+    assert len(ran) == 1 and ran[0]["json"] and ran[0]["results"]
+
+
+def test_a_timed_out_phase_is_recorded_and_the_next_runs(gpu_check, tmp_path, monkeypatch):
+    real = gpu_check._run_process
+    writes = []
+
+    def slow_probe(cmd, timeout, env=None):
+        if "torch_probe" in cmd:
+            return real([sys.executable, "-c", "import time; time.sleep(60)"], 1.0, env)
+        return real(cmd, timeout, env)
+
+    def write(path, report):
+        writes.append(json.loads(json.dumps(report, default=str)))
+        real_write(path, report)
+
+    real_write = gpu_check._write
+    monkeypatch.setattr(gpu_check, "_run_process", slow_probe)
+    monkeypatch.setattr(gpu_check, "_write", write)
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path), "--phases", "torch_probe,int64_rows"]) == 1
+    phases = _report(tmp_path)["phases"]
+    assert phases["torch_probe"]["status"] == "timeout" and phases["torch_probe"]["seconds"] < 30
+    assert phases["int64_rows"]["status"] == "ok"
+    # Written before the first phase and after each: a check cut short still leaves what it measured.
+    assert [list(w["phases"]) for w in writes[:3]] == [[], ["torch_probe"], ["torch_probe", "int64_rows"]]
+
+
+def test_a_timeout_kills_the_whole_process_group(gpu_check):
+    started = time.time()
+    status, _, _, _, _ = gpu_check._run_process(["bash", "-c", "sleep 60 & sleep 60; wait"], 1.0)
+    assert status == "timeout" and time.time() - started < 20
+    left = subprocess.run(["pgrep", "-f", "sleep 60 & sleep 60"], capture_output=True, text=True).stdout
+    assert not left.strip()
+
+
+def test_past_the_deadline_phases_are_skipped(gpu_check, tmp_path):
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path), "--deadline", "0"]) == 0
+    phases = _report(tmp_path)["phases"]
+    assert list(phases) == list(gpu_check.PHASES)
+    assert all(e["status"] == "skipped: out of time" for e in phases.values())
+
+
+@pytest.mark.parametrize("has_flag", [True, False])
+def test_workload_flag_passed_only_where_run_py_takes_it(gpu_check, tmp_path, monkeypatch, has_flag):
+    import run
+
+    real = run.parse_args
+
+    def parse_args(argv):
+        if has_flag and "--workload" in argv:
+            i = argv.index("--workload")
+            argv = argv[:i] + argv[i + 2:]
+        return real(argv)
+
+    monkeypatch.setattr(run, "parse_args", parse_args)
+    runs = gpu_check._benchmark_runs(False, tmp_path)
+    if has_flag:
+        assert [label for label, _ in runs] == ["realistic", "dense"]
+        assert all(argv[-2:] == ["--workload", label] for label, argv in runs)
+    else:
+        assert len(runs) == 1 and "--workload" not in runs[0][1]
+    assert all("--device" in argv and "cuda" in argv for _, argv in runs)
