@@ -31,8 +31,9 @@ Recompute (``logprobs``, then ``logprob_grads`` in the backward): for ``fused_lo
 heads. The forward keeps ``lse`` per token; the backward recomputes Z for the tokens with a non-zero gradient (one
 host sync to list them), the row pass forms D with the saved ``lse``, then the same GEMMs.
 
-GEMMs: bf16/fp16 operands on CUDA give fp32 outputs through ``out_dtype``; a CPU has no such GEMM, so there the
-operands are upcast once per call. No atomics anywhere: results are bit-identical from run to run.
+GEMMs (``gemms.py``): bf16/fp16 operands on CUDA give fp32 outputs (``out_dtype``, with an exact fallback where a
+torch refuses the in-place form); fp32 ones run at IEEE fp32, not TF32; a CPU has no mixed-dtype GEMM, so there
+the operands are upcast once per call. No atomics anywhere: results are bit-identical from run to run.
 
 Equivalent PyTorch (holding all logits)::
 
@@ -49,7 +50,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import backends
+from . import backends, gemms
 from .contract import STAT_NAMES, LossConfig, TokenBatch
 
 # The statistics of the policy's own distribution at a token, means over the tokens whose log-probs are computed.
@@ -71,21 +72,6 @@ def gemm_dtype(hidden: torch.Tensor) -> torch.dtype:
 def _gemm_operands(hidden, weight):
     dtype = gemm_dtype(hidden)
     return hidden.to(dtype), weight.to(dtype)
-
-
-def _mm(a, b, out):
-    """``out = a @ b`` with the output's (fp32/fp64) precision for products and sums."""
-    if a.dtype == out.dtype:
-        return torch.mm(a, b, out=out)
-    return torch.mm(a, b, out_dtype=out.dtype, out=out)
-
-
-def _addmm_(total, a, b, *, beta=1.0, alpha=1.0):
-    """``total = beta total + alpha a @ b`` inside the GEMM, accumulating in ``total``'s precision (``beta = 0``
-    writes without reading ``total``)."""
-    if a.dtype == total.dtype:
-        return torch.addmm(total, a, b, beta=beta, alpha=alpha, out=total)
-    return torch.addmm(total, a, b, out_dtype=total.dtype, beta=beta, alpha=alpha, out=total)
 
 
 ROW_ALIGNMENT = 16  # elements: logits rows start on 64-byte boundaries, so row-pass loads vectorise for any V
@@ -235,7 +221,7 @@ def _accumulate_grads(d_logits, scale, h, weight, grads, first, rows_out, produc
     in the accumulator dtype."""
     d_hidden, d_weight, d_bias = grads
     if d_hidden is not None:
-        rows = _mm(d_logits, weight, out=product[: d_logits.shape[0]])
+        rows = gemms.mm_into(d_logits, weight, product[: d_logits.shape[0]])
         rows.mul_(scale[:, None].to(rows.dtype))
         d_hidden.index_copy_(0, rows_out, rows.to(d_hidden.dtype))
     if d_weight is None and d_bias is None:
@@ -245,9 +231,9 @@ def _accumulate_grads(d_logits, scale, h, weight, grads, first, rows_out, produc
     if d_weight is not None:
         # where, not a product: a token outside the loss may hold a NaN hidden state, and its D row is 0.
         scaled = torch.where(scale[:, None] != 0, h * (scale[:, None] * factor), 0).to(d_logits.dtype)
-        _addmm_(d_weight, d_logits.T, scaled, **accumulate)
+        gemms.addmm_into(d_weight, d_logits.T, scaled, **accumulate)
     if d_bias is not None:
-        _addmm_(d_bias[None], (scale[None] * factor).to(d_logits.dtype), d_logits, **accumulate)
+        gemms.addmm_into(d_bias[None], (scale[None] * factor).to(d_logits.dtype), d_logits, **accumulate)
 
 
 def _operand_factor(scale, dtype) -> float:
@@ -304,7 +290,7 @@ def loss_and_grads(backend: str, hidden, weight, bias, targets, batch: TokenBatc
         positions = plan.positions[c0:c1]
         h, y = h_op.index_select(0, positions), targets.index_select(0, positions)
         if c1 - c0 <= cap:
-            z = _mm(h, w_op.T, out=logits.rows(c1 - c0))
+            z = gemms.mm_into(h, w_op.T, logits.rows(c1 - c0))
             logp, _, entropy, d_logits = impl.row_pass(z, bias, y, None, inv_t, None, grad_dtype, compute_entropy)
         else:
             logp, lse, entropy = _chunked_logprobs(impl, h, w_op, bias, y, inv_t, cap, logits, compute_entropy)
@@ -344,7 +330,7 @@ def _chunked_logprobs(impl, h, w_op, bias, y, inv_t, cap, logits, want_entropy):
     entropy = torch.empty(C, dtype=logits.data.dtype, device=h.device) if want_entropy else None
     for t0 in range(0, C, cap):
         t1 = min(C, t0 + cap)
-        z = _mm(h[t0:t1], w_op.T, out=logits.rows(t1 - t0))
+        z = gemms.mm_into(h[t0:t1], w_op.T, logits.rows(t1 - t0))
         out = impl.row_pass(z, bias, y[t0:t1], None, inv_t, None, None, want_entropy)
         logp[t0:t1], lse[t0:t1] = out[0], out[1]
         if want_entropy:
@@ -358,7 +344,7 @@ def _recomputed_grads(impl, h, w_op, bias, y, inv_t, lse, scale, grads, first, r
     with the saved ``lse``; ``d_hidden`` rows go to ``rows_out``."""
     for t0 in range(0, h.shape[0], cap):
         t1 = min(h.shape[0], t0 + cap)
-        z = _mm(h[t0:t1], w_op.T, out=logits.rows(t1 - t0))
+        z = gemms.mm_into(h[t0:t1], w_op.T, logits.rows(t1 - t0))
         d_logits = impl.row_pass(z, bias, y[t0:t1], None, inv_t, lse[t0:t1], grad_dtype, False)[3]
         _accumulate_grads(d_logits, scale[t0:t1], h[t0:t1], w_op, grads, first and t0 == 0, rows_out[t0:t1],
                           product)

@@ -19,7 +19,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rankgrpo_kernels import backends, fused_logprobs, lm_head, rank_grpo_loss
+from rankgrpo_kernels import backends, fused_logprobs, gemms, lm_head, rank_grpo_loss
 from rankgrpo_kernels.reference import reference_logprobs, reference_loss
 
 from .helpers import random_head
@@ -33,23 +33,25 @@ B, T, H, V, K = 5, 24, 16, 300, 4
 class GemmRows:
     """Counts the token rows of every LM-head GEMM: the logits ``h W^T`` (rows of h) and the gradient GEMMs."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch, vocab=V):
         self.logits = self.gradients = 0
-        mm, addmm_ = lm_head._mm, lm_head._addmm_
+        self.logits_calls = []
+        mm, addmm = gemms.mm_into, gemms.addmm_into
 
         def counted_mm(a, b, out):
-            if b.shape[1] == V:  # h (C, H) @ W^T (H, V): a logits GEMM
+            if b.shape[1] == vocab:  # h (C, H) @ W^T (H, V): a logits GEMM
                 self.logits += a.shape[0]
+                self.logits_calls.append(a.shape[0])
             else:  # D (C, V) @ W (V, H): d_hidden
                 self.gradients += a.shape[0]
             return mm(a, b, out)
 
-        def counted_addmm_(total, a, b, **kwargs):
+        def counted_addmm(total, a, b, **kwargs):
             self.gradients += a.shape[1]  # D^T (V, C) @ (g h) (C, H), or (g/T)^T (1, C) @ D (C, V)
-            return addmm_(total, a, b, **kwargs)
+            return addmm(total, a, b, **kwargs)
 
-        monkeypatch.setattr(lm_head, "_mm", counted_mm)
-        monkeypatch.setattr(lm_head, "_addmm_", counted_addmm_)
+        monkeypatch.setattr(gemms, "mm_into", counted_mm)
+        monkeypatch.setattr(gemms, "addmm_into", counted_addmm)
 
 
 def _batch(dtype, *, off_policy, seed=0):
@@ -181,15 +183,12 @@ def test_a_long_completion_stays_on_the_fused_path(monkeypatch):
     item_ids = (torch.arange(240, device=DEVICE) // 10)[None]
     advantages = torch.randn(1, 24, dtype=torch.float64, device=DEVICE).gather(1, item_ids)
     budget = 25 * lm_head.bytes_per_token("torch", vocab, H, torch.float64, True)
-    logits_rows = []
-    mm = lm_head._mm
-    monkeypatch.setattr(lm_head, "_mm", lambda a, b, out: (b.shape[1] == vocab and logits_rows.append(a.shape[0]),
-                                                           mm(a, b, out))[1])
+    rows = GemmRows(monkeypatch, vocab)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         loss, _ = rank_grpo_loss(hidden, weight, targets, bias=bias, item_ids=item_ids, advantages=advantages,
                                  backend="torch", memory_budget_bytes=budget)
-    assert logits_rows == [20] * 12
+    assert rows.logits_calls == [20] * 12
     ref, _ = reference_loss(hidden, weight, targets, bias=bias, item_ids=item_ids, advantages=advantages)
     torch.testing.assert_close(loss, ref, **TOL[torch.float64])
     for got, want in zip(torch.autograd.grad(loss, (hidden, weight)), torch.autograd.grad(ref, (hidden, weight))):
