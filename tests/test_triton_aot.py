@@ -1,5 +1,6 @@
-"""Every Triton kernel (the row pass with and without a softcap, the gradient pass) compiles ahead of time for Hopper (sm_90a) and Ampere (sm_80) with its shipped settings,
-without a GPU: no spills, no local memory, and the row pass loads vectors where rows are aligned."""
+"""Every Triton kernel (the row pass with and without a softcap, the gradient pass, the segment loss) compiles ahead
+of time for Hopper (sm_90a) and Ampere (sm_80) with its shipped settings, without a GPU: no spills, no local memory,
+and the row and gradient passes load vectors where rows are aligned."""
 from __future__ import annotations
 
 import json

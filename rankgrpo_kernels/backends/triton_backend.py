@@ -1,6 +1,7 @@
-"""The Triton backend: the row and gradient passes (``kernels/row_pass.py``) and the segment loss (``kernels/segment_loss.py``) as
-Triton kernels around ``lm_head``'s vendor GEMMs. CUDA GPUs (sm_80+), or the CPU under ``TRITON_INTERPRET=1`` for
-tests. The kernels take plain tensors; this module adapts the shared contract to them.
+"""The Triton backend: the row and gradient passes (``kernels/row_pass.py``) and the segment loss
+(``kernels/segment_loss.py``) as Triton kernels around ``lm_head``'s vendor GEMMs. CUDA GPUs (sm_80+), or the CPU
+under ``TRITON_INTERPRET=1`` for tests. The kernels take plain tensors; this module adapts the shared contract to
+them.
 """
 
 from __future__ import annotations

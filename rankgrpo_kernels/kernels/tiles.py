@@ -7,7 +7,8 @@ entry per gradient dtype, ``RowPassConfig``: rows up to ``single_block`` = 16384
 by 32 warps (16 floats a thread, 41-63 registers: one 1024-thread program per SM), longer rows are walked 2048
 columns at a time by 8 warps (~55 registers: several programs per SM hide the latency of the loads). Hopper and
 Ampere share them today. With a softcap the slope S'(u) is held next to each probability, so rows are held whole up
-to 8192 columns (16 floats a thread again). Under ``TRITON_INTERPRET=1`` (CPU) wide blocks keep the numpy interpreter fast.
+to 8192 columns (16 floats a thread again). Under ``TRITON_INTERPRET=1`` (CPU) wide blocks keep the numpy
+interpreter fast.
 """
 
 from __future__ import annotations
