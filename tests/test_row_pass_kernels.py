@@ -16,10 +16,11 @@ import math
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
 
 from rankgrpo_kernels.backends import torch_backend  # noqa: E402
-from rankgrpo_kernels.kernels.row_pass import grad_pass, grad_view, row_pass  # noqa: E402
+from rankgrpo_kernels.kernels.row_pass import _tanh_and_slope, grad_pass, grad_view, row_pass  # noqa: E402
 from rankgrpo_kernels.kernels.tiles import RowPassConfig, interpreting, row_pass_config  # noqa: E402
 
 DEVICE = "cpu" if interpreting() else "cuda"
@@ -272,9 +273,9 @@ def test_masked_vocabulary_entries(path, softcap):
 @pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("softcap", [None, 4.0])
 def test_non_finite_logits_propagate(path, grad_dtype, softcap):
-    """A NaN or +inf logit makes its row's lse and logp non-finite (a NaN with a softcap: tanh(+inf) = 1, but its
-    S' = 0 times a NaN ... it is the NaN logit that must propagate), never a finite log-prob next to a non-finite
-    gradient; the other rows are untouched by it."""
+    """A NaN logit (and, without a softcap, a +inf one; a softcap maps +inf to the finite c / T) makes its row's
+    lse and logp non-finite, never a finite log-prob next to a non-finite gradient; the other rows are untouched by
+    it."""
     buf = _buffer()
     buf[0, 33] = float("nan")
     buf[5, 0] = float("nan")  # the target row 5 is out of range: z_y := 0, the NaN still reaches lse
@@ -349,6 +350,34 @@ def test_rejects_bad_inputs():
         grad_pass(buf[:, :V], None, targets, 1.0, rows, rows, rows, rows, None)
     with pytest.raises(ValueError, match="entropy"):
         grad_pass(buf[:, :V], None, targets, 1.0, rows, rows[:3], rows, rows, torch.float32)
+
+
+@triton.jit
+def _tanh_kernel(x_ptr, t_ptr, slope_ptr, N, BLOCK: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    t, slope = _tanh_and_slope(tl.load(x_ptr + cols, mask=cols < N, other=0.0))
+    tl.store(t_ptr + cols, t, mask=cols < N)
+    tl.store(slope_ptr + cols, slope, mask=cols < N)
+
+
+def test_tanh_and_slope_accuracy():
+    """The kernels' tanh and 1 - tanh^2 (no tanh in every Triton, none under the interpreter): within a few fp32
+    units in the last place of float64 over |x| from 1e-30 to 100 (the series / exp switch at 1/4 included; for the
+    slope, a few units of its own conditioning), exact limits at +-inf, NaN for NaN."""
+    mags = torch.cat([torch.logspace(-30, 2, 2000, dtype=torch.float64), torch.tensor([0.25, 0.2499999, 0.0])])
+    x64 = torch.cat([mags, -mags]).float().double()
+    x = torch.cat([x64.float(), torch.tensor([float("inf"), float("-inf"), float("nan")])]).to(DEVICE)
+    t, slope = torch.empty_like(x), torch.empty_like(x)
+    _tanh_kernel[(triton.cdiv(x.numel(), 1024),)](x, t, slope, x.numel(), BLOCK=1024)
+    n = x64.numel()
+    want_t, want_slope = torch.tanh(x64), 1 / torch.cosh(x64) ** 2
+    eps = torch.finfo(torch.float32).eps
+    assert bool(((t[:n].double().cpu() - want_t).abs() <= 4 * eps * want_t.abs()).all())
+    # 1 - tanh(x)^2 ~ 4 exp(-2|x|) has condition number 2|x|: the rounding of x alone moves it by |x| eps relative
+    bound = 4 * eps * (1 + 2 * x64.abs()) * want_slope + 1e-36  # and it underflows past |x| ~ 44
+    assert bool(((slope[:n].double().cpu() - want_slope).abs() <= bound).all())
+    assert t[n:].tolist()[:2] == [1.0, -1.0] and slope[n:].tolist()[:2] == [0.0, 0.0]
+    assert math.isnan(t[-1].item()) and math.isnan(slope[-1].item())
 
 
 # --- the gradient pass ---------------------------------------------------------------------------------------------
