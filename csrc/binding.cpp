@@ -3,6 +3,7 @@
 // (torch.cuda.current_stream().cuda_stream), so this file needs neither CUDA nor ATen CUDA headers.
 #include <torch/extension.h>
 
+#include <cmath>
 #include <optional>
 #include <utility>
 
@@ -82,14 +83,38 @@ std::pair<uintptr_t, uintptr_t> byte_span(const Tensor& t, int64_t row_stride) {
   return {first, first + static_cast<uintptr_t>(elements * static_cast<int64_t>(t.element_size()))};
 }
 
-// Row pass over logits (C, V) fp32 with unit column stride and row stride S >= V (the GEMM output, possibly columns
-// of a wider buffer). bias (V,) fp32/bf16/fp16 or None; targets (C,) int64 or int32; row_mask (C,) bool or None;
-// lse_in (C,) fp32 or None (then lse is not written: pass lse_in itself); logp, lse, entropy (C,) fp32;
-// grad_out None or (C, V) fp32/bf16/fp16 with unit column stride: the in-place view of the logits' bytes (row r
-// where logits row r starts: row stride 4 S / itemsize) or a buffer that does not overlap them.
-void row_pass(const Tensor& logits, const OptTensor& bias, const Tensor& targets, const OptTensor& row_mask,
-              double inv_temperature, const OptTensor& lse_in, const Tensor& logp, const Tensor& lse,
-              const OptTensor& entropy, const OptTensor& grad_out, int64_t stream) {
+// The grad view of a (C, V) pass: grad_out None or (C, V) fp32/bf16/fp16 with unit column stride, the in-place view
+// of the logits' bytes (row r where logits row r starts: row stride 4 S / itemsize) or a buffer that does not
+// overlap them.
+struct GradOut {
+  void* data = nullptr;
+  int64_t row_stride = 0;
+  at::ScalarType dtype = at::kFloat;
+};
+
+GradOut check_grad_out(const Tensor& logits, int64_t row_stride, const OptTensor& grad_out) {
+  GradOut out;
+  if (!grad_out.has_value()) return out;
+  const Tensor& g = *grad_out;
+  const int64_t rows = logits.size(0), cols = logits.size(1);
+  out.dtype = g.scalar_type();
+  TORCH_CHECK(g.is_cuda() && g.sizes() == logits.sizes(), "grad_out must be a CUDA tensor shaped like logits");
+  TORCH_CHECK(cols == 1 || g.stride(1) == 1, "grad_out must have unit column stride");
+  out.row_stride = rows > 1 ? g.stride(0) : 0;
+  TORCH_CHECK(rows <= 1 || out.row_stride >= cols, "grad_out row stride must be at least V");
+  const auto [lo, hi] = byte_span(logits, row_stride);
+  const auto [g_lo, g_hi] = byte_span(g, out.row_stride);
+  const bool in_place = g_lo == lo && out.row_stride * g.element_size() == row_stride * 4;
+  TORCH_CHECK(in_place || g_hi <= lo || hi <= g_lo,
+              "grad_out must be the in-place view of the logits (row r where logits row r starts) or not overlap them");
+  out.data = g.data_ptr();
+  return out;
+}
+
+// Checks logits (C, V) fp32 with unit column stride and row stride S >= V (the GEMM output, possibly columns of a
+// wider buffer), targets (C,) int64 or int32, bias (V,) or None and the transform; returns the row stride.
+int64_t check_logits(const Tensor& logits, const Tensor& targets, const OptTensor& bias, double logit_scale,
+                     const std::optional<double>& softcap) {
   TORCH_CHECK(logits.is_cuda() && logits.dim() == 2 && logits.scalar_type() == at::kFloat,
               "logits must be a (C, V) float32 CUDA tensor");
   const int64_t rows = logits.size(0), cols = logits.size(1);
@@ -98,47 +123,60 @@ void row_pass(const Tensor& logits, const OptTensor& bias, const Tensor& targets
   const int64_t row_stride = rows > 1 ? logits.stride(0) : 0;  // unused with a single row
   TORCH_CHECK(rows <= 1 || row_stride >= cols, "logits row stride must be at least V");
   check_tensor(targets, "targets", targets.scalar_type() == at::kInt ? at::kInt : at::kLong);
-  TORCH_CHECK(targets.numel() == rows && logp.numel() == rows && lse.numel() == rows,
-              "targets, logp and lse must have one entry per logits row");
-  TORCH_CHECK(!row_mask.has_value() || row_mask->numel() == rows, "row_mask must have one entry per row");
+  TORCH_CHECK(targets.numel() == rows, "targets must have one entry per logits row");
+  TORCH_CHECK(!bias.has_value() || bias->numel() == cols, "bias must have one entry per logits column");
+  TORCH_CHECK(std::isfinite(logit_scale), "logit_scale must be finite");
+  TORCH_CHECK(!softcap.has_value() || (std::isfinite(*softcap) && *softcap > 0), "softcap must be > 0 or None");
+  return row_stride;
+}
+
+// Row pass (row_pass.cu). bias (V,) fp32/bf16/fp16 or None; lse_in (C,) fp32 or None (then lse is not written: pass
+// lse_in itself); logp, lse, entropy (C,) fp32; softcap None or > 0; grad_out as in check_grad_out.
+void row_pass(const Tensor& logits, const OptTensor& bias, const Tensor& targets, double inv_temperature,
+              double logit_scale, std::optional<double> softcap, const OptTensor& lse_in, const Tensor& logp,
+              const Tensor& lse, const OptTensor& entropy, const OptTensor& grad_out, int64_t stream) {
+  const int64_t row_stride = check_logits(logits, targets, bias, logit_scale, softcap);
+  const int64_t rows = logits.size(0), cols = logits.size(1);
+  TORCH_CHECK(logp.numel() == rows && lse.numel() == rows, "logp and lse must have one entry per logits row");
   TORCH_CHECK(!lse_in.has_value() || lse_in->numel() == rows, "lse_in must have one entry per row");
   TORCH_CHECK(!entropy.has_value() || entropy->numel() == rows, "entropy must have one entry per row");
-  TORCH_CHECK(!bias.has_value() || bias->numel() == cols, "bias must have one entry per logits column");
   const auto bias_dtype = bias.has_value() ? bias->scalar_type() : at::kFloat;
-  void* grad = nullptr;
-  int64_t grad_row_stride = 0;
-  auto grad_dtype = at::kFloat;
-  if (grad_out.has_value()) {
-    const Tensor& g = *grad_out;
-    grad_dtype = g.scalar_type();
-    TORCH_CHECK(g.is_cuda() && g.sizes() == logits.sizes(), "grad_out must be a CUDA tensor shaped like logits");
-    TORCH_CHECK(cols == 1 || g.stride(1) == 1, "grad_out must have unit column stride");
-    grad_row_stride = rows > 1 ? g.stride(0) : 0;
-    TORCH_CHECK(rows <= 1 || grad_row_stride >= cols, "grad_out row stride must be at least V");
-    const auto [lo, hi] = byte_span(logits, row_stride);
-    const auto [g_lo, g_hi] = byte_span(g, grad_row_stride);
-    const bool in_place = g_lo == lo && grad_row_stride * g.element_size() == row_stride * 4;
-    TORCH_CHECK(in_place || g_hi <= lo || hi <= g_lo,
-                "grad_out must be the in-place view of the logits (row r where logits row r starts) or not overlap "
-                "them");
-    grad = g.data_ptr();
-  }
+  const GradOut grad = check_grad_out(logits, row_stride, grad_out);
   check_launch(rankgrpo::row_pass(
                    logits.data_ptr<float>(), rows, cols, row_stride,
                    data_or_null<const void>(bias, "bias", bias_dtype), operand_dtype(bias_dtype),
-                   targets.data_ptr(), targets.scalar_type() == at::kInt,
-                   data_or_null<const bool>(row_mask, "row_mask", at::kBool), static_cast<float>(inv_temperature),
-                   data_or_null<const float>(lse_in, "lse_in", at::kFloat), f32(logp, "logp"),
+                   targets.data_ptr(), targets.scalar_type() == at::kInt, inv_temperature, logit_scale,
+                   softcap.value_or(0.0), data_or_null<const float>(lse_in, "lse_in", at::kFloat), f32(logp, "logp"),
                    lse_in.has_value() ? nullptr : f32(lse, "lse"),
-                   data_or_null<float>(entropy, "entropy", at::kFloat), grad, operand_dtype(grad_dtype),
-                   grad_row_stride, as_stream(stream)),
+                   data_or_null<float>(entropy, "entropy", at::kFloat), grad.data, operand_dtype(grad.dtype),
+                   grad.row_stride, as_stream(stream)),
                "row_pass");
+}
+
+// Gradient pass (row_pass.cu) over logits as the row pass takes them: lse, entropy, g, e (C,) fp32; grad_out (C, V)
+// as in check_grad_out.
+void grad_pass(const Tensor& logits, const OptTensor& bias, const Tensor& targets, double inv_temperature,
+               double logit_scale, std::optional<double> softcap, const Tensor& lse, const Tensor& entropy,
+               const Tensor& g, const Tensor& e, const Tensor& grad_out, int64_t stream) {
+  const int64_t row_stride = check_logits(logits, targets, bias, logit_scale, softcap);
+  const int64_t rows = logits.size(0), cols = logits.size(1);
+  for (const Tensor* t : {&lse, &entropy, &g, &e}) TORCH_CHECK(t->numel() == rows, "lse, entropy, g, e: (C,) each");
+  const auto bias_dtype = bias.has_value() ? bias->scalar_type() : at::kFloat;
+  const GradOut grad = check_grad_out(logits, row_stride, grad_out);
+  check_launch(rankgrpo::grad_pass(
+                   logits.data_ptr<float>(), rows, cols, row_stride,
+                   data_or_null<const void>(bias, "bias", bias_dtype), operand_dtype(bias_dtype),
+                   targets.data_ptr(), targets.scalar_type() == at::kInt, inv_temperature, logit_scale,
+                   softcap.value_or(0.0), f32(lse, "lse"), f32(entropy, "entropy"), f32(g, "g"), f32(e, "e"),
+                   grad.data, operand_dtype(grad.dtype), grad.row_stride, as_stream(stream)),
+               "grad_pass");
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "rankgrpo_kernels CUDA kernels (csrc/): the row pass and the segment loss";
+  m.doc() = "rankgrpo_kernels CUDA kernels (csrc/): the row and gradient passes and the segment loss";
   m.def("segment_loss", &segment_loss);
   m.def("row_pass", &row_pass);
+  m.def("grad_pass", &grad_pass);
 }

@@ -27,15 +27,24 @@ int segment_loss(const float* logps, const float* old_logps, const float* ref_lo
                  cudaStream_t stream);
 
 // Row pass over a chunk of fp32 logits (rows x cols, row stride row_stride >= cols elements; see row_pass.cu):
-// z = (logits + bias) * inv_temperature; logp = z_y - lse, lse = logsumexp(z) (or lse_in when given: then lse is
-// not written and may be null), entropy = -sum p (z - lse) with p = exp(z - lse) (null: not formed), and, when grad
-// is given, D = onehot(y) - p in grad_dtype at grad (row stride grad_row_stride elements): in place over the logits
+// z = S(logit_scale (logits + bias)) * inv_temperature with S(u) = softcap tanh(u / softcap) when softcap > 0 (else
+// S(u) = u: pass 0 for none); logp = z_y - lse, lse = logsumexp(z) (or lse_in when given: then lse is not written
+// and may be null), entropy = -sum p (z - lse) with p = exp(z - lse) (null: not formed), and, when grad is given,
+// D = (onehot(y) - p) S'(u) in grad_dtype at grad (row stride grad_row_stride elements): in place over the logits
 // (grad == logits, grad_row_stride = 4 row_stride / itemsize) or into a buffer that does not overlap them.
 // targets (rows,) int64, or int32 when targets_int32; a target outside [0, cols) has z_y = 0 and no one-hot term.
-// Rows with row_mask false (null: all rows) are not read: zeros out. bias may be null (bias_dtype then ignored).
+// bias may be null (bias_dtype then ignored).
 int row_pass(const float* logits, int64_t rows, int64_t cols, int64_t row_stride, const void* bias, DType bias_dtype,
-             const void* targets, bool targets_int32, const bool* row_mask, float inv_temperature,
+             const void* targets, bool targets_int32, double inv_temperature, double logit_scale, double softcap,
              const float* lse_in, float* logp, float* lse, float* entropy, void* grad, DType grad_dtype,
              int64_t grad_row_stride, cudaStream_t stream);
+
+// Gradient pass over the same logits (untouched since a statistics-only row pass), with per-row lse, entropy H,
+// g = dL/dlogp and e = dL/dH (rows,) fp32, none null: D' = [g (onehot(y) - p) - e p (z - lse + H)] S'(u) at grad,
+// as the row pass writes D (in place, or into a buffer that does not overlap the logits).
+int grad_pass(const float* logits, int64_t rows, int64_t cols, int64_t row_stride, const void* bias, DType bias_dtype,
+              const void* targets, bool targets_int32, double inv_temperature, double logit_scale, double softcap,
+              const float* lse, const float* entropy, const float* g, const float* e, void* grad, DType grad_dtype,
+              int64_t grad_row_stride, cudaStream_t stream);
 
 }  // namespace rankgrpo

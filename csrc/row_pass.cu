@@ -1,23 +1,30 @@
-// Row pass: one fused pass over a chunk of fp32 logits z = h_c W^T (cuBLAS output, row stride S >= V) giving, per
-// row r (a token with target y, bias b, temperature T), in fp32:
+// Row pass and gradient pass over a chunk of fp32 logits acc = h_c W^T (cuBLAS output, row stride S >= V) giving,
+// per row r (a token with target y, bias b, logit scale s, softcap c, temperature T), in fp32:
 //
-//   z       = (logits[r] + b) / T
+//   u       = s (logits[r] + b)
+//   z       = S(u) / T,  S(u) = c tanh(u / c) with a softcap, else u     (scale, softcap, temperature: TRL's order)
 //   lse     = log sum_v exp(z_v)                     or lse_in[r] (a recomputed or vocabulary-sharded forward's)
 //   logp    = z_y - lse                              z_y := 0 when y is outside [0, V) (another shard, padding)
 //   entropy = -sum_v p_v (z_v - lse), p = exp(z - lse)      (= lse - sum_v softmax(z)_v z_v; with a shard's
 //                                                            lse_in, that shard's term of the global entropy)
-//   D       = onehot(y) - p                          written over the logits in the grad dtype (not scaled by g/T)
+//   D       = (onehot(y) - p) S'(u)                  written over the logits in the grad dtype (not scaled by
+//                                                    g s / T); S'(u) = 1 - tanh(u / c)^2, or 1 without a softcap
 //
-// Rows with row_mask false are not read: logp = lse = entropy = 0 and a zero row of D. A NaN or +inf logit makes
-// the row's lse, logp and D NaN (or inf). Mirrors rankgrpo_kernels/kernels/row_pass.py.
+// The gradient pass (given lse, entropy H, g = dL/dlogp and e = dL/dH per row) is the write pass of the streaming
+// kernel with D' = [g (onehot(y) - p) - e p (z - lse + H)] S'(u) (the caller scales rows by s / T); the row pass's
+// write is its case g = 1, e = 0. Without a softcap z = (logits + b) (s / T): one multiply, as with s = 1 before.
+// tanhf gives S, and S' = 4 q / (1 + q)^2 with q = exp(-2 |u / c|) (no cancellation of 1 - tanh^2 near |tanh| = 1).
+// A NaN or +inf logit makes the row's lse, logp and D NaN (or inf). Mirrors rankgrpo_kernels/kernels/row_pass.py.
 //
 // One block per row; every sum runs in a fixed order (thread-strided partials, warp butterflies, warps in order
 // through shared memory): deterministic, no atomics. Bytes moved per logit (g = grad itemsize, 0 without D; the
 // bias, shared by all rows, stays in L2):
 //
-//   cached kernel (V <= kCachedColumns, 16-byte aligned rows, no lse_in): 4 + g, the row is held in registers
-//   streaming kernel, no lse_in: 4 + 4 + g (online max / sum / entropy, then the write); 4 without D
-//   streaming kernel, lse_in given: 4 + g (the write pass; 4 with only the entropy, 0 with neither)
+//   cached kernel (V <= kCachedColumns, 8192 with a softcap: S' is held too; 16-byte aligned rows, no lse_in):
+//                                    4 + g, the row is held in registers
+//   streaming kernel, no lse_in:     4 + 4 + g (online max / sum / entropy, then the write); 4 without D
+//   streaming kernel, lse_in given:  4 + g (the write pass; 4 with only the entropy, 0 with neither)
+//   gradient pass:                   4 + g (the streaming kernel's write pass)
 //
 // In place without races: D's row r starts at logits' row r (grad row stride 4 S / g elements), so the store of
 // column c lands in fp32 column floor(c g / 4) <= c. Each block walks its row in tiles of increasing columns and
@@ -26,9 +33,11 @@
 // loaded before the first barrier. logits and grad alias, so neither is __restrict__.
 //
 // Equivalent PyTorch:
-//   z = (logits.double() + bias) / T;  lse = z.logsumexp(-1);  p = (z - lse[:, None]).exp()
+//   u = s * (logits.double() + bias);  t = torch.tanh(u / c);  z = c * t / T  (or u / T);  slope = 1 - t ** 2 (or 1)
+//   lse = z.logsumexp(-1);  p = (z - lse[:, None]).exp()
 //   logp = z.gather(-1, y[:, None])[:, 0] - lse;  entropy = -(p * (z - lse[:, None])).sum(-1)
-//   D = F.one_hot(y, V) - p
+//   D = (F.one_hot(y, V) - p) * slope
+//   D_ = (g[:, None] * (F.one_hot(y, V) - p) - e[:, None] * p * (z - lse[:, None] + H[:, None])) * slope
 #include <math_constants.h>
 
 #include "common.cuh"
@@ -41,7 +50,7 @@ constexpr int kStreamThreads = 256;
 constexpr int kStreamUnroll = 4;  // vectors per thread per tile: loads in flight between barriers
 constexpr int kCachedThreads = 1024;
 constexpr int kCachedItems = 4;  // float4 per thread held in registers (<= 64 registers at 1024 threads)
-constexpr int64_t kCachedColumns = int64_t{kCachedThreads} * kCachedItems * 4;  // 16384
+constexpr int64_t kCachedColumns = int64_t{kCachedThreads} * kCachedItems * 4;  // 16384 (8192 with a softcap)
 
 struct Args {
   const float* logits;  // aliases grad: not __restrict__
@@ -49,12 +58,16 @@ struct Args {
   const void* bias;  // null: none
   const void* targets;
   bool targets_int32;
-  const bool* row_mask;  // null: every row
-  float inv_temperature;
-  const float* lse_in;  // null: reduce
-  float* logp;
+  float in_scale;   // x = (logits + bias) in_scale: s / T without a softcap, s / c with one
+  float out_scale;  // z = tanh(x) out_scale with a softcap (c / T)
+  bool softcap;
+  const float* lse_in;  // null: reduce (the gradient pass's lse)
+  float* logp;  // null: not written (the gradient pass)
   float* lse;
   float* entropy;  // null: not wanted
+  const float* g;  // the gradient pass's per-row g = dL/dlogp, e = dL/dH and H; null: the row pass
+  const float* e;
+  const float* h;
   void* grad;  // null: no D
   int64_t grad_row_stride;
 };
@@ -64,18 +77,49 @@ struct alignas(sizeof(T) * kVec) Pack {
   T v[kVec];
 };
 
-// z = (logits[c .. c + kVec) + bias) * inv_temperature; c is a multiple of kVec.
+// x = (logits[c .. c + kVec) + bias) * in_scale; c is a multiple of kVec.
 template <typename BiasT, int kVec>
-__device__ __forceinline__ void load_scaled(const Args& a, const float* row, int64_t c, float (&z)[kVec]) {
-  const Pack<float, kVec> x = *reinterpret_cast<const Pack<float, kVec>*>(row + c);
+__device__ __forceinline__ void load_scaled(const Args& a, const float* row, int64_t c, float (&x)[kVec]) {
+  const Pack<float, kVec> v = *reinterpret_cast<const Pack<float, kVec>*>(row + c);
   if (a.bias != nullptr) {
     const Pack<BiasT, kVec> b = *reinterpret_cast<const Pack<BiasT, kVec>*>(static_cast<const BiasT*>(a.bias) + c);
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) z[j] = (x.v[j] + to_float(b.v[j])) * a.inv_temperature;
+    for (int j = 0; j < kVec; ++j) x[j] = (v.v[j] + to_float(b.v[j])) * a.in_scale;
   } else {
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) z[j] = x.v[j] * a.inv_temperature;
+    for (int j = 0; j < kVec; ++j) x[j] = v.v[j] * a.in_scale;
   }
+}
+
+// z from x, and S'(u) in slope: tanh(x) out_scale and 4 q / (1 + q)^2 (q = exp(-2 |x|)) with a softcap, else x and 1.
+template <bool kSoftcap>
+__device__ __forceinline__ float transform(float x, float out_scale, float& slope) {
+  if constexpr (kSoftcap) {
+    const float q = expf(-2.0f * fabsf(x));
+    slope = 4.0f * q / ((1.0f + q) * (1.0f + q));
+    return tanhf(x) * out_scale;
+  } else {
+    slope = 1.0f;
+    return x;
+  }
+}
+
+__device__ __forceinline__ float transform(const Args& a, float x, float& slope) {
+  return a.softcap ? transform<true>(x, a.out_scale, slope) : transform<false>(x, a.out_scale, slope);
+}
+
+// The gradient pass's g, e, H of a row; the row pass is g = 1, e = 0 (pass false).
+struct RowGrad {
+  bool pass;
+  float g, e, h;
+};
+
+// One logit's gradient: D = onehot - p (row pass), D' = g (onehot - p) - e p (log p + H) (gradient pass; a -inf
+// logit has p = 0 and adds nothing), times S'(u) (1 without a softcap: exact).
+__device__ __forceinline__ float gradient(const RowGrad& r, bool hot, float p, float log_p, float slope) {
+  float d = (hot ? 1.0f : 0.0f) - p;
+  if (r.pass) d = r.g * d - r.e * (log_p != kNegInf ? p * (log_p + r.h) : 0.0f);
+  return d * slope;
 }
 
 template <typename GradT, int kVec>
@@ -145,66 +189,53 @@ __device__ __forceinline__ float block_max(float x, float* shared) {
 }
 
 struct RowStart {
-  bool active;
-  int64_t y;  // -1 when outside [0, V) or the row is inactive
+  int64_t y;  // -1 when outside [0, V)
   float z_y;  // 0 then
 };
 
-// Every thread reads the row's mask, target and (before any barrier) target logit.
+// Every thread reads the row's target and (before any barrier; only when logp is written) target logit.
 template <typename BiasT>
 __device__ __forceinline__ RowStart row_start(const Args& a, int64_t row, const float* logits_row) {
   RowStart r;
-  r.active = a.row_mask == nullptr || a.row_mask[row];
   const int64_t y = a.targets_int32 ? static_cast<const int32_t*>(a.targets)[row]
                                     : static_cast<const int64_t*>(a.targets)[row];
-  const bool hit = r.active && y >= 0 && y < a.cols;
+  const bool hit = y >= 0 && y < a.cols;
   r.y = hit ? y : -1;
   r.z_y = 0.0f;
-  if (hit) {
+  if (hit && a.logp != nullptr) {
     const float b = a.bias != nullptr ? to_float(static_cast<const BiasT*>(a.bias)[y]) : 0.0f;
-    r.z_y = (logits_row[y] + b) * a.inv_temperature;
+    float slope;
+    r.z_y = transform(a, (logits_row[y] + b) * a.in_scale, slope);
   }
   return r;
 }
 
-// Zeros for an inactive row: its D row (no read) and its outputs.
-template <typename GradT, int kThreads>
-__device__ void finish_inactive(const Args& a, int64_t row) {
-  if (a.grad != nullptr) {
-    GradT* g = static_cast<GradT*>(a.grad) + row * a.grad_row_stride;
-    for (int64_t c = threadIdx.x; c < a.cols; c += kThreads) g[c] = from_float<GradT>(0.0f);
-  }
-  if (threadIdx.x == 0) {
-    a.logp[row] = 0.0f;
-    if (a.lse_in == nullptr) a.lse[row] = 0.0f;
-    if (a.entropy != nullptr) a.entropy[row] = 0.0f;
-  }
-}
-
 __device__ __forceinline__ void write_outputs(const Args& a, int64_t row, float z_y, float lse, float entropy) {
+  if (a.logp == nullptr) return;  // the gradient pass
   a.logp[row] = z_y - lse;
   if (a.lse_in == nullptr) a.lse[row] = lse;
   if (a.entropy != nullptr) a.entropy[row] = entropy;
 }
 
-// One tile of the streaming walk: kStreamUnroll vectors of kVec scaled logits a thread, -inf past the last vector.
+// One tile of the streaming walk: kStreamUnroll vectors of kVec scaled logits x a thread (bias added, times
+// in_scale; not yet transformed), 0 past the last vector (the callers make those -inf).
 template <typename BiasT, int kVec>
 __device__ __forceinline__ void load_tile(const Args& a, const float* row, int64_t base, int64_t vectors,
-                                          float (&z)[kStreamUnroll][kVec]) {
+                                          float (&x)[kStreamUnroll][kVec]) {
 #pragma unroll
   for (int k = 0; k < kStreamUnroll; ++k) {
     const int64_t i = base + k * kStreamThreads + threadIdx.x;
     if (i < vectors) {
-      load_scaled<BiasT, kVec>(a, row, i * kVec, z[k]);
+      load_scaled<BiasT, kVec>(a, row, i * kVec, x[k]);
     } else {
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) z[k][j] = kNegInf;
+      for (int j = 0; j < kVec; ++j) x[k][j] = 0.0f;
     }
   }
 }
 
 // Rows of any width: kVec-wide loads (4 when rows, bias and grad are 16-byte aligned), tiles of
-// kStreamThreads * kStreamUnroll vectors, a scalar tail of V % kVec columns.
+// kStreamThreads * kStreamUnroll vectors, a scalar tail of V % kVec columns. Also the gradient pass (a.g given).
 template <typename GradT, typename BiasT, int kVec>
 __global__ void __launch_bounds__(kStreamThreads) row_pass_stream_kernel(Args a) {
   __shared__ Online merged[kStreamThreads / kWarpSize];
@@ -212,29 +243,27 @@ __global__ void __launch_bounds__(kStreamThreads) row_pass_stream_kernel(Args a)
   const int64_t row = blockIdx.x;
   const float* logits_row = a.logits + row * a.row_stride;
   const RowStart start = row_start<BiasT>(a, row, logits_row);
-  if (!start.active) {  // uniform over the block
-    finish_inactive<GradT, kStreamThreads>(a, row);
-    return;
-  }
   const int64_t vectors = a.cols / kVec, tail = vectors * kVec;
   constexpr int64_t kTile = int64_t{kStreamThreads} * kStreamUnroll;
   const int t = threadIdx.x;
   float lse, entropy = 0.0f;
+  float slope = 1.0f;  // S'(u) of the logit at hand (kept from the last one past the row's end: not stored)
   if (a.lse_in == nullptr) {  // pass 1: online statistics
     Online o{kNegInf, 0.0f, 0.0f};
     for (int64_t base = 0; base < vectors; base += kTile) {
-      float z[kStreamUnroll][kVec];
-      load_tile<BiasT, kVec>(a, logits_row, base, vectors, z);
+      float x[kStreamUnroll][kVec];
+      load_tile<BiasT, kVec>(a, logits_row, base, vectors, x);
 #pragma unroll
       for (int k = 0; k < kStreamUnroll; ++k) {
+        const bool valid = base + k * kStreamThreads + t < vectors;
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) online_add(o, z[k][j]);
+        for (int j = 0; j < kVec; ++j) online_add(o, valid ? transform(a, x[k][j], slope) : kNegInf);
       }
     }
     if (tail + t < a.cols) {
-      float z[1];
-      load_scaled<BiasT, 1>(a, logits_row, tail + t, z);
-      online_add(o, z[0]);
+      float x[1];
+      load_scaled<BiasT, 1>(a, logits_row, tail + t, x);
+      online_add(o, transform(a, x[0], slope));
     }
     const Online total = block_merge<kStreamThreads>(o, merged);
     const float log_s = logf(total.s);
@@ -244,20 +273,24 @@ __global__ void __launch_bounds__(kStreamThreads) row_pass_stream_kernel(Args a)
     lse = a.lse_in[row];
   }
   const bool want_sum = a.lse_in != nullptr && a.entropy != nullptr;
-  if (a.grad != nullptr || want_sum) {  // pass 2: p = exp(z - lse), D over the logits
+  if (a.grad != nullptr || want_sum) {  // pass 2, the write pass: p = exp(z - lse), D over the logits
+    const RowGrad r = a.g != nullptr ? RowGrad{true, a.g[row], a.e[row], a.h[row]} : RowGrad{false, 1.0f, 0.0f, 0.0f};
     GradT* grad_row = a.grad != nullptr ? static_cast<GradT*>(a.grad) + row * a.grad_row_stride : nullptr;
     float neg_plogp = 0.0f;
     for (int64_t base = 0; base < vectors; base += kTile) {
-      float z[kStreamUnroll][kVec];
-      load_tile<BiasT, kVec>(a, logits_row, base, vectors, z);
+      float x[kStreamUnroll][kVec];
+      load_tile<BiasT, kVec>(a, logits_row, base, vectors, x);
 #pragma unroll
       for (int k = 0; k < kStreamUnroll; ++k) {
         const int64_t c0 = (base + k * kStreamThreads + t) * kVec;
+        const bool valid = c0 < tail;
 #pragma unroll
         for (int j = 0; j < kVec; ++j) {
-          const float p = expf(z[k][j] - lse);
-          if (want_sum && z[k][j] != kNegInf) neg_plogp -= p * (z[k][j] - lse);
-          z[k][j] = (c0 + j == start.y ? 1.0f : 0.0f) - p;
+          const float z = valid ? transform(a, x[k][j], slope) : kNegInf;
+          const float log_p = z - lse;
+          const float p = expf(log_p);
+          if (want_sum && z != kNegInf) neg_plogp -= p * log_p;
+          x[k][j] = gradient(r, c0 + j == start.y, p, log_p, slope);
         }
       }
       if (a.grad != nullptr) {
@@ -265,16 +298,18 @@ __global__ void __launch_bounds__(kStreamThreads) row_pass_stream_kernel(Args a)
 #pragma unroll
         for (int k = 0; k < kStreamUnroll; ++k) {
           const int64_t i = base + k * kStreamThreads + t;
-          if (i < vectors) store_grad<GradT, kVec>(grad_row, i * kVec, z[k]);
+          if (i < vectors) store_grad<GradT, kVec>(grad_row, i * kVec, x[k]);
         }
       }
     }
-    float z[1] = {kNegInf};
     const int64_t c = tail + t;
-    if (c < a.cols) load_scaled<BiasT, 1>(a, logits_row, c, z);
-    const float p = expf(z[0] - lse);
-    if (want_sum && z[0] != kNegInf) neg_plogp -= p * (z[0] - lse);
-    const float d[1] = {(c == start.y ? 1.0f : 0.0f) - p};
+    float x[1] = {0.0f};
+    if (c < a.cols) load_scaled<BiasT, 1>(a, logits_row, c, x);
+    const float z = c < a.cols ? transform(a, x[0], slope) : kNegInf;
+    const float log_p = z - lse;
+    const float p = expf(log_p);
+    if (want_sum && z != kNegInf) neg_plogp -= p * log_p;
+    const float d[1] = {gradient(r, c == start.y, p, log_p, slope)};
     if (a.grad != nullptr) {
       __syncthreads();
       if (c < a.cols) store_grad<GradT, 1>(grad_row, c, d);
@@ -284,37 +319,40 @@ __global__ void __launch_bounds__(kStreamThreads) row_pass_stream_kernel(Args a)
   if (t == 0) write_outputs(a, row, start.z_y, lse, entropy);
 }
 
-// Rows of up to kCachedColumns columns, 16-byte aligned, no lse_in: each thread holds kCachedItems float4 (and one
-// tail column) in registers; max, then sum exp(z - max) and sum exp(z - max)(z - max), then D: one read.
-template <typename GradT, typename BiasT>
+// Rows of up to kItems * 4 * kCachedThreads columns (16384; 8192 with a softcap, whose S' is held next to p),
+// 16-byte aligned, no lse_in: each thread holds kItems float4 (and one tail column) in registers; max, then
+// sum exp(z - max) and sum exp(z - max)(z - max), then D: one read.
+template <typename GradT, typename BiasT, bool kSoftcap>
 __global__ void __launch_bounds__(kCachedThreads) row_pass_cached_kernel(Args a) {
+  constexpr int kItems = kSoftcap ? kCachedItems / 2 : kCachedItems;
   __shared__ float maxima[kCachedThreads / kWarpSize];
   __shared__ float sums[kCachedThreads / kWarpSize];
   const int64_t row = blockIdx.x;
   const float* logits_row = a.logits + row * a.row_stride;
   const RowStart start = row_start<BiasT>(a, row, logits_row);
-  if (!start.active) {
-    finish_inactive<GradT, kCachedThreads>(a, row);
-    return;
-  }
   const int t = threadIdx.x;
   const int64_t vectors = a.cols / 4, tail_col = vectors * 4 + t;
-  float z[kCachedItems][4];
-  float zt[1] = {kNegInf};
+  float z[kItems][4], slope[kItems][4];  // slope: S'(u), held only with a softcap (1 otherwise: optimised away)
+  float zt[1] = {kNegInf}, slope_t = 1.0f;
 #pragma unroll
-  for (int k = 0; k < kCachedItems; ++k) {
+  for (int k = 0; k < kItems; ++k) {
     const int64_t i = int64_t{k} * kCachedThreads + t;
     if (i < vectors) {
       load_scaled<BiasT, 4>(a, logits_row, i * 4, z[k]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) z[k][j] = transform<kSoftcap>(z[k][j], a.out_scale, slope[k][j]);
     } else {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) z[k][j] = kNegInf;
+      for (int j = 0; j < 4; ++j) z[k][j] = kNegInf, slope[k][j] = 1.0f;
     }
   }
-  if (tail_col < a.cols) load_scaled<BiasT, 1>(a, logits_row, tail_col, zt);
+  if (tail_col < a.cols) {
+    load_scaled<BiasT, 1>(a, logits_row, tail_col, zt);
+    zt[0] = transform<kSoftcap>(zt[0], a.out_scale, slope_t);
+  }
   float m = zt[0];
 #pragma unroll
-  for (int k = 0; k < kCachedItems; ++k) {
+  for (int k = 0; k < kItems; ++k) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) m = fmaxf(m, z[k][j]);
   }
@@ -322,7 +360,7 @@ __global__ void __launch_bounds__(kCachedThreads) row_pass_cached_kernel(Args a)
   const float base = top == kNegInf ? 0.0f : top;
   float s = 0.0f, w = 0.0f;
 #pragma unroll
-  for (int k = 0; k < kCachedItems; ++k) {
+  for (int k = 0; k < kItems; ++k) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const float p = expf(z[k][j] - base);
@@ -343,16 +381,17 @@ __global__ void __launch_bounds__(kCachedThreads) row_pass_cached_kernel(Args a)
   if (a.grad != nullptr) {
     GradT* grad_row = static_cast<GradT*>(a.grad) + row * a.grad_row_stride;
     const float inv_s = 1.0f / total_s;
+    const RowGrad r{false, 1.0f, 0.0f, 0.0f};
     __syncthreads();  // implied by the block sums above (they follow every load); kept for the in-place argument
 #pragma unroll
-    for (int k = 0; k < kCachedItems; ++k) {
+    for (int k = 0; k < kItems; ++k) {
       const int64_t i = int64_t{k} * kCachedThreads + t;
       float d[4];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) d[j] = (i * 4 + j == start.y ? 1.0f : 0.0f) - z[k][j] * inv_s;
+      for (int j = 0; j < 4; ++j) d[j] = gradient(r, i * 4 + j == start.y, z[k][j] * inv_s, 0.0f, slope[k][j]);
       if (i < vectors) store_grad<GradT, 4>(grad_row, i * 4, d);
     }
-    const float d[1] = {(tail_col == start.y ? 1.0f : 0.0f) - zt[0] * inv_s};
+    const float d[1] = {gradient(r, tail_col == start.y, zt[0] * inv_s, 0.0f, slope_t)};
     if (tail_col < a.cols) store_grad<GradT, 1>(grad_row, tail_col, d);
   }
   if (t == 0) write_outputs(a, row, start.z_y, top + log_s, log_s - total_w / total_s);
@@ -360,28 +399,32 @@ __global__ void __launch_bounds__(kCachedThreads) row_pass_cached_kernel(Args a)
 
 bool aligned(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
-}  // namespace
+// (in_scale, out_scale, softcap?) of the transform (see Args).
+void scales(Args& a, double inv_temperature, double logit_scale, double softcap) {
+  a.softcap = softcap > 0.0;
+  a.in_scale = static_cast<float>(a.softcap ? logit_scale / softcap : logit_scale * inv_temperature);
+  a.out_scale = static_cast<float>(a.softcap ? softcap * inv_temperature : 1.0);
+}
 
-int row_pass(const float* logits, int64_t rows, int64_t cols, int64_t row_stride, const void* bias, DType bias_dtype,
-             const void* targets, bool targets_int32, const bool* row_mask, float inv_temperature,
-             const float* lse_in, float* logp, float* lse, float* entropy, void* grad, DType grad_dtype,
-             int64_t grad_row_stride, cudaStream_t stream) {
+int launch(const Args& args, int64_t rows, DType bias_dtype, DType grad_dtype, cudaStream_t stream) {
   if (rows == 0) return 0;
-  if (rows > 0x7fffffff || cols < 1) return static_cast<int>(cudaErrorInvalidValue);
-  const Args args{logits, cols, row_stride, bias, targets, targets_int32, row_mask, inv_temperature, lse_in,
-                  logp, lse, entropy, grad, grad_row_stride};
+  if (rows > 0x7fffffff || args.cols < 1) return static_cast<int>(cudaErrorInvalidValue);
   const int bias_size = bias_dtype == DType::kFloat32 ? 4 : 2;
   const int grad_size = grad_dtype == DType::kFloat32 ? 4 : 2;
-  const bool vec4 = aligned(logits, 16) && row_stride % 4 == 0 && (bias == nullptr || aligned(bias, 4 * bias_size)) &&
-                    (grad == nullptr || (aligned(grad, 4 * grad_size) && grad_row_stride % 4 == 0));
-  const bool cached = vec4 && lse_in == nullptr && cols <= kCachedColumns;
+  const bool vec4 = aligned(args.logits, 16) && args.row_stride % 4 == 0 &&
+                    (args.bias == nullptr || aligned(args.bias, 4 * bias_size)) &&
+                    (args.grad == nullptr || (aligned(args.grad, 4 * grad_size) && args.grad_row_stride % 4 == 0));
+  const int64_t cached_columns = args.softcap ? kCachedColumns / 2 : kCachedColumns;
+  const bool cached = vec4 && args.lse_in == nullptr && args.cols <= cached_columns;
   const dim3 grid(static_cast<unsigned>(rows));
   dispatch_dtype(grad_dtype, [&](auto grad_zero) {
     using GradT = decltype(grad_zero);
     dispatch_dtype(bias_dtype, [&](auto bias_zero) {
       using BiasT = decltype(bias_zero);
-      if (cached) {
-        row_pass_cached_kernel<GradT, BiasT><<<grid, kCachedThreads, 0, stream>>>(args);
+      if (cached && args.softcap) {
+        row_pass_cached_kernel<GradT, BiasT, true><<<grid, kCachedThreads, 0, stream>>>(args);
+      } else if (cached) {
+        row_pass_cached_kernel<GradT, BiasT, false><<<grid, kCachedThreads, 0, stream>>>(args);
       } else if (vec4) {
         row_pass_stream_kernel<GradT, BiasT, 4><<<grid, kStreamThreads, 0, stream>>>(args);
       } else {
@@ -390,6 +433,31 @@ int row_pass(const float* logits, int64_t rows, int64_t cols, int64_t row_stride
     });
   });
   return launch_status();
+}
+
+}  // namespace
+
+int row_pass(const float* logits, int64_t rows, int64_t cols, int64_t row_stride, const void* bias, DType bias_dtype,
+             const void* targets, bool targets_int32, double inv_temperature, double logit_scale, double softcap,
+             const float* lse_in, float* logp, float* lse, float* entropy, void* grad, DType grad_dtype,
+             int64_t grad_row_stride, cudaStream_t stream) {
+  Args args{logits, cols, row_stride, bias, targets, targets_int32, 0.0f, 0.0f, false, lse_in, logp, lse, entropy,
+            nullptr, nullptr, nullptr, grad, grad_row_stride};
+  scales(args, inv_temperature, logit_scale, softcap);
+  return launch(args, rows, bias_dtype, grad_dtype, stream);
+}
+
+int grad_pass(const float* logits, int64_t rows, int64_t cols, int64_t row_stride, const void* bias, DType bias_dtype,
+              const void* targets, bool targets_int32, double inv_temperature, double logit_scale, double softcap,
+              const float* lse, const float* entropy, const float* g, const float* e, void* grad, DType grad_dtype,
+              int64_t grad_row_stride, cudaStream_t stream) {
+  if (grad == nullptr || lse == nullptr || entropy == nullptr || g == nullptr || e == nullptr) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  Args args{logits, cols, row_stride, bias, targets, targets_int32, 0.0f, 0.0f, false, lse, nullptr, nullptr,
+            nullptr, g, e, entropy, grad, grad_row_stride};
+  scales(args, inv_temperature, logit_scale, softcap);
+  return launch(args, rows, bias_dtype, grad_dtype, stream);
 }
 
 }  // namespace rankgrpo

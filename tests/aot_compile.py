@@ -56,28 +56,42 @@ def segment_kernels():
 
 def row_pass_kernels(arch):
     """(spec, attrs) of the row pass in each shipped configuration: single block (the largest row held in registers),
-    two passes, and the write pass of a given lse; for each gradient dtype written (none: statistics only). A bf16
-    bias, a row mask and the entropy make every variant the heaviest of its kind. Each compiles twice: aligned (what
-    the JIT specialises for V and row stride multiples of 16 and torch's 16-byte aligned buffers: vector loads) and
-    unaligned (no divisibility known: scalar loads)."""
+    two passes, and the write pass of a given lse; for each gradient dtype written (none: statistics only); without
+    and with a softcap (",softcap": its own single block, S' held next to p). Then the gradient pass for each
+    gradient dtype, without and with a softcap. A bf16 bias and the entropy make every variant the heaviest of its
+    kind. Each compiles twice: aligned (what the JIT specialises for V and row stride multiples of 16 and torch's
+    16-byte aligned buffers: vector loads) and unaligned (no divisibility known: scalar loads)."""
     specs = []
+
+    def add(name, kernel, signature, constexprs, launch):
+        names = list(signature)
+        aligned = {(names.index(k),): [["tt.divisibility", 16]] for k in names if not k.endswith("_scale")}
+        for suffix, attrs in (("", aligned), (",unaligned", None)):
+            specs.append(((f"{name[:-1]}{suffix}]", kernel, signature, constexprs, launch), attrs))
+
     for grad_dtype in (None, torch.float32, torch.bfloat16, torch.float16):
         cfg = ROW_PASS_CONFIGS[(arch, grad_dtype)]
         grad = TRITON_DTYPES.get(grad_dtype, "none")
-        signature = dict(logits_ptr="*fp32", bias_ptr="*bf16", targets_ptr="*i64", row_mask_ptr="*i1",
-                         lse_in_ptr="*fp32", logp_ptr="*fp32", lse_ptr="*fp32", entropy_ptr="*fp32",
-                         grad_ptr=f"*{TRITON_DTYPES.get(grad_dtype, 'fp32')}", V="i32", stride_row="i32",
-                         stride_grad="i32", inv_temperature="fp32")
-        names = list(signature)
-        aligned = {(names.index(k),): [["tt.divisibility", 16]] for k in names if k != "inv_temperature"}
-        flags = dict(HAS_BIAS=True, HAS_MASK=True, WANT_ENTROPY=True, WRITE_GRAD=grad_dtype is not None)
-        single_block, single_warps = row_pass.single_block_launch(cfg.single_block, cfg)
-        for path, has_lse, single, block, warps in (("single", False, True, single_block, single_warps),
-                                                    ("two_pass", False, False, cfg.block_v, cfg.num_warps),
-                                                    ("lse_in", True, False, cfg.block_v, cfg.num_warps)):
-            for suffix, attrs in (("", aligned), (",unaligned", None)):
-                specs.append(((f"row_pass[{path},{grad}{suffix}]", row_pass._row_pass_kernel, signature,
-                               dict(flags, HAS_LSE=has_lse, SINGLE=single, BLOCK_V=block), Launch(warps)), attrs))
+        grad_ptr = f"*{TRITON_DTYPES.get(grad_dtype, 'fp32')}"
+        signature = dict(logits_ptr="*fp32", bias_ptr="*bf16", targets_ptr="*i64", lse_in_ptr="*fp32",
+                         logp_ptr="*fp32", lse_ptr="*fp32", entropy_ptr="*fp32", grad_ptr=grad_ptr, V="i32",
+                         stride_row="i32", stride_grad="i32", in_scale="fp32", out_scale="fp32")
+        flags = dict(HAS_BIAS=True, WANT_ENTROPY=True, WRITE_GRAD=grad_dtype is not None)
+        for softcap in (False, True):
+            single_block, single_warps = row_pass.single_block_launch(cfg.single_limit(softcap), cfg, softcap)
+            for path, has_lse, single, block, warps in (("single", False, True, single_block, single_warps),
+                                                        ("two_pass", False, False, cfg.block_v, cfg.num_warps),
+                                                        ("lse_in", True, False, cfg.block_v, cfg.num_warps)):
+                add(f"row_pass[{path},{grad}{',softcap' if softcap else ''}]", row_pass._row_pass_kernel, signature,
+                    dict(flags, HAS_SOFTCAP=softcap, HAS_LSE=has_lse, SINGLE=single, BLOCK_V=block), Launch(warps))
+        if grad_dtype is None:
+            continue
+        signature = dict(logits_ptr="*fp32", bias_ptr="*bf16", targets_ptr="*i64", lse_ptr="*fp32",
+                         entropy_ptr="*fp32", g_ptr="*fp32", e_ptr="*fp32", grad_ptr=grad_ptr, V="i32",
+                         stride_row="i32", stride_grad="i32", in_scale="fp32", out_scale="fp32")
+        for softcap in (False, True):
+            add(f"grad_pass[{grad}{',softcap' if softcap else ''}]", row_pass._grad_pass_kernel, signature,
+                dict(HAS_BIAS=True, HAS_SOFTCAP=softcap, BLOCK_V=cfg.block_v), Launch(cfg.num_warps))
     return specs
 
 

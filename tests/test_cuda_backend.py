@@ -1,6 +1,7 @@
-"""What is specific to the CUDA backend (``csrc/``): the error of a CPU-only torch, and its two kernels at the
-backend interface against the torch backend's (``pytest -m gpu``). The conformance suite (``test_backends.py``) runs
-it through every public path on a GPU; ``test_cuda_compile.py`` compiles the sources without one.
+"""What is specific to the CUDA backend (``csrc/``): the error of a CPU-only torch, and its kernels (row pass with
+logit scale and softcap, gradient pass, segment loss) at the backend interface against the torch backend's
+(``pytest -m gpu``). The conformance suite (``test_backends.py``) runs it through every public path on a GPU;
+``test_cuda_compile.py`` compiles the sources without one.
 
 The GPU tests compile the extension just in time (ninja) unless ``pip install --no-build-isolation .`` prebuilt it.
 Tolerances: fp32 kernels against fp32 torch ops summing in another order; D rounded once to bf16/fp16.
@@ -35,26 +36,50 @@ def test_cpu_only_torch_gives_the_fix():
         importlib.import_module("rankgrpo_kernels.backends.cuda_backend")
 
 
+def _row_pass_case(V, C=37):
+    g = torch.Generator(device="cuda").manual_seed(1)
+    logits = 4 * torch.randn(C, V + 5, device="cuda", generator=g)[:, :V]  # a row stride above V
+    bias = 0.1 * torch.randn(V, device="cuda", generator=g).bfloat16()
+    targets = torch.randint(-2, V + 2, (C,), device="cuda", generator=g)  # some outside [0, V): another shard
+    return logits, bias, targets
+
+
 @gpu
 @pytest.mark.parametrize("grad_dtype", [None, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("V", [1001, 40000])  # held in registers, and walked in two passes
 @pytest.mark.parametrize("with_lse", [False, True])
-def test_row_pass_matches_torch(cuda_backend, grad_dtype, V, with_lse):
-    g = torch.Generator(device="cuda").manual_seed(1)
-    C = 37
-    logits = 4 * torch.randn(C, V + 5, device="cuda", generator=g)[:, :V]  # a row stride above V
-    bias = 0.1 * torch.randn(V, device="cuda", generator=g).bfloat16()
-    targets = torch.randint(-2, V + 2, (C,), device="cuda", generator=g)  # some outside [0, V): another shard
-    row_mask = torch.rand(C, device="cuda", generator=g) > 0.2
-    lse = torch.logsumexp((logits + bias.float()) / 0.7, -1) if with_lse else None
-    want = torch_backend.row_pass(logits.clone(), bias, targets, row_mask, 1 / 0.7, lse, grad_dtype, not with_lse)
-    got = cuda_backend.row_pass(logits, bias, targets, row_mask, 1 / 0.7, lse, grad_dtype, not with_lse)
+@pytest.mark.parametrize("softcap", [None, 6.0])
+def test_row_pass_matches_torch(cuda_backend, grad_dtype, V, with_lse, softcap):
+    logits, bias, targets = _row_pass_case(V)
+    kw = dict(logit_scale=1.25, softcap=softcap)
+    lse = torch_backend.row_pass(logits.clone(), bias, targets, 1 / 0.7, None, None, False, **kw)[1]
+    lse = lse if with_lse else None
+    want = torch_backend.row_pass(logits.clone(), bias, targets, 1 / 0.7, lse, grad_dtype, not with_lse, **kw)
+    got = cuda_backend.row_pass(logits, bias, targets, 1 / 0.7, lse, grad_dtype, not with_lse, **kw)
     for x, y in zip(got[:3], want[:3]):
         if y is not None:
             torch.testing.assert_close(x, y, **TOL[torch.float32])
     if grad_dtype is not None:
         assert got[3].data_ptr() == logits.data_ptr() and got[3].dtype == grad_dtype
         torch.testing.assert_close(got[3].float(), want[3].float(), **TOL[grad_dtype])
+
+
+@gpu
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("V", [1001, 40000])
+@pytest.mark.parametrize("softcap", [None, 6.0])
+def test_grad_pass_matches_torch(cuda_backend, grad_dtype, V, softcap):
+    logits, bias, targets = _row_pass_case(V)
+    kw = dict(logit_scale=0.9, softcap=softcap)
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    g, e = (torch.randn(logits.shape[0], device="cuda", generator=gen) for _ in range(2))
+    g[:3], e[:3] = 0.0, 0.0
+    _, lse, entropy, _ = torch_backend.row_pass(logits.clone(), bias, targets, 1 / 0.7, None, None, True, **kw)
+    want = torch_backend.grad_pass(logits.clone(), bias, targets, 1 / 0.7, lse, entropy, g, e, torch.float32, **kw)
+    got = cuda_backend.grad_pass(logits, bias, targets, 1 / 0.7, lse, entropy, g, e, grad_dtype, **kw)
+    assert got.data_ptr() == logits.data_ptr() and got.dtype == grad_dtype
+    assert torch.equal(got[:3].float(), torch.zeros(3, got.shape[1], device="cuda"))
+    torch.testing.assert_close(got.float(), want, **{**TOL[grad_dtype], "atol": max(TOL[grad_dtype]["atol"], 4e-6)})
 
 
 @gpu

@@ -1,5 +1,6 @@
-"""Every Triton kernel compiles ahead of time for Hopper (sm_90a) and Ampere (sm_80) with its shipped settings,
-without a GPU: no spills, no local memory, and the row pass loads vectors where rows are aligned."""
+"""Every Triton kernel (the row pass with and without a softcap, the gradient pass, the segment loss) compiles ahead
+of time for Hopper (sm_90a) and Ampere (sm_80) with its shipped settings, without a GPU: no spills, no local memory,
+and the row and gradient passes load vectors where rows are aligned."""
 from __future__ import annotations
 
 import json
@@ -28,15 +29,18 @@ def test_every_kernel_compiles_for_both_architectures(compiled):
     names = {(r["kernel"], r["arch"]) for r in compiled}
     kernels = {r["kernel"] for r in compiled}
     assert "segment_loss" in kernels
-    assert {f"row_pass[{path},{grad}{align}]" for path in ("single", "two_pass", "lse_in")
-            for grad in ("none", "fp32", "bf16", "fp16") for align in ("", ",unaligned")} <= kernels
+    assert {f"row_pass[{path},{grad}{softcap}{align}]" for path in ("single", "two_pass", "lse_in")
+            for grad in ("none", "fp32", "bf16", "fp16") for softcap in ("", ",softcap")
+            for align in ("", ",unaligned")} <= kernels
+    assert {f"grad_pass[{grad}{softcap}{align}]" for grad in ("fp32", "bf16", "fp16") for softcap in ("", ",softcap")
+            for align in ("", ",unaligned")} <= kernels
     assert names == {(k, a) for k in kernels for a in ("sm_90a", "sm_80")}
 
 
 def test_row_pass_loads_vectors_when_aligned(compiled):
-    """The row pass is bandwidth-bound: with V and the row stride multiples of 16 (what the JIT specialises on) its
-    logits load 8 or 16 bytes a thread at a time."""
-    rows = [r for r in compiled if r["kernel"].startswith("row_pass[")]
+    """The row and gradient passes are bandwidth-bound: with V and the row stride multiples of 16 (what the JIT
+    specialises on) their logits load 8 or 16 bytes a thread at a time."""
+    rows = [r for r in compiled if r["kernel"].startswith(("row_pass[", "grad_pass["))]
     assert rows
     for r in rows:
         assert r["vector_loads"] == (not r["kernel"].endswith(",unaligned]")), r

@@ -1,8 +1,16 @@
-"""The backend registry. A backend is a module implementing the two non-GEMM pieces of ``lm_head`` over plain tensors:
+"""The backend registry. A backend is a module implementing the non-GEMM pieces of ``lm_head`` over plain tensors:
 
-    row_pass(logits, bias, targets, row_mask, inv_temperature, lse_in, grad_dtype, want_entropy)
+    row_pass(logits, bias, targets, inv_temperature, lse_in, grad_dtype, want_entropy, *, logit_scale=1.0,
+             softcap=None)
         -> logp, lse, entropy-or-None, D-or-None          (see ``torch_backend.row_pass`` for the contract)
+    grad_pass(logits, bias, targets, inv_temperature, lse, entropy, g, e, grad_dtype, *, logit_scale=1.0,
+              softcap=None)
+        -> D'                                             (``torch_backend.grad_pass``: with an entropy term)
     segment_loss(batch: TokenBatch, cfg: LossConfig) -> loss, stats, grad_logp
+
+The logits are ``z = S(logit_scale (acc + bias)) / T`` with ``S(u) = softcap tanh(u / softcap)`` (or u); ``D`` and
+``D'`` hold ``dL/dz S'(u)`` per row up to the caller's row scale (``g logit_scale / T`` for D, ``logit_scale / T``
+for D').
 
 The GEMMs around them are the vendor's (``lm_head``). Each entry below says where the backend runs; ``choose``
 resolves ``"auto"`` and refuses a backend that cannot run here with a message naming the fix. A new backend is one

@@ -1,17 +1,20 @@
-"""The CUDA backend: the row pass (``csrc/row_pass.cu``) and the segment loss (``csrc/segment_loss.cu``) as CUDA
-kernels around ``lm_head``'s cuBLAS GEMMs, through the thin binding ``csrc/binding.cpp``.
+"""The CUDA backend: the row and gradient passes (``csrc/row_pass.cu``) and the segment loss
+(``csrc/segment_loss.cu``) as CUDA kernels around ``lm_head``'s cuBLAS GEMMs, through the thin binding
+``csrc/binding.cpp``.
 
-row_pass      one block per row: bias and temperature, log-sum-exp, target logit, entropy and ``D = onehot(y) -
-              softmax(z)`` written over the fp32 logits in the GEMM operand dtype (4 + 2 bytes per logit for bf16
-              where the row is held in registers: V <= 16384 with 16-byte aligned rows, V % 4 == 0; 8 + 2
-              otherwise). Deterministic, no atomics.
+row_pass      one block per row: bias, logit scale, softcap and temperature, log-sum-exp, target logit, entropy
+              and ``D = (onehot(y) - softmax(z)) S'(u)`` written over the fp32 logits in the GEMM operand dtype
+              (4 + 2 bytes per logit for bf16 where the row is held in registers: V <= 16384, 8192 with a softcap,
+              with 16-byte aligned rows, V % 4 == 0; 8 + 2 otherwise). Deterministic, no atomics.
+grad_pass     the row pass's write pass with an entropy term: ``D' = [g (onehot - p) - e p (log p + H)] S'(u)``
+              over the logits, 4 + 2 bytes per logit for bf16.
 segment_loss  one block per row, linear in the row length: the loss, the statistics and ``g = dL/dlogp`` (fp32).
 
 The extension is the one ``setup.py`` prebuilt (``rankgrpo_kernels._cuda``) or is compiled just in time from
 ``csrc/`` with ninja on first import and cached by torch (``TORCH_EXTENSIONS_DIR``). Importing this module raises
 ``CudaBackendUnavailable`` (an ImportError) naming the fix when neither is possible.
 
-Equivalent PyTorch: ``torch_backend.row_pass`` and ``torch_backend.segment_loss``.
+Equivalent PyTorch: ``torch_backend.row_pass``, ``torch_backend.grad_pass`` and ``torch_backend.segment_loss``.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ def find_csrc(candidates=CSRC_CANDIDATES) -> Path:
 
 CSRC = find_csrc()
 
-__all__ = ["row_pass", "segment_loss", "CudaBackendUnavailable"]
+__all__ = ["row_pass", "grad_pass", "segment_loss", "CudaBackendUnavailable"]
 
 
 class CudaBackendUnavailable(ImportError):
@@ -78,24 +81,41 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
+def _grad_view(logits, grad_dtype):
+    V = logits.shape[1]
+    return logits if grad_dtype == torch.float32 else logits.view(grad_dtype)[:, :V]
+
+
 @on_input_device
-def row_pass(logits, bias, targets, row_mask, inv_temperature, lse_in, grad_dtype, want_entropy):
+def row_pass(logits, bias, targets, inv_temperature, lse_in, grad_dtype, want_entropy, *, logit_scale=1.0,
+             softcap=None):
     """Same contract as ``torch_backend.row_pass``; D is written over the logits (row r of D starts where row r of
     the logits starts, a strided view that cuBLAS takes as is)."""
-    C, V = logits.shape
+    C = logits.shape[0]
     f32 = dict(dtype=torch.float32, device=logits.device)
     logp = torch.empty(C, **f32)
     lse_in = lse_in.contiguous() if lse_in is not None else None
     lse = lse_in if lse_in is not None else torch.empty(C, **f32)
     entropy = torch.empty(C, **f32) if want_entropy else None
-    grad = None
-    if grad_dtype is not None:
-        grad = logits if grad_dtype == torch.float32 else logits.view(grad_dtype)[:, :V]
+    grad = _grad_view(logits, grad_dtype) if grad_dtype is not None else None
     if C:
         _ext.row_pass(logits, bias.contiguous() if bias is not None else None, targets.contiguous(),
-                      row_mask.contiguous() if row_mask is not None else None, inv_temperature,
+                      float(inv_temperature), float(logit_scale), None if softcap is None else float(softcap),
                       lse_in, logp, lse, entropy, grad, _stream(logits.device))
     return logp, lse, entropy, grad
+
+
+@on_input_device
+def grad_pass(logits, bias, targets, inv_temperature, lse, entropy, g, e, grad_dtype, *, logit_scale=1.0,
+              softcap=None):
+    """Same contract as ``torch_backend.grad_pass``; D' is written over the logits like the row pass's D."""
+    grad = _grad_view(logits, grad_dtype)
+    if logits.shape[0]:
+        rows = [x.detach().to(torch.float32).contiguous() for x in (lse, entropy, g, e)]
+        _ext.grad_pass(logits, bias.contiguous() if bias is not None else None, targets.contiguous(),
+                       float(inv_temperature), float(logit_scale), None if softcap is None else float(softcap),
+                       *rows, grad, _stream(logits.device))
+    return grad
 
 
 @on_input_device

@@ -3,10 +3,13 @@
 It is the CPU path of ``lm_head`` (which runs the GEMMs for every backend) and the readable statement of what the
 Triton (``kernels/``) and CUDA (``csrc/``) backends compute.
 
-row_pass     over a chunk of raw logits ``acc = h W^T`` (C, V): ``z = (acc + b) / T``, ``lse``, ``logp = z_y - lse``,
-             the entropy ``-sum p log p`` and ``D = onehot(y) - softmax(z)``, written over ``acc`` in place when
-             the gradient dtype is the logits' (else into one new tensor). Four streaming passes over the chunk on
-             a CPU (max, softmax in place, max of p, negate), plus bias and temperature when given.
+row_pass     over a chunk of raw logits ``acc = h W^T`` (C, V): ``z = S(s (acc + b)) / T`` (logit scale s, softcap
+             ``S(u) = c tanh(u / c)`` or none), ``lse``, ``logp = z_y - lse``, the entropy ``-sum p log p`` and
+             ``D = (onehot(y) - softmax(z)) S'(u)``, written over ``acc`` in place when the gradient dtype is the
+             logits' (else into one new tensor). Four streaming passes over the chunk on a CPU (max, softmax in
+             place, max of p, negate), plus bias, scale and softcap when given.
+grad_pass    over the same logits, untouched since a statistics-only row pass: with per-row ``g = dL/dlogp`` and
+             ``e = dL/dH`` (an entropy term), ``D' = [g (onehot(y) - p) - e p (z - lse + H)] S'(u)`` in place.
 segment_loss the O(B T) loss with its analytic gradient ``g = dL/dlogp``, without autograd or host sync. With ``w``
              the item's ratio, ``n_k`` its masked token count, ``c_t`` the loss type's weight and ``pw_t`` the
              policy weights (1 when None):
@@ -24,26 +27,54 @@ Equivalent PyTorch (what the tests check)::
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..contract import LOG_RATIO_LIMIT, LossConfig, TokenBatch
 
-__all__ = ["row_pass", "segment_loss"]
+__all__ = ["row_pass", "grad_pass", "segment_loss"]
 
 
-def row_pass(logits, bias, targets, row_mask, inv_temperature, lse_in, grad_dtype, want_entropy):
-    """logits (C, V) float32/64, overwritten; bias (V,) or None; targets (C,), outside [0, V): no target logit;
-    row_mask (C,) bool or None: False rows give 0 and an all-zero ``D`` row; lse_in (C,) or None: use it as the
-    log-sum-exp (the entropy is then not formed). Returns logp, lse, entropy (or None), D in ``grad_dtype`` (or
-    None)."""
-    z = logits
+def _check_transform(logit_scale, softcap):
+    if not math.isfinite(logit_scale):
+        raise ValueError(f"logit_scale must be finite, got {logit_scale}")
+    if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be a finite float > 0 or None, got {softcap}")
+
+
+def _transform_(acc, bias, inv_temperature, logit_scale, softcap):
+    """``z = S(s (acc + b)) / T`` over ``acc`` in place, and ``S'(u)`` (a new (C, V) tensor; None without a
+    softcap). Without a softcap one multiply by ``s / T`` (none when it is 1)."""
+    _check_transform(logit_scale, softcap)
+    z = acc
     if bias is not None:
         z.add_(bias.to(z.dtype))
-    if inv_temperature != 1.0:
-        z.mul_(inv_temperature)
-    V = z.shape[1]
+    if softcap is None:
+        if logit_scale * inv_temperature != 1.0:
+            z.mul_(logit_scale * inv_temperature)
+        return z, None
+    z.mul_(logit_scale / softcap)  # x = u / c
+    slope = torch.cosh(z).square_().reciprocal_()  # 1 - tanh(x)^2 = 1 / cosh(x)^2: 0 where cosh overflows
+    z.tanh_().mul_(softcap * inv_temperature)
+    return z, slope
+
+
+def _target(targets, V):
+    """(the target column clamped into [0, V), as (C, 1); whether it lies in [0, V))."""
     in_vocab = (targets >= 0) & (targets < V)
-    column = torch.where(in_vocab, targets, 0).long()[:, None]
+    return torch.where(in_vocab, targets, 0).long()[:, None], in_vocab
+
+
+def row_pass(logits, bias, targets, inv_temperature, lse_in, grad_dtype, want_entropy, *, logit_scale=1.0,
+             softcap=None):
+    """logits (C, V) float32/64, overwritten; bias (V,) or None; targets (C,), outside [0, V): no target logit;
+    lse_in (C,) or None: use it as the log-sum-exp (the entropy is then not formed); logit_scale a float, softcap
+    a float > 0 or None: ``z = S(s (logits + b)) / T`` with ``S(u) = c tanh(u / c)`` (or u). Returns logp, lse,
+    entropy (or None), ``D = (onehot(y) - softmax(z)) S'(u)`` in ``grad_dtype`` (or None): the caller scales its rows
+    by ``g s / T``. With a softcap one more (C, V) temporary holds ``S'``."""
+    z, slope = _transform_(logits, bias, inv_temperature, logit_scale, softcap)
+    column, in_vocab = _target(targets, z.shape[1])
     target_logit = torch.where(in_vocab, z.gather(1, column)[:, 0], 0)
     entropy = None
     if lse_in is None:
@@ -61,13 +92,36 @@ def row_pass(logits, bias, targets, row_mask, inv_temperature, lse_in, grad_dtyp
     grad = None
     if grad_dtype is not None:
         z.neg_().scatter_add_(1, column, in_vocab.to(z.dtype)[:, None])
+        if slope is not None:
+            z.mul_(slope)
         grad = z if grad_dtype == z.dtype else z.to(grad_dtype)
-    if row_mask is not None:
-        logp, lse = torch.where(row_mask, logp, 0), torch.where(row_mask, lse, 0)
-        entropy = torch.where(row_mask, entropy, 0) if entropy is not None else None
-        if grad is not None:  # only the rows outside the loss are written (few, and maybe NaN)
-            grad.index_fill_(0, (~row_mask).nonzero().squeeze(1), 0)
     return logp, lse, entropy, grad
+
+
+def grad_pass(logits, bias, targets, inv_temperature, lse, entropy, g, e, grad_dtype, *, logit_scale=1.0,
+              softcap=None):
+    """The gradient of a loss with an entropy term, over the logits (C, V) a statistics-only ``row_pass`` left
+    untouched (overwritten here): per-row lse, entropy H, g = dL/dlogp and e = dL/dH, each (C,). Returns, in
+    ``grad_dtype`` (over the logits when it is their dtype)::
+
+        D' = [ g (onehot(y) - p) - e p (z - lse + H) ] S'(u)       p = exp(z - lse)
+
+    that is ``dL/dz S'(u)``; the caller scales its rows by ``s / T``. Formed as ``g onehot - (g + e H) p +
+    e entr(p)`` (``entr(p) = -p log p``, 0 at p = 0): rows with g = e = 0 are zeros. Equivalent PyTorch::
+
+        z = S(s (logits + b)) / T;  p = (z - lse[:, None]).exp()
+        D_ = (g[:, None] * (onehot - p) - e[:, None] * p * (z - lse[:, None] + H[:, None])) * slope
+    """
+    z, slope = _transform_(logits, bias, inv_temperature, logit_scale, softcap)
+    column, in_vocab = _target(targets, z.shape[1])
+    g, e, lse, entropy = (x.to(z.dtype) for x in (g, e, lse, entropy))
+    p = z.sub_(lse[:, None]).exp_()
+    p_log_p = torch.special.entr(p).mul_(e[:, None])
+    p.mul_((g + e * entropy).neg_()[:, None]).add_(p_log_p)
+    p.scatter_add_(1, column, (g * in_vocab)[:, None])
+    if slope is not None:
+        p.mul_(slope)
+    return p if grad_dtype == p.dtype else p.to(grad_dtype)
 
 
 # --- the segment loss ----------------------------------------------------------------------------------------------

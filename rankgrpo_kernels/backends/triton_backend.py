@@ -1,6 +1,7 @@
-"""The Triton backend: the row pass (``kernels/row_pass.py``) and the segment loss (``kernels/segment_loss.py``) as
-Triton kernels around ``lm_head``'s vendor GEMMs. CUDA GPUs (sm_80+), or the CPU under ``TRITON_INTERPRET=1`` for
-tests. The kernels take plain tensors; this module adapts the shared contract to them.
+"""The Triton backend: the row and gradient passes (``kernels/row_pass.py``) and the segment loss
+(``kernels/segment_loss.py``) as Triton kernels around ``lm_head``'s vendor GEMMs. CUDA GPUs (sm_80+), or the CPU
+under ``TRITON_INTERPRET=1`` for tests. The kernels take plain tensors; this module adapts the shared contract to
+them.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from ..kernels import row_pass as _row_pass
 from ..kernels import segment_loss as _segment
 from . import on_input_device
 
-__all__ = ["row_pass", "segment_loss"]
+__all__ = ["row_pass", "grad_pass", "segment_loss"]
 
 row_pass = on_input_device(_row_pass.row_pass)
+grad_pass = on_input_device(_row_pass.grad_pass)
 
 
 @on_input_device

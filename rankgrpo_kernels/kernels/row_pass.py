@@ -1,34 +1,52 @@
-"""Row pass: one fused pass over a chunk of fp32 logits ``z = h_c W^T`` (a vendor GEMM's output) that yields the
-log-prob, log-sum-exp and entropy of every row and writes ``D = onehot(y) - softmax(z)`` over the logits, in place.
+"""Row pass and gradient pass: fused passes over a chunk of fp32 logits ``acc = h_c W^T`` (a vendor GEMM's output).
+The row pass yields the log-prob, log-sum-exp and entropy of every row and writes ``D = (onehot(y) - softmax(z))
+S'(u)`` over the logits, in place; the gradient pass writes the full ``dL/dz S'(u)`` of a loss with an entropy term
+over logits left untouched by a statistics-only row pass.
 
-For row r (a token) with target ``y_r``, bias ``b`` and temperature ``T``, in fp32::
+For row r (a token) with target ``y_r``, bias ``b``, logit scale ``s``, softcap ``c`` and temperature ``T``, in
+fp32::
 
-    z      = (logits[r] + b) / T                                           (V,)
+    u      = s (logits[r] + b)                                             (V,)
+    z      = S(u) / T,  S(u) = c tanh(u / c)  (softcap given), else u      (TRL's order: scale, softcap, temperature)
     lse    = log sum_v exp(z_v)                  (or lse_in[r] when given: a recomputed or vocabulary-sharded
                                                   forward's global log-sum-exp)
     logp   = z_y - lse                           z_y := 0 when y is outside [0, V) (another shard, padding)
     entropy = -sum_v p_v (z_v - lse),  p = exp(z - lse)     (= lse - sum_v softmax(z)_v z_v; with a shard's lse_in,
                                                   that shard's part of the global entropy: shards add up)
-    D      = onehot(y) - exp(z - lse)            no one-hot term when y is outside [0, V)
+    D      = (onehot(y) - p) S'(u)               no one-hot term when y is outside [0, V);
+                                                 S'(u) = 1 - tanh(u / c)^2 with a softcap, 1 without
 
-``D`` is neither scaled by ``g = dL/dlogp`` nor by ``1 / T``: the caller scales rows (``d_hidden = (g / T) D W``,
-``d_weight += D^T ((g / T) h_c)``). Rows with ``row_mask`` False are not read: logp = lse = entropy = 0 and their
-row of ``D`` is zeros, so the garbage logits of padding never reach a gradient. A NaN or +inf logit makes its row's
-lse and logp NaN (or inf), and so its ``D``: never a finite log-prob next to a NaN gradient.
+``D`` is neither scaled by ``g = dL/dlogp`` nor by ``s / T``: the caller scales rows (``d_hidden = (g s / T) D W``,
+``d_weight += D^T ((g s / T) h_c)``), so that ``dz / d acc = s S'(u) / T`` is complete. Without a softcap the two
+scales fold into one multiply, ``z = (logits + b) (s / T)``: for ``s = 1`` bit-identical to the plain row pass.
+The gradient pass, given per-row ``lse``, entropy ``H``, ``g = dL/dlogp`` and ``e = dL/dH``, writes::
 
-Shapes: logits (C, V) fp32 with unit column stride and row stride S >= V elements; bias (V,); targets, row_mask,
-lse_in and the outputs (C,). ``D`` (C, V) in ``grad_dtype`` lands on the bytes of the logits: row r of ``D`` starts
-where row r of the logits starts, so its row stride is ``4 S / itemsize`` elements, a strided view that torch.mm
-hands to cuBLAS as is (lda = 4 S / itemsize >= V).
+    D' = [ g (onehot(y) - p) - e p (z - lse + H) ] S'(u)     (dH/dz = -p (log p + H), log p = z - lse)
+
+and the caller scales rows by ``s / T`` only. Rows with g = e = 0 are zeros. A NaN or +inf logit makes its row's
+lse and logp NaN (or inf), and so its ``D`` / ``D'``: never a finite log-prob next to a NaN gradient. A -inf logit
+(a -inf bias: a vocabulary entry ruled out) has p = 0 without a softcap; with one, ``S(-inf) = -c`` as the formula
+says (p = exp(-c / T - lse) > 0, but S' = 0: a zero gradient).
+
+tanh is ``(1 - q) / (1 + q)``, ``q = exp(-2 |x|)`` (no overflow for any x; odd series below |x| = 1/4, where
+``1 - q`` would cancel), and ``S' = 4 q / (1 + q)^2`` (no cancellation of ``1 - tanh^2`` near |tanh| = 1).
+
+Shapes: logits (C, V) fp32 with unit column stride and row stride S >= V elements; bias (V,); targets, lse_in,
+lse, entropy, g, e and the outputs (C,). ``D`` (C, V) in ``grad_dtype`` lands on the bytes of the logits: row r of
+``D`` starts where row r of the logits starts, so its row stride is ``4 S / itemsize`` elements, a strided view that
+torch.mm hands to cuBLAS as is (lda = 4 S / itemsize >= V).
 
 One program owns a row (deterministic: every sum runs in a fixed order, no atomics). Bytes moved per logit
 (g = itemsize of ``grad_dtype``, 0 without a gradient; the bias, V values shared by all rows, stays in L2):
 
-    V <= single_block (RowPassConfig), no lse_in:   4 + g       the row is read once, held in registers
-    V >  single_block, no lse_in:                   4 + 4 + g   online max / sum exp / entropy sum, then the write
-                                                    4           (no gradient: the one online pass)
-    lse_in given:                                   4 + g       the write pass only (4 for the entropy alone,
-                                                                0 for neither: only the target logit is read)
+    row pass, V <= single block, no lse_in:    4 + g       the row is read once, held in registers (the single
+                                                           block is RowPassConfig.single_block, or its
+                                                           softcap_single_block with a softcap: S' is held too)
+    row pass, longer rows, no lse_in:          4 + 4 + g   online max / sum exp / entropy sum, then the write
+                                               4           (no gradient: the one online pass)
+    row pass, lse_in given:                    4 + g       the write pass only (4 for the entropy alone,
+                                                           0 for neither: only the target logit is read)
+    gradient pass:                             4 + g       the same write pass
 
 In place without races: the store of column block [c0, c0 + B) writes bytes ``[4 S r + g c0, 4 S r + g (c0 + B))``,
 which lie in fp32 columns < c0 + B because g <= 4. Blocks are walked in increasing column order and each block's
@@ -41,15 +59,20 @@ The target logit is loaded before the first barrier. ``tests/test_row_pass_kerne
 
 Equivalent PyTorch::
 
-    z = (logits[:, :V].double() + bias) / T
+    u = s * (logits[:, :V].double() + bias)
+    z = (c * torch.tanh(u / c) if c is not None else u) / T;  slope = 1 - torch.tanh(u / c) ** 2  (or 1)
     lse = z.logsumexp(-1); p = (z - lse[:, None]).exp()
     hit = (y >= 0) & (y < V)
     logp = torch.where(hit, z.gather(-1, y.clamp(0, V - 1)[:, None])[:, 0], 0) - lse
     entropy = -(p * (z - lse[:, None])).sum(-1)
-    D = F.one_hot(y.clamp(0, V - 1), V) * hit[:, None] - p       # written over the logits in grad_dtype
+    onehot = F.one_hot(y.clamp(0, V - 1), V) * hit[:, None]
+    D = (onehot - p) * slope                                              # row pass, over the logits in grad_dtype
+    D_ = (g[:, None] * (onehot - p) - e[:, None] * p * (z - lse[:, None] + H[:, None])) * slope   # gradient pass
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -61,36 +84,67 @@ GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
-def _scaled_logits(logits_row, bias_ptr, cols, ok, inv_temperature, HAS_BIAS: tl.constexpr):
-    """z = (logits + bias) / T on the columns ``ok``, -inf elsewhere (no probability, no read)."""
-    z = tl.load(logits_row + cols, mask=ok, other=0.0)
-    if HAS_BIAS:
-        z += tl.load(bias_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    return tl.where(ok, z * inv_temperature, float("-inf"))
+def _tanh_and_slope(x):
+    """tanh(x) and 1 - tanh(x)^2 in fp32, accurate for every x (inf: +-1 and 0; NaN: NaN)."""
+    a = tl.abs(x)
+    q = tl.exp2(-2.8853900817779268 * a)  # exp(-2 a) in [0, 1]: no overflow
+    a2 = a * a  # below 1/4 the odd series (error < 1e-8 relative), where 1 - q would cancel
+    series = a * (1.0 + a2 * (-0.3333333333333333 + a2 * (0.13333333333333333 + a2 * (-0.05396825396825397
+                                                                                      + a2 * 0.021869488536155203))))
+    t = tl.where(a < 0.25, series, (1.0 - q) / (1.0 + q))  # a NaN fails a < 0.25: NaN
+    return tl.where(x < 0.0, -t, t), 4.0 * q / ((1.0 + q) * (1.0 + q))
 
 
 @triton.jit
-def _store_grad(grad_row, cols, V, n_read, p, y_hot):
-    """D = onehot(y) - p over one column block (zeros on an inactive row, whose n_read is 0), after a barrier:
-    every thread of the program has loaded this block before any thread overwrites it (module docstring)."""
-    d = tl.where(cols < n_read, tl.where(cols == y_hot, 1.0, 0.0) - p, 0.0)
+def _logits(logits_row, bias_ptr, cols, ok, in_scale, out_scale, HAS_BIAS: tl.constexpr,
+            HAS_SOFTCAP: tl.constexpr):
+    """z = S(s (logits + b)) / T on the columns ``ok``, -inf elsewhere (no probability, no read), and S'(u) (only
+    with a softcap: the callers use it under HAS_SOFTCAP). Without a softcap in_scale = s / T; with one
+    in_scale = s / c and out_scale = c / T."""
+    x = tl.load(logits_row + cols, mask=ok, other=0.0)
+    if HAS_BIAS:
+        x += tl.load(bias_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    x *= in_scale
+    if HAS_SOFTCAP:
+        t, slope = _tanh_and_slope(x)
+        return tl.where(ok, t * out_scale, float("-inf")), slope
+    else:
+        return tl.where(ok, x, float("-inf")), x
+
+
+@triton.jit
+def _gradient(cols, y_hot, p, log_p, slope, g, e, h, GRAD_PASS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """Over one column block: D = onehot(y) - p (the row pass), or D' = g (onehot(y) - p) - e p (log p + H) with
+    log p = z - lse (GRAD_PASS; a -inf z has p = 0 and adds nothing), times S'(u) with a softcap."""
+    d = tl.where(cols == y_hot, 1.0, 0.0) - p
+    if GRAD_PASS:
+        d = g * d - e * tl.where(log_p != float("-inf"), p * (log_p + h), 0.0)
+    if HAS_SOFTCAP:
+        d *= slope
+    return d
+
+
+@triton.jit
+def _store_grad(grad_row, cols, V, d):
+    """Stores one column block of the gradient after a barrier: every thread of the program has loaded this block
+    before any thread overwrites it (module docstring)."""
     tl.debug_barrier()
     tl.store(grad_row + cols, d.to(grad_row.dtype.element_ty), mask=cols < V)
 
 
 @triton.jit
-def _online_stats(logits_row, bias_ptr, n_cols, inv_temperature, HAS_BIAS: tl.constexpr, WANT_ENTROPY: tl.constexpr,
-                  BLOCK_V: tl.constexpr):
-    """lse and entropy of columns [0, n_cols) in one read. Each lane keeps its own running max m,
-    s = sum exp(z - m) and w = sum exp(z - m) (z - m) (one exp a logit: exp(-|z - m|) rescales whichever side is
-    smaller); the lanes are merged once at the end, and entropy = log s - w / s (relative to the max, so no
-    cancellation of two lse-sized terms)."""
+def _online_stats(logits_row, bias_ptr, V, in_scale, out_scale, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                  WANT_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+    """lse and entropy of the row in one read. Each lane keeps its own running max m, s = sum exp(z - m) and
+    w = sum exp(z - m) (z - m) (one exp a logit: exp(-|z - m|) rescales whichever side is smaller); the lanes are
+    merged once at the end, and entropy = log s - w / s (relative to the max, so no cancellation of two lse-sized
+    terms)."""
     m = tl.full((BLOCK_V,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK_V,), tl.float32)
     w = tl.zeros((BLOCK_V,), tl.float32)
-    for v0 in range(0, n_cols, BLOCK_V):
+    for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        z = _scaled_logits(logits_row, bias_ptr, cols, cols < n_cols, inv_temperature, HAS_BIAS)
+        z, _ = _logits(logits_row, bias_ptr, cols, cols < V, in_scale, out_scale, HAS_BIAS, HAS_SOFTCAP)
         up = z > m  # False for a NaN z, which then turns s into NaN below
         e = tl.exp(-tl.abs(z - m))
         counts = z != float("-inf")  # a -inf logit adds nothing (and -inf - -inf must not make a NaN)
@@ -110,55 +164,61 @@ def _online_stats(logits_row, bias_ptr, n_cols, inv_temperature, HAS_BIAS: tl.co
 
 
 @triton.jit
-def _write_pass(logits_row, bias_ptr, grad_row, V, n_read, lse, y_hot, inv_temperature, HAS_BIAS: tl.constexpr,
-                WANT_ENTROPY: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Walks the row in increasing column blocks: p = exp(z - lse), D written over the logits, and returns
-    -sum_v p_v (z_v - lse) (when WANT_ENTROPY). Columns from n_read on are not read (an inactive row has
-    n_read = 0: it reads nothing and gets zeros)."""
+def _write_pass(logits_row, bias_ptr, grad_row, V, lse, y_hot, in_scale, out_scale, g, e, h, HAS_BIAS: tl.constexpr,
+                HAS_SOFTCAP: tl.constexpr, WANT_ENTROPY: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                GRAD_PASS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The one write pass (the row pass's with a given or reduced lse: g, e, h unused; the gradient pass's with
+    GRAD_PASS): walks the row in increasing column blocks, p = exp(z - lse), the gradient written over the logits,
+    and returns -sum_v p_v (z_v - lse) (when WANT_ENTROPY)."""
     u = tl.zeros((BLOCK_V,), tl.float32)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        z = _scaled_logits(logits_row, bias_ptr, cols, cols < n_read, inv_temperature, HAS_BIAS)
-        p = tl.exp(z - lse)
+        z, slope = _logits(logits_row, bias_ptr, cols, cols < V, in_scale, out_scale, HAS_BIAS, HAS_SOFTCAP)
+        log_p = z - lse
+        p = tl.exp(log_p)
         if WANT_ENTROPY:
-            u -= tl.where(z != float("-inf"), p * (z - lse), 0.0)
+            u -= tl.where(z != float("-inf"), p * log_p, 0.0)
         if WRITE_GRAD:
-            _store_grad(grad_row, cols, V, n_read, p, y_hot)
+            _store_grad(grad_row, cols, V, _gradient(cols, y_hot, p, log_p, slope, g, e, h, GRAD_PASS, HAS_SOFTCAP))
     return tl.sum(u, axis=0)
 
 
 @triton.jit
+def _target(targets_ptr, row, V):
+    """The row's target column, -1 when outside [0, V) (no one-hot term), and whether it is inside."""
+    y = tl.load(targets_ptr + row).to(tl.int64)
+    hit = (y >= 0) & (y < V)
+    return tl.where(hit, y, -1), hit
+
+
+@triton.jit
 def _row_pass_kernel(
-    logits_ptr, bias_ptr, targets_ptr, row_mask_ptr, lse_in_ptr, logp_ptr, lse_ptr, entropy_ptr, grad_ptr,
-    V, stride_row, stride_grad, inv_temperature,
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LSE: tl.constexpr, WANT_ENTROPY: tl.constexpr,
+    logits_ptr, bias_ptr, targets_ptr, lse_in_ptr, logp_ptr, lse_ptr, entropy_ptr, grad_ptr,
+    V, stride_row, stride_grad, in_scale, out_scale,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_LSE: tl.constexpr, WANT_ENTROPY: tl.constexpr,
     WRITE_GRAD: tl.constexpr, SINGLE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # rows * stride may pass 2^31
     logits_row = logits_ptr + row * stride_row
     grad_row = grad_ptr + row * stride_grad
-    if HAS_MASK:
-        active = tl.load(row_mask_ptr + row).to(tl.int32) != 0
-    else:
-        active = tl.full((), 1, tl.int1)
-    n_read = tl.where(active, V, 0)  # columns read: none on an inactive row
-    y = tl.load(targets_ptr + row).to(tl.int64)
-    hit = (y >= 0) & (y < n_read)
-    y_hot = tl.where(hit, y, -1)
-    # The target logit is loaded before the first barrier, so before any thread overwrites its bytes.
-    z_y = tl.load(logits_row + y, mask=hit, other=0.0)
+    y_hot, hit = _target(targets_ptr, row, V)
+    # The target logit is loaded before the first barrier, so before any thread overwrites its bytes (0 off-vocab:
+    # S(0) = 0).
+    z_y = tl.load(logits_row + y_hot, mask=hit, other=0.0)
     if HAS_BIAS:
-        z_y += tl.load(bias_ptr + y, mask=hit, other=0.0).to(tl.float32)
-    z_y *= inv_temperature
+        z_y += tl.load(bias_ptr + y_hot, mask=hit, other=0.0).to(tl.float32)
+    z_y *= in_scale
+    if HAS_SOFTCAP:
+        z_y = _tanh_and_slope(z_y)[0] * out_scale
     entropy = tl.zeros((), tl.float32)
     if HAS_LSE:
-        lse = tl.load(lse_in_ptr + row, mask=active, other=0.0)
+        lse = tl.load(lse_in_ptr + row)
         if WANT_ENTROPY or WRITE_GRAD:
-            entropy = _write_pass(logits_row, bias_ptr, grad_row, V, n_read, lse, y_hot, inv_temperature,
-                                  HAS_BIAS, WANT_ENTROPY, WRITE_GRAD, BLOCK_V)
+            entropy = _write_pass(logits_row, bias_ptr, grad_row, V, lse, y_hot, in_scale, out_scale, 1.0, 0.0, 0.0,
+                                  HAS_BIAS, HAS_SOFTCAP, WANT_ENTROPY, WRITE_GRAD, False, BLOCK_V)
     elif SINGLE:  # the whole row in registers: read once
         cols = tl.arange(0, BLOCK_V)
-        z = _scaled_logits(logits_row, bias_ptr, cols, cols < n_read, inv_temperature, HAS_BIAS)
+        z, slope = _logits(logits_row, bias_ptr, cols, cols < V, in_scale, out_scale, HAS_BIAS, HAS_SOFTCAP)
         top = tl.max(z, axis=0)
         p = tl.exp(z - tl.where(top == float("-inf"), 0.0, top))  # a NaN z gives a NaN p, hence a NaN sum
         total = tl.sum(p, axis=0)
@@ -168,18 +228,32 @@ def _row_pass_kernel(
             sum_pz = tl.sum(tl.where(z != float("-inf"), p * (z - top), 0.0), axis=0)
             entropy = tl.log(total) - sum_pz * inv_total
         if WRITE_GRAD:  # the reductions above already order all loads before this store; the barrier is explicit
-            _store_grad(grad_row, cols, V, n_read, p * inv_total, y_hot)
+            _store_grad(grad_row, cols, V,
+                        _gradient(cols, y_hot, p * inv_total, z, slope, 1.0, 0.0, 0.0, False, HAS_SOFTCAP))
     else:  # two passes: online statistics, then the write
-        lse, entropy = _online_stats(logits_row, bias_ptr, n_read, inv_temperature, HAS_BIAS, WANT_ENTROPY, BLOCK_V)
-        lse = tl.where(active, lse, 0.0)
+        lse, entropy = _online_stats(logits_row, bias_ptr, V, in_scale, out_scale, HAS_BIAS, HAS_SOFTCAP,
+                                     WANT_ENTROPY, BLOCK_V)
         if WRITE_GRAD:
-            _write_pass(logits_row, bias_ptr, grad_row, V, n_read, lse, y_hot, inv_temperature, HAS_BIAS,
-                        False, True, BLOCK_V)
-    tl.store(logp_ptr + row, tl.where(active, z_y - lse, 0.0))
+            _write_pass(logits_row, bias_ptr, grad_row, V, lse, y_hot, in_scale, out_scale, 1.0, 0.0, 0.0, HAS_BIAS,
+                        HAS_SOFTCAP, False, True, False, BLOCK_V)
+    tl.store(logp_ptr + row, z_y - lse)
     if not HAS_LSE:
-        tl.store(lse_ptr + row, tl.where(active, lse, 0.0))
+        tl.store(lse_ptr + row, lse)
     if WANT_ENTROPY:
-        tl.store(entropy_ptr + row, tl.where(active, entropy, 0.0))
+        tl.store(entropy_ptr + row, entropy)
+
+
+@triton.jit
+def _grad_pass_kernel(
+    logits_ptr, bias_ptr, targets_ptr, lse_ptr, entropy_ptr, g_ptr, e_ptr, grad_ptr,
+    V, stride_row, stride_grad, in_scale, out_scale,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    y_hot, _ = _target(targets_ptr, row, V)
+    _write_pass(logits_ptr + row * stride_row, bias_ptr, grad_ptr + row * stride_grad, V, tl.load(lse_ptr + row),
+                y_hot, in_scale, out_scale, tl.load(g_ptr + row), tl.load(e_ptr + row), tl.load(entropy_ptr + row),
+                HAS_BIAS, HAS_SOFTCAP, False, True, True, BLOCK_V)
 
 
 def grad_view(logits: torch.Tensor, grad_dtype: torch.dtype) -> torch.Tensor:
@@ -190,37 +264,60 @@ def grad_view(logits: torch.Tensor, grad_dtype: torch.dtype) -> torch.Tensor:
     return logits.view(grad_dtype)[:, : logits.shape[1]]
 
 
-def single_block_launch(V: int, cfg: RowPassConfig) -> tuple[int, int]:
-    """(columns, warps) of a program holding a row of V <= cfg.single_block columns: the next power of two, and
-    warps keeping the floats per thread of the full-size block."""
+def single_block_launch(V: int, cfg: RowPassConfig, softcap: bool = False) -> tuple[int, int]:
+    """(columns, warps) of a program holding a row of V <= cfg.single_limit(softcap) columns: the next power of
+    two, and warps keeping the floats per thread of the full-size block."""
     block = triton.next_power_of_2(V)
-    per_warp = cfg.single_block // cfg.single_warps
+    per_warp = cfg.single_limit(softcap) // cfg.single_warps
     return block, max(1, min(cfg.single_warps, block // per_warp))
 
 
-def row_pass(logits, bias, targets, row_mask, inv_temperature, lse_in, grad_dtype, want_entropy,
-             cfg: RowPassConfig = None):
-    """logits (C, V) fp32 (unit column stride, row stride S >= V) -> (logp, lse, entropy or None, D or None).
+def transform_scales(inv_temperature: float, logit_scale: float, softcap: float | None) -> tuple[float, float]:
+    """(in_scale, out_scale) of the kernels: z = x in_scale without a softcap (in_scale = s / T; out_scale unused),
+    z = tanh(x in_scale) out_scale with one (s / c, c / T); x = logits + bias. Checks the settings."""
+    if not math.isfinite(logit_scale):
+        raise ValueError(f"logit_scale must be finite, got {logit_scale}")
+    if softcap is None:
+        return logit_scale * inv_temperature, 1.0
+    if not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be a finite float > 0 or None, got {softcap}")
+    return logit_scale / softcap, softcap * inv_temperature
 
-    bias (V,) fp32/bf16/fp16 or None; targets (C,) int64 or int32; row_mask (C,) bool or None (all rows);
-    lse_in (C,) fp32 or None (then returned as lse); grad_dtype None (no gradient) or fp32/bf16/fp16: D is written
-    over the logits and returned as the strided view ``grad_view(logits, grad_dtype)``. ``cfg`` overrides the tiles.
-    """
+
+def _check(name, logits, bias, targets, grad_dtype):
     C, V = logits.shape
     if logits.dtype != torch.float32 or (V > 1 and logits.stride(1) != 1):
-        raise ValueError("row_pass: logits must be float32 with unit column stride")
+        raise ValueError(f"{name}: logits must be float32 with unit column stride")
     if V < 1 or (C > 1 and logits.stride(0) < V):
-        raise ValueError("row_pass: logits need V >= 1 columns and a row stride >= V")
+        raise ValueError(f"{name}: logits need V >= 1 columns and a row stride >= V")
     if grad_dtype is not None and grad_dtype not in GRAD_DTYPES:
-        raise ValueError(f"row_pass: grad_dtype must be one of {GRAD_DTYPES} or None, got {grad_dtype}")
+        raise ValueError(f"{name}: grad_dtype must be one of {GRAD_DTYPES} or None, got {grad_dtype}")
     if bias is not None and (bias.numel() != V or not bias.is_contiguous()):
-        raise ValueError("row_pass: bias must be a contiguous (V,) tensor")
+        raise ValueError(f"{name}: bias must be a contiguous (V,) tensor")
     if targets.shape != (C,) or targets.dtype not in (torch.int64, torch.int32):
-        raise ValueError("row_pass: targets must be (C,) int64 or int32")
-    if row_mask is not None and (row_mask.shape != (C,) or row_mask.dtype != torch.bool):
-        raise ValueError("row_pass: row_mask must be (C,) bool")
-    if lse_in is not None and (lse_in.shape != (C,) or lse_in.dtype != torch.float32):
-        raise ValueError("row_pass: lse_in must be (C,) float32")
+        raise ValueError(f"{name}: targets must be (C,) int64 or int32")
+
+
+def _row_vector(name, what, x, C):
+    if x.shape != (C,) or x.dtype != torch.float32:
+        raise ValueError(f"{name}: {what} must be (C,) float32")
+    return x.contiguous()
+
+
+def row_pass(logits, bias, targets, inv_temperature, lse_in, grad_dtype, want_entropy, *, logit_scale=1.0,
+             softcap=None, cfg: RowPassConfig = None):
+    """logits (C, V) fp32 (unit column stride, row stride S >= V) -> (logp, lse, entropy or None, D or None).
+
+    bias (V,) fp32/bf16/fp16 or None; targets (C,) int64 or int32; lse_in (C,) fp32 or None (then returned as lse);
+    grad_dtype None (no gradient) or fp32/bf16/fp16: D is written over the logits and returned as the strided view
+    ``grad_view(logits, grad_dtype)``; logit_scale a float, softcap a float > 0 or None (module docstring). ``cfg``
+    overrides the tiles.
+    """
+    C, V = logits.shape
+    _check("row_pass", logits, bias, targets, grad_dtype)
+    in_scale, out_scale = transform_scales(inv_temperature, logit_scale, softcap)
+    if lse_in is not None:
+        lse_in = _row_vector("row_pass", "lse_in", lse_in, C)
     f32 = dict(dtype=torch.float32, device=logits.device)
     logp = torch.empty(C, **f32)
     lse = lse_in if lse_in is not None else torch.empty(C, **f32)
@@ -229,16 +326,43 @@ def row_pass(logits, bias, targets, row_mask, inv_temperature, lse_in, grad_dtyp
     if C == 0:
         return logp, lse, entropy, grad
     cfg = cfg or row_pass_config(logits.device, grad_dtype)
-    single = lse_in is None and V <= cfg.single_block
-    block, warps = single_block_launch(V, cfg) if single else (cfg.block_v, cfg.num_warps)
+    has_softcap = softcap is not None
+    single = lse_in is None and V <= cfg.single_limit(has_softcap)
+    block, warps = single_block_launch(V, cfg, has_softcap) if single else (cfg.block_v, cfg.num_warps)
     _row_pass_kernel[(C,)](
-        logits, bias if bias is not None else logits, targets.contiguous(),
-        row_mask.contiguous() if row_mask is not None else targets,
-        lse_in.contiguous() if lse_in is not None else logp, logp, lse, entropy if want_entropy else logp,
-        grad if grad is not None else logits,
-        V, logits.stride(0), grad.stride(0) if grad is not None else 0, float(inv_temperature),
-        HAS_BIAS=bias is not None, HAS_MASK=row_mask is not None, HAS_LSE=lse_in is not None,
+        logits, bias if bias is not None else logits, targets.contiguous(), lse, logp, lse,
+        entropy if want_entropy else logp, grad if grad is not None else logits,
+        V, logits.stride(0), grad.stride(0) if grad is not None else 0, float(in_scale), float(out_scale),
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=has_softcap, HAS_LSE=lse_in is not None,
         WANT_ENTROPY=bool(want_entropy), WRITE_GRAD=grad is not None, SINGLE=single, BLOCK_V=block,
         num_warps=warps, num_stages=1,
     )
     return logp, lse, entropy, grad
+
+
+def grad_pass(logits, bias, targets, inv_temperature, lse, entropy, g, e, grad_dtype, *, logit_scale=1.0,
+              softcap=None, cfg: RowPassConfig = None):
+    """logits (C, V) fp32 as a statistics-only ``row_pass`` left them -> D' (C, V) in ``grad_dtype``, written over
+    the logits (the strided view ``grad_view(logits, grad_dtype)``).
+
+    lse, entropy: the row pass's (C,) fp32; g = dL/dlogp and e = dL/dentropy (C,) fp32; bias, targets, the
+    temperature, logit_scale and softcap as in ``row_pass``. One read and one write a logit (module docstring).
+    """
+    C, V = logits.shape
+    _check("grad_pass", logits, bias, targets, grad_dtype)
+    if grad_dtype is None:
+        raise ValueError("grad_pass: grad_dtype must be one of float32, bfloat16, float16")
+    in_scale, out_scale = transform_scales(inv_temperature, logit_scale, softcap)
+    rows = [_row_vector("grad_pass", what, x, C) for what, x in (("lse", lse), ("entropy", entropy), ("g", g),
+                                                                   ("e", e))]
+    grad = grad_view(logits, grad_dtype)
+    if C == 0:
+        return grad
+    cfg = cfg or row_pass_config(logits.device, grad_dtype)
+    _grad_pass_kernel[(C,)](
+        logits, bias if bias is not None else logits, targets.contiguous(), *rows, grad,
+        V, logits.stride(0), grad.stride(0), float(in_scale), float(out_scale),
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, BLOCK_V=cfg.block_v,
+        num_warps=cfg.num_warps, num_stages=1,
+    )
+    return grad

@@ -6,7 +6,9 @@ The row pass (``row_pass.py``: one program per row of fp32 logits, no matrix uni
 entry per gradient dtype, ``RowPassConfig``: rows up to ``single_block`` = 16384 columns are held whole in registers
 by 32 warps (16 floats a thread, 41-63 registers: one 1024-thread program per SM), longer rows are walked 2048
 columns at a time by 8 warps (~55 registers: several programs per SM hide the latency of the loads). Hopper and
-Ampere share them today. Under ``TRITON_INTERPRET=1`` (CPU) wide blocks keep the numpy interpreter fast.
+Ampere share them today. With a softcap the slope S'(u) is held next to each probability, so rows are held whole up
+to 8192 columns (16 floats a thread again). Under ``TRITON_INTERPRET=1`` (CPU) wide blocks keep the numpy
+interpreter fast.
 """
 
 from __future__ import annotations
@@ -27,6 +29,13 @@ class RowPassConfig:
     single_warps: int  # warps of a program holding ``single_block`` columns (fewer for shorter rows)
     block_v: int  # columns per step of the two-pass walk of longer rows
     num_warps: int = 8  # warps of the two-pass walk
+    softcap_single_block: int | None = None  # the same with a softcap (S'(u) is held next to p): single_block / 2
+
+    def single_limit(self, softcap: bool) -> int:
+        """Longest row held whole in registers, with or without a softcap."""
+        if not softcap:
+            return self.single_block
+        return self.softcap_single_block if self.softcap_single_block is not None else self.single_block // 2
 
 
 # Keyed by the dtype of the gradient written (None: no gradient); sm_90 and sm_80 share them for now.
