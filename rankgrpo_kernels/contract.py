@@ -46,6 +46,29 @@ class LossConfig:
             raise ValueError(f"beta must be finite and >= 0, got {self.beta!r}")
 
 
+@dataclass(frozen=True)
+class LogitTransform:
+    """How raw logits ``acc = h W^T`` become the policy's: ``z = S(logit_scale (acc + b)) / temperature`` with
+    ``S(u) = softcap tanh(u / softcap)`` (the identity without a softcap; Gemma-2's final_logit_softcapping,
+    Cohere's logit_scale). ``dz/dacc = logit_scale S'(u) / temperature``: the row pass writes D times ``S'(u)`` and
+    the gradient GEMMs scale its rows by ``row_scale = logit_scale / temperature`` (times ``g``)."""
+
+    temperature: float = 1.0
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+    @property
+    def inv_temperature(self) -> float:
+        return 1.0 / self.temperature
+
+    @property
+    def row_scale(self) -> float:
+        return self.logit_scale / self.temperature
+
+    def kwargs(self) -> dict:
+        return dict(logit_scale=self.logit_scale, softcap=self.softcap)
+
+
 @dataclass
 class TokenBatch:
     """Token-level inputs of the segment loss, all (B, T) on one device.

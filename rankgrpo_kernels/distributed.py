@@ -10,8 +10,9 @@ Three all-reduces combine them:
     entropy = lse - sum_r exp(lse_r - lse) E_r[z]
 
 The O(N) segment loss then runs identically on every rank. In the backward each rank forms ``D`` for its rows with
-the global ``lse``, keeps ``d_weight`` and ``d_bias`` local and all-reduces ``d_hidden``. Since this lives at the
-level of the log-probs (``lm_head``'s recompute path), it works for every backend.
+the global ``lse`` (and, for the entropy's gradient, the global entropy), keeps ``d_weight`` and ``d_bias`` local
+and all-reduces ``d_hidden``. Since this lives at the level of the log-probs (``lm_head``'s recompute path), it
+works for every backend.
 
 Equivalent PyTorch (on one rank holding the whole head)::
 
@@ -73,14 +74,14 @@ class ShardedLogprobs(torch.autograd.Function):
     to list them); the others get 0."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, listed, vocab_start, temperature, budget, backend,
+    def forward(ctx, hidden, weight, bias, targets, listed, vocab_start, transform, budget, backend,
                 return_entropy, group):
         local_targets = targets - vocab_start  # outside [0, V_r): another rank's row
         owned = (local_targets >= 0) & (local_targets < weight.shape[0])
         if weight.shape[0]:
             positions = None if listed is None else listed.nonzero().squeeze(1)
             logp_r, lse_r, entropy_r = lm_head.logprobs(backend, hidden, weight, bias, local_targets,
-                                                        temperature, budget, return_entropy, positions)
+                                                        transform, budget, return_entropy, positions)
         else:  # an empty shard holds no probability mass
             lse_r = torch.full(targets.shape, float("-inf"), dtype=torch.promote_types(hidden.dtype, torch.float32),
                                device=hidden.device)
@@ -98,23 +99,24 @@ class ShardedLogprobs(torch.autograd.Function):
         if listed is not None:
             logp = torch.where(listed, logp, 0)
             entropy = torch.where(listed, entropy, 0) if entropy is not None else None
-        if entropy is not None:
-            ctx.mark_non_differentiable(entropy)
-        ctx.save_for_backward(hidden, weight, bias, local_targets, lse, listed)
-        ctx.settings = (temperature, budget, backend, group)
+        ctx.save_for_backward(hidden, weight, bias, local_targets, lse, entropy, listed)
+        ctx.settings = (transform, budget, backend, group)
         return logp, entropy
 
     @staticmethod
-    def backward(ctx, grad_logp, _grad_entropy):
-        hidden, weight, bias, local_targets, lse, listed = ctx.saved_tensors
-        temperature, budget, backend, group = ctx.settings
-        if listed is not None:  # the unlisted tokens' log-probs are the constant 0
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, local_targets, lse, entropy, listed = ctx.saved_tensors
+        transform, budget, backend, group = ctx.settings
+        if entropy is None:
+            grad_entropy = None
+        if listed is not None:  # the unlisted tokens' log-probs and entropies are the constant 0
             grad_logp = torch.where(listed, grad_logp, 0)
+            grad_entropy = None if grad_entropy is None else torch.where(listed, grad_entropy, 0)
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias is not None)
-        if weight.shape[0]:
-            d_hidden, d_weight, d_bias = lm_head.logprob_grads(backend, hidden, weight, bias,
-                                                               local_targets, temperature, lse, grad_logp, budget,
-                                                               needs)
+        if weight.shape[0]:  # the global lse and entropy: this shard's columns of the whole row's gradient
+            d_hidden, d_weight, d_bias = lm_head.logprob_grads(backend, hidden, weight, bias, local_targets,
+                                                               transform, lse, grad_logp, budget, needs, entropy,
+                                                               grad_entropy)
         else:
             d_hidden = torch.zeros_like(hidden) if needs[0] else None
             d_weight = torch.zeros_like(weight) if needs[1] else None
@@ -126,8 +128,9 @@ class ShardedLogprobs(torch.autograd.Function):
         return d_hidden, d_weight, d_bias, None, None, None, None, None, None, None, None
 
 
-def sharded_logprobs(hidden2d, weight, bias, targets, listed, vocab_start, temperature, budget, backend,
+def sharded_logprobs(hidden2d, weight, bias, targets, listed, vocab_start, transform, budget, backend,
                      return_entropy, group):
-    """Log-probs (N,) and entropies (N,) or None over a vocabulary-parallel head; see the module docstring."""
-    return ShardedLogprobs.apply(hidden2d, weight, bias, targets, listed, vocab_start, temperature, budget, backend,
+    """Log-probs (N,) and entropies (N,) or None over a vocabulary-parallel head, both differentiable;
+    ``transform`` a ``contract.LogitTransform``; see the module docstring."""
+    return ShardedLogprobs.apply(hidden2d, weight, bias, targets, listed, vocab_start, transform, budget, backend,
                                  return_entropy, group)

@@ -7,7 +7,10 @@ import torch
 
 from . import backends, distributed, ops
 from .contract import LossConfig, stats_dict
-from .inputs import check_head, check_tensor, raise_on_bad_values, target_checks, token_batch
+from .inputs import (
+    check_entropy_coef, check_head, check_logit_transform, check_tensor, raise_on_bad_values, target_checks,
+    token_batch,
+)
 from .settings import memory_budget
 
 _LOSS_DOC = """
@@ -192,12 +195,18 @@ def rank_grpo_loss(
     policy_weights: torch.Tensor | None = None,
     advantage_level: str = "auto",
     compute_entropy: bool = False,
+    entropy_coef: float = 0.0,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
     backend: str = "auto",
     memory_budget_bytes: int | None = None,
     process_group=None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     cfg = LossConfig(epsilon_low, epsilon_high, delta, beta, loss_type)
     B, T = check_head(hidden, weight, target_ids, bias, temperature)
+    transform = check_logit_transform(temperature, logit_scale, logit_softcap)
+    entropy_coef = check_entropy_coef(entropy_coef)
+    with_entropy = bool(compute_entropy) or entropy_coef != 0.0
     batch, checks = token_batch(
         B, T, hidden.device, cfg, item_ids=item_ids, advantages=advantages, completion_mask=completion_mask,
         old_logps=old_logps, ref_logps=ref_logps, advantage_level=advantage_level,
@@ -213,15 +222,17 @@ def rank_grpo_loss(
     budget = memory_budget(memory_budget_bytes, hidden.device)
     if process_group is None:
         loss, stats, *_ = ops.fused_loss(hidden2d, weight, bias, targets, *_loss_operands(batch, cfg),
-                                         float(temperature), bool(compute_entropy), budget,
+                                         transform.temperature, transform.logit_scale, transform.softcap,
+                                         bool(compute_entropy), entropy_coef, budget,
                                          *_needs_grads(hidden, weight, bias), backend)
-        return loss, stats_dict(stats.detach(), ref_logps is not None, compute_entropy)
+        return loss, stats_dict(stats.detach(), ref_logps is not None, with_entropy)
     logp, entropy = distributed.sharded_logprobs(hidden2d, weight, bias, targets, batch.mask.reshape(-1), vocab_start,
-                                                 float(temperature), budget, backend, bool(compute_entropy),
-                                                 process_group)
+                                                 transform, budget, backend, with_entropy, process_group)
     entropy = entropy.view(B, T) if entropy is not None else None
     loss, stats = _loss_from_logps(logp.view(B, T), batch, entropy, cfg, backend)
-    return loss, stats_dict(stats.detach(), ref_logps is not None, compute_entropy)
+    if entropy_coef != 0.0:
+        loss = loss - entropy_coef * torch.where(batch.mask, entropy, 0).sum() / batch.tokens.to(loss.dtype)
+    return loss, stats_dict(stats.detach(), ref_logps is not None, with_entropy)
 
 
 def _vocabulary(weight, process_group):
@@ -240,6 +251,8 @@ def fused_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     mask: torch.Tensor | None = None,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
     backend: str = "auto",
     memory_budget_bytes: int | None = None,
     process_group=None,
@@ -256,6 +269,7 @@ def fused_logprobs(
     ``process_group`` (a vocabulary-parallel head) as in ``rank_grpo_loss``.
     """
     B, T = check_head(hidden, weight, target_ids, bias, temperature)
+    transform = check_logit_transform(temperature, logit_scale, logit_softcap)
     check_tensor(mask, "mask", (B, T), None, hidden.device, optional=True)
     listed = None if mask is None else mask.bool().reshape(-1)
     vocab_start, vocab = _vocabulary(weight, process_group)
@@ -266,10 +280,10 @@ def fused_logprobs(
     budget = memory_budget(memory_budget_bytes, hidden.device)
     backend = backends.choose(backend, hidden.device, hidden.dtype)
     if process_group is None:
-        logp, _, entropy = ops.fused_logprobs(*head, listed, float(temperature), budget, bool(return_entropy),
-                                              backend)
+        logp, _, entropy = ops.fused_logprobs(*head, listed, transform.temperature, transform.logit_scale,
+                                              transform.softcap, budget, bool(return_entropy), backend)
     else:
-        logp, entropy = distributed.sharded_logprobs(*head, listed, vocab_start, float(temperature), budget,
-                                                     backend, bool(return_entropy), process_group)
+        logp, entropy = distributed.sharded_logprobs(*head, listed, vocab_start, transform, budget, backend,
+                                                     bool(return_entropy), process_group)
     logp = logp.view(B, T)
-    return (logp, entropy.view(B, T).detach()) if return_entropy else logp
+    return (logp, entropy.view(B, T)) if return_entropy else logp

@@ -12,7 +12,7 @@ import math
 import torch
 
 from . import distributed
-from .contract import LossConfig, TokenBatch, dense_groups
+from .contract import LogitTransform, LossConfig, TokenBatch, dense_groups
 from .settings import validate_values
 
 
@@ -168,6 +168,27 @@ def check_head(hidden, weight, target_ids, bias, temperature):
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (0 < temperature < math.inf):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     return B, T
+
+
+def _finite_number(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_logit_transform(temperature, logit_scale, logit_softcap):
+    """The ``LogitTransform`` of validated settings: logits ``S(logit_scale (h W^T + b)) / temperature``
+    (``S`` the softcap's ``c tanh(u / c)``)."""
+    scale = _finite_number(logit_scale, "logit_scale")
+    if scale <= 0:
+        raise ValueError(f"logit_scale must be > 0, got {logit_scale!r}")
+    if logit_softcap is not None and _finite_number(logit_softcap, "logit_softcap") <= 0:
+        raise ValueError(f"logit_softcap must be None or a finite number > 0, got {logit_softcap!r}")
+    return LogitTransform(float(temperature), scale, None if logit_softcap is None else float(logit_softcap))
+
+
+def check_entropy_coef(entropy_coef) -> float:
+    return _finite_number(entropy_coef, "entropy_coef")
 
 
 def target_checks(target_ids, vocab, mask):

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from . import backends, gemms
-from .contract import STAT_NAMES, LossConfig, TokenBatch
+from .contract import STAT_NAMES, LogitTransform, LossConfig, TokenBatch
 
 # The statistics of the policy's own distribution at a token, means over the tokens whose log-probs are computed.
 LISTED_MEANS = [STAT_NAMES.index("ratio_mean"), STAT_NAMES.index("entropy")]
@@ -94,15 +94,19 @@ class LogitsBuffer:
         return self.data.as_strided((count, self.vocab), (self.stride, 1))
 
 
-def bytes_per_token(backend: str, vocab, hidden_size, dtype, needs_grad) -> int:
+def bytes_per_token(backend: str, vocab, hidden_size, dtype, needs_grad, entropy_bonus=False) -> int:
     """Scratch per token of a chunk with GEMM operands of ``dtype`` (``gemm_dtype``): its fp32 logits row (plus a
-    separate D row where the backend cannot write D in place), its gathered hidden row, and with gradients its
-    fp32 (D W) row and its scaled hidden row."""
+    separate D row where the backend cannot write D in place, and a copy of the logits for the entropy bonus's
+    statistics pass where the backend's overwrites them), its gathered hidden row, and with gradients its fp32
+    (D W) row and its scaled hidden row."""
     acc = accumulator_dtype(dtype)
     grad_dtype = dtype if needs_grad else None
+    spec = backends.REGISTRY[backend]
     per_logit = acc.itemsize
-    if not backends.REGISTRY[backend].grad_in_place(acc, grad_dtype):
+    if not spec.grad_in_place(acc, grad_dtype):
         per_logit += grad_dtype.itemsize
+    if entropy_bonus and needs_grad and spec.stats_pass_overwrites:
+        per_logit += acc.itemsize
     vocab = padded_vocab(vocab)
     per_row = hidden_size * dtype.itemsize
     if grad_dtype is not None:
@@ -110,9 +114,9 @@ def bytes_per_token(backend: str, vocab, hidden_size, dtype, needs_grad) -> int:
     return vocab * per_logit + per_row
 
 
-def tokens_per_chunk(backend: str, vocab, hidden_size, dtype, needs_grad, budget_bytes) -> int:
+def tokens_per_chunk(backend: str, vocab, hidden_size, dtype, needs_grad, budget_bytes, entropy_bonus=False) -> int:
     """Tokens per chunk within the budget: at least one token's whole vocabulary row."""
-    return max(1, budget_bytes // bytes_per_token(backend, vocab, hidden_size, dtype, needs_grad))
+    return max(1, budget_bytes // bytes_per_token(backend, vocab, hidden_size, dtype, needs_grad, entropy_bonus))
 
 
 # --- which tokens enter the GEMMs, and the chunks ------------------------------------------------------------------
@@ -260,19 +264,29 @@ def saved_grad_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # --- the fused loss --------------------------------------------------------------------------------------------------
 
-def loss_and_grads(backend: str, hidden, weight, bias, targets, batch: TokenBatch, cfg: LossConfig, temperature: float,
-                   compute_entropy: bool, budget_bytes: int, needs: tuple[bool, bool, bool]):
+def loss_and_grads(backend: str, hidden, weight, bias, targets, batch: TokenBatch, cfg: LossConfig,
+                   transform: LogitTransform, compute_entropy: bool, entropy_coef: float, budget_bytes: int,
+                   needs: tuple[bool, bool, bool]):
     """Loss, statistics and the gradients (d_hidden, d_weight, d_bias; None where ``needs`` says so) of the fused
     loss over chunks of whole items within ``budget_bytes`` of scratch, in ``saved_grad_dtype``. ``batch.logps`` and
-    ``batch.entropy`` are unused. ``ratio_mean`` and ``entropy`` are means over the tokens that entered the GEMMs."""
+    ``batch.entropy`` are unused. ``ratio_mean`` and ``entropy`` are means over the tokens that entered the GEMMs.
+
+    ``entropy_coef`` adds the entropy bonus ``-entropy_coef * sum_t M_t H_t / tokens`` (TRL's, verl's and
+    OpenRLHF's: a mean over the loss tokens) with its gradient: every loss token then enters, the row pass gives
+    the statistics only and, once the segment loss has given ``g``, the gradient pass writes
+    ``D' = g (onehot - p) - e p (log p + H)`` with ``e = dL/dH = -entropy_coef / tokens`` over the same logits."""
     impl = backends.load(backend)
     V, H = weight.shape
     N = hidden.shape[0]
     h_op, w_op = _gemm_operands(hidden, weight)
     acc = accumulator_dtype(hidden.dtype)
     grad_dtype = h_op.dtype if any(needs) else None
-    cap = tokens_per_chunk(backend, V, H, h_op.dtype, grad_dtype is not None, budget_bytes)
-    plan = token_plan(batch, skips_zero_advantage_items(cfg, batch), cap)
+    bonus = entropy_coef != 0.0
+    want_entropy = compute_entropy or bonus
+    cap = tokens_per_chunk(backend, V, H, h_op.dtype, grad_dtype is not None, budget_bytes, bonus)
+    plan = token_plan(batch, skips_zero_advantage_items(cfg, batch) and not bonus, cap)
+    # the entropy bonus's gradient pass reads the logits the statistics pass must leave as they are
+    keep_logits = bonus and grad_dtype is not None and backends.REGISTRY[backend].stats_pass_overwrites
     grads = _grad_buffers(N, plan.tokens, weight, bias, needs, saved_grad_dtype(hidden.dtype), acc)
     largest = max((c1 - c0 for c0, c1, _, _ in plan.chunks), default=0)
     if largest > cap:
@@ -285,37 +299,58 @@ def loss_and_grads(backend: str, hidden, weight, bias, targets, batch: TokenBatc
     product = torch.empty(width, H, dtype=acc, device=hidden.device) if grads[0] is not None else None
     loss = torch.zeros((), dtype=acc, device=hidden.device)
     stats = torch.zeros(len(STAT_NAMES), dtype=acc, device=hidden.device)
-    inv_t = 1.0 / temperature
+    tokens = batch.tokens.to(acc)
     for c0, c1, r0, r1 in plan.chunks:
         positions = plan.positions[c0:c1]
         h, y = h_op.index_select(0, positions), targets.index_select(0, positions)
-        if c1 - c0 <= cap:
+        fits = c1 - c0 <= cap
+        if fits:
             z = gemms.mm_into(h, w_op.T, logits.rows(c1 - c0))
-            logp, _, entropy, d_logits = impl.row_pass(z, bias, y, None, inv_t, None, grad_dtype, compute_entropy)
+            logp, lse, entropy, d_logits = impl.row_pass(z.clone() if keep_logits else z, bias, y,
+                                                         transform.inv_temperature, None,
+                                                         None if bonus else grad_dtype, want_entropy,
+                                                         **transform.kwargs())
         else:
-            logp, lse, entropy = _chunked_logprobs(impl, h, w_op, bias, y, inv_t, cap, logits, compute_entropy)
+            logp, lse, entropy = _chunked_logprobs(impl, h, w_op, bias, y, transform, cap, logits, want_entropy)
         chunk, local = _chunk_batch(batch, positions, r0, r1, logp, entropy)
         chunk_loss, chunk_stats, g = impl.segment_loss(chunk, cfg)
         loss += chunk_loss
+        if bonus:
+            loss -= entropy_coef * entropy.sum() / tokens
         # the neutral tokens of the chunk's rows each added a ratio of exactly 1
-        chunk_stats[RATIO] -= (chunk.mask.sum() - (c1 - c0)).to(acc) / batch.tokens.to(acc)
+        chunk_stats[RATIO] -= (chunk.mask.sum() - (c1 - c0)).to(acc) / tokens
         stats += chunk_stats
         if grad_dtype is None:
             continue
-        scale = g.reshape(-1).index_select(0, local).to(acc) * inv_t
-        if c1 - c0 <= cap:
-            _chunk_grads(d_logits, scale, h, w_op, grads, c0 == 0, positions, product)
+        g = g.reshape(-1).index_select(0, local).to(acc)
+        e = torch.full_like(g, -entropy_coef) / tokens if bonus else None
+        if not fits:
+            _recomputed_grads(impl, h, w_op, bias, y, transform, lse, entropy, g, e, grads, c0 == 0, positions,
+                              cap, logits, product, h_op.dtype)
+            continue
+        if bonus:
+            d_logits, scale = _entropy_gradient_pass(impl, z, bias, y, transform, lse, entropy, g, e, h_op.dtype)
         else:
-            _recomputed_grads(impl, h, w_op, bias, y, inv_t, lse, scale, grads, c0 == 0, positions, cap, logits,
-                              product, h_op.dtype)
+            scale = g * transform.row_scale
+        _chunk_grads(d_logits, scale, h, w_op, grads, c0 == 0, positions, product)
     if plan.tokens:  # means over the listed tokens (all loss tokens unless items were skipped)
-        stats[LISTED_MEANS] *= batch.tokens.to(acc) / plan.tokens
+        stats[LISTED_MEANS] *= tokens / plan.tokens
     return (loss, stats, *_finish_grads(grads, saved_grad_dtype(weight.dtype)))
 
 
+def _entropy_gradient_pass(impl, z, bias, y, transform, lse, entropy, g, e, grad_dtype):
+    """``D'`` of a loss with an entropy term over the untouched logits ``z`` (a statistics-only row pass), and the
+    row scale of its gradient GEMMs. fp16 operands get ``g`` and ``e`` times a power of two (``_operand_factor``)
+    that the row scale takes out again: ``D'`` holds ``g``, and ``g / T`` sits near fp16's subnormals."""
+    factor = _operand_factor(torch.maximum(g.abs(), e.abs()), grad_dtype)
+    d_logits = impl.grad_pass(z, bias, y, transform.inv_temperature, lse, entropy, g * factor, e * factor,
+                              grad_dtype, **transform.kwargs())
+    return d_logits, torch.full_like(g, transform.row_scale / factor)
+
+
 def _chunk_grads(d_logits, scale, h, w_op, grads, first, positions, product):
-    """The gradient GEMMs of one chunk. On a CPU, the rows whose ``g`` is exactly 0 (clipped or saturated items)
-    are left out first: counting them costs no device sync there."""
+    """The gradient GEMMs of one chunk. On a CPU, the rows whose ``scale`` is exactly 0 (clipped or saturated
+    items) are left out first: counting them costs no device sync there."""
     if scale.device.type == "cpu":
         keep = scale.nonzero().squeeze(1)
         if keep.numel() < scale.numel():
@@ -323,7 +358,7 @@ def _chunk_grads(d_logits, scale, h, w_op, grads, first, positions, product):
     _accumulate_grads(d_logits, scale, h, w_op, grads, first, positions, product)
 
 
-def _chunked_logprobs(impl, h, w_op, bias, y, inv_t, cap, logits, want_entropy):
+def _chunked_logprobs(impl, h, w_op, bias, y, transform, cap, logits, want_entropy):
     """logp, lse and entropy (or None), each (C,), of the tokens of ``h`` (C, H), ``cap`` tokens at a time."""
     C = h.shape[0]
     logp, lse = (torch.empty(C, dtype=logits.data.dtype, device=h.device) for _ in range(2))
@@ -331,29 +366,36 @@ def _chunked_logprobs(impl, h, w_op, bias, y, inv_t, cap, logits, want_entropy):
     for t0 in range(0, C, cap):
         t1 = min(C, t0 + cap)
         z = gemms.mm_into(h[t0:t1], w_op.T, logits.rows(t1 - t0))
-        out = impl.row_pass(z, bias, y[t0:t1], None, inv_t, None, None, want_entropy)
+        out = impl.row_pass(z, bias, y[t0:t1], transform.inv_temperature, None, None, want_entropy,
+                            **transform.kwargs())
         logp[t0:t1], lse[t0:t1] = out[0], out[1]
         if want_entropy:
             entropy[t0:t1] = out[2]
     return logp, lse, entropy
 
 
-def _recomputed_grads(impl, h, w_op, bias, y, inv_t, lse, scale, grads, first, rows_out, cap, logits, product,
-                      grad_dtype):
-    """Gradients of the tokens of ``h`` (C, H) with their logits recomputed ``cap`` tokens at a time and D formed
-    with the saved ``lse``; ``d_hidden`` rows go to ``rows_out``."""
+def _recomputed_grads(impl, h, w_op, bias, y, transform, lse, entropy, g, e, grads, first, rows_out, cap, logits,
+                      product, grad_dtype):
+    """Gradients of ``sum_t g_t logp_t + e_t H_t`` (``e`` None: no entropy term) over the tokens of ``h`` (C, H),
+    their logits recomputed ``cap`` tokens at a time and D formed with the saved ``lse`` (and ``entropy``);
+    ``d_hidden`` rows go to ``rows_out``."""
     for t0 in range(0, h.shape[0], cap):
         t1 = min(h.shape[0], t0 + cap)
         z = gemms.mm_into(h[t0:t1], w_op.T, logits.rows(t1 - t0))
-        d_logits = impl.row_pass(z, bias, y[t0:t1], None, inv_t, lse[t0:t1], grad_dtype, False)[3]
-        _accumulate_grads(d_logits, scale[t0:t1], h[t0:t1], w_op, grads, first and t0 == 0, rows_out[t0:t1],
-                          product)
+        if e is None:
+            d_logits = impl.row_pass(z, bias, y[t0:t1], transform.inv_temperature, lse[t0:t1], grad_dtype, False,
+                                     **transform.kwargs())[3]
+            scale = g[t0:t1] * transform.row_scale
+        else:
+            d_logits, scale = _entropy_gradient_pass(impl, z, bias, y[t0:t1], transform, lse[t0:t1],
+                                                     entropy[t0:t1], g[t0:t1], e[t0:t1], grad_dtype)
+        _accumulate_grads(d_logits, scale, h[t0:t1], w_op, grads, first and t0 == 0, rows_out[t0:t1], product)
 
 
 # --- the recompute path ------------------------------------------------------------------------------------------
 
-def logprobs(backend: str, hidden, weight, bias, targets, temperature: float, budget_bytes: int, want_entropy: bool,
-             positions=None):
+def logprobs(backend: str, hidden, weight, bias, targets, transform: LogitTransform, budget_bytes: int,
+             want_entropy: bool, positions=None):
     """logp, lse and entropy (or None), each (N,) in fp32 (fp64 for fp64 inputs), of the tokens at ``positions``
     ((n,) int64; None: all), 0 for the others. A target outside [0, V) (another vocabulary shard) has target logit
     0, so its logp is ``-lse``."""
@@ -365,22 +407,26 @@ def logprobs(backend: str, hidden, weight, bias, targets, temperature: float, bu
         h_op, targets = h_op.index_select(0, positions), targets.index_select(0, positions)
     cap = tokens_per_chunk(backend, V, hidden.shape[1], h_op.dtype, False, budget_bytes)
     logits = LogitsBuffer(min(h_op.shape[0], cap), V, acc, hidden.device)
-    out = _chunked_logprobs(impl, h_op, w_op, bias, targets, 1.0 / temperature, cap, logits, want_entropy)
+    out = _chunked_logprobs(impl, h_op, w_op, bias, targets, transform, cap, logits, want_entropy)
     if positions is None:
         return out
     return tuple(None if x is None else torch.zeros(N, dtype=acc, device=hidden.device).index_copy_(0, positions, x)
                  for x in out)
 
 
-def logprob_grads(backend: str, hidden, weight, bias, targets, temperature: float, lse, grad_logp, budget_bytes: int,
-                  needs: tuple[bool, bool, bool]):
-    """Gradients (d_hidden, d_weight, d_bias) of ``sum_t grad_logp[t] * logp[t]`` given the forward's ``lse``;
-    None where ``needs`` says so. Only the tokens with ``grad_logp != 0`` are recomputed."""
+def logprob_grads(backend: str, hidden, weight, bias, targets, transform: LogitTransform, lse, grad_logp,
+                  budget_bytes: int, needs: tuple[bool, bool, bool], entropy=None, grad_entropy=None):
+    """Gradients (d_hidden, d_weight, d_bias) of ``sum_t grad_logp[t] logp[t] + grad_entropy[t] entropy[t]`` given
+    the forward's ``lse`` (and ``entropy``; ``grad_entropy`` None: no entropy term); None where ``needs`` says so.
+    Only the tokens with a non-zero incoming gradient are recomputed (one host sync to list them)."""
     impl = backends.load(backend)
     V, H = weight.shape
     h_op, w_op = _gemm_operands(hidden, weight)
     acc = accumulator_dtype(hidden.dtype)
-    active = grad_logp.reshape(-1).nonzero().squeeze(1)
+    nonzero = grad_logp.reshape(-1) != 0
+    if grad_entropy is not None:
+        nonzero |= grad_entropy.reshape(-1) != 0
+    active = nonzero.nonzero().squeeze(1)
     n_active = active.numel()
     grads = _grad_buffers(hidden.shape[0], n_active, weight, bias, needs, hidden.dtype, acc)
     if n_active:
@@ -388,8 +434,10 @@ def logprob_grads(backend: str, hidden, weight, bias, targets, temperature: floa
         width = min(n_active, cap)
         logits = LogitsBuffer(width, V, acc, hidden.device)
         product = torch.empty(width, H, dtype=acc, device=hidden.device) if needs[0] else None
-        scale = grad_logp.reshape(-1)[active].to(acc) / temperature
-        _recomputed_grads(impl, h_op[active], w_op, bias, targets[active], 1.0 / temperature,
-                          lse.reshape(-1)[active].to(acc), scale, grads, True, active, cap, logits, product,
-                          h_op.dtype)
+
+        def take(x):
+            return None if x is None else x.reshape(-1)[active].to(acc)
+
+        _recomputed_grads(impl, h_op[active], w_op, bias, targets[active], transform, take(lse), take(entropy),
+                          take(grad_logp), take(grad_entropy), grads, True, active, cap, logits, product, h_op.dtype)
     return _finish_grads(grads, weight.dtype)

@@ -4,7 +4,7 @@
 rankgrpo::fused_loss       (hidden (N, H), weight, bias, targets (N,), token-level loss inputs (B, T)) ->
                            loss, stats, d_hidden, d_weight, d_bias      the gradients are formed in the forward
 rankgrpo::fused_logprobs   (hidden, weight, bias, targets, mask) -> logp, lse, entropy  differentiable in logp
-                           (0 where mask is False: those tokens enter no GEMM)
+                           and entropy (0 where mask is False: those tokens enter no GEMM)
 rankgrpo::logprob_grads    the LM-head gradients from ``grad_logp`` (the recompute path's backward)
 rankgrpo::loss_from_logps  (logps (B, T), loss inputs) -> loss, stats, grad_logp    differentiable in logps
 
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import backends, lm_head
-from .contract import STAT_NAMES, LossConfig, TokenBatch
+from .contract import STAT_NAMES, LogitTransform, LossConfig, TokenBatch
 
 _EMPTY = (0,)
 
@@ -41,22 +41,22 @@ def _fake_loss_outputs(like: Tensor):
 def fused_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                old_logps: Optional[Tensor], ref_logps: Optional[Tensor], advantages: Tensor,
                policy_weights: Optional[Tensor], group: Tensor, mask: Tensor, normaliser: Tensor, tokens: Tensor,
-               epsilon_low: float, epsilon_high: float,
-               delta: Optional[float], beta: float, loss_type: str, temperature: float, compute_entropy: bool,
-               budget: int, need_hidden: bool, need_weight: bool, need_bias: bool,
+               epsilon_low: float, epsilon_high: float, delta: Optional[float], beta: float, loss_type: str,
+               temperature: float, logit_scale: float, softcap: Optional[float], compute_entropy: bool,
+               entropy_coef: float, budget: int, need_hidden: bool, need_weight: bool, need_bias: bool,
                backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     batch = TokenBatch(None, old_logps, ref_logps, advantages, group, mask, normaliser, tokens, None, policy_weights)
     loss, stats, *grads = lm_head.loss_and_grads(
-        backend, hidden, weight, bias, targets, batch,
-        LossConfig(epsilon_low, epsilon_high, delta, beta, loss_type), temperature, compute_entropy, budget,
+        backend, hidden, weight, bias, targets, batch, LossConfig(epsilon_low, epsilon_high, delta, beta, loss_type),
+        LogitTransform(temperature, logit_scale, softcap), compute_entropy, entropy_coef, budget,
         (need_hidden, need_weight, need_bias and bias is not None))
     return (loss, stats, *(_empty_if_none(g, hidden) for g in grads))
 
 
 @fused_loss.register_fake
 def _(hidden, weight, bias, targets, old_logps, ref_logps, advantages, policy_weights, group, mask, normaliser, tokens,
-      epsilon_low, epsilon_high, delta, beta, loss_type, temperature, compute_entropy, budget, need_hidden, need_weight,
-      need_bias, backend):
+      epsilon_low, epsilon_high, delta, beta, loss_type, temperature, logit_scale, softcap, compute_entropy,
+      entropy_coef, budget, need_hidden, need_weight, need_bias, backend):
     dtype = lm_head.saved_grad_dtype(hidden.dtype)
     return (*_fake_loss_outputs(hidden),
             hidden.new_empty(hidden.shape, dtype=dtype) if need_hidden else hidden.new_empty(_EMPTY),
@@ -66,7 +66,7 @@ def _(hidden, weight, bias, targets, old_logps, ref_logps, advantages, policy_we
 
 def _fused_loss_setup(ctx, inputs, output):
     ctx.save_for_backward(*output[2:])
-    need_hidden, need_weight, need_bias = inputs[20:23]
+    need_hidden, need_weight, need_bias = inputs[23:26]
     ctx.needs = (need_hidden, need_weight, need_bias and inputs[2] is not None)
     ctx.input_dtype = inputs[0].dtype
     ctx.num_inputs, ctx.spent = len(inputs), False
@@ -101,16 +101,18 @@ fused_loss.register_autograd(_fused_loss_backward, setup_context=_fused_loss_set
 
 @torch.library.custom_op("rankgrpo::logprob_grads", mutates_args=())
 def logprob_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, temperature: float,
-                     lse: Tensor, grad_logp: Tensor, budget: int, need_hidden: bool, need_weight: bool,
-                     need_bias: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    grads = lm_head.logprob_grads(backend, hidden, weight, bias, targets, temperature, lse,
-                                  grad_logp, budget, (need_hidden, need_weight, need_bias))
+                  logit_scale: float, softcap: Optional[float], lse: Tensor, grad_logp: Tensor,
+                  entropy: Optional[Tensor], grad_entropy: Optional[Tensor], budget: int, need_hidden: bool,
+                  need_weight: bool, need_bias: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    grads = lm_head.logprob_grads(backend, hidden, weight, bias, targets,
+                                  LogitTransform(temperature, logit_scale, softcap), lse, grad_logp, budget,
+                                  (need_hidden, need_weight, need_bias), entropy, grad_entropy)
     return tuple(_empty_if_none(g, hidden) for g in grads)
 
 
 @logprob_grads.register_fake
-def _(hidden, weight, bias, targets, temperature, lse, grad_logp, budget, need_hidden, need_weight, need_bias,
-      backend):
+def _(hidden, weight, bias, targets, temperature, logit_scale, softcap, lse, grad_logp, entropy, grad_entropy,
+      budget, need_hidden, need_weight, need_bias, backend):
     return (hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(_EMPTY),
             weight.new_empty(weight.shape) if need_weight else hidden.new_empty(_EMPTY),
             bias.new_empty(bias.shape) if need_bias and bias is not None else hidden.new_empty(_EMPTY))
@@ -118,16 +120,17 @@ def _(hidden, weight, bias, targets, temperature, lse, grad_logp, budget, need_h
 
 @torch.library.custom_op("rankgrpo::fused_logprobs", mutates_args=())
 def fused_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, mask: Optional[Tensor],
-                   temperature: float, budget: int, return_entropy: bool,
-                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                   temperature: float, logit_scale: float, softcap: Optional[float], budget: int,
+                   return_entropy: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     positions = None if mask is None else mask.nonzero().squeeze(1)  # the sizes: one host sync
-    logp, lse, entropy = lm_head.logprobs(backend, hidden, weight, bias, targets, temperature, budget,
+    logp, lse, entropy = lm_head.logprobs(backend, hidden, weight, bias, targets,
+                                          LogitTransform(temperature, logit_scale, softcap), budget,
                                           return_entropy, positions)
     return logp, lse, _empty_if_none(entropy, lse)
 
 
 @fused_logprobs.register_fake
-def _(hidden, weight, bias, targets, mask, temperature, budget, return_entropy, backend):
+def _(hidden, weight, bias, targets, mask, temperature, logit_scale, softcap, budget, return_entropy, backend):
     dtype = lm_head.accumulator_dtype(hidden.dtype)
     N = hidden.shape[0]
     return (hidden.new_empty((N,), dtype=dtype), hidden.new_empty((N,), dtype=dtype),
@@ -135,19 +138,24 @@ def _(hidden, weight, bias, targets, mask, temperature, budget, return_entropy, 
 
 
 def _fused_logprobs_setup(ctx, inputs, output):
-    hidden, weight, bias, targets, mask, temperature, budget, _, backend = inputs
-    ctx.save_for_backward(hidden, weight, bias, targets, output[1], mask)
-    ctx.temperature, ctx.budget, ctx.backend, ctx.num_inputs = temperature, budget, backend, len(inputs)
+    hidden, weight, bias, targets, mask, temperature, logit_scale, softcap, budget, return_entropy, backend = inputs
+    ctx.save_for_backward(hidden, weight, bias, targets, output[1], output[2] if return_entropy else None, mask)
+    ctx.settings = (temperature, logit_scale, softcap)
+    ctx.budget, ctx.backend, ctx.num_inputs = budget, backend, len(inputs)
 
 
-def _fused_logprobs_backward(ctx, grad_logp, _lse, _entropy):
-    hidden, weight, bias, targets, lse, mask = ctx.saved_tensors
+def _fused_logprobs_backward(ctx, grad_logp, _lse, grad_entropy):
+    hidden, weight, bias, targets, lse, entropy, mask = ctx.saved_tensors
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
     need_bias = need_bias and bias is not None
-    if mask is not None:  # the unlisted tokens' log-probs are the constant 0
+    if entropy is None:
+        grad_entropy = None
+    if mask is not None:  # the unlisted tokens' log-probs and entropies are the constant 0
         grad_logp = torch.where(mask, grad_logp, 0)
-    d_hidden, d_weight, d_bias = logprob_grads(hidden, weight, bias, targets, ctx.temperature, lse, grad_logp,
-                                                  ctx.budget, need_hidden, need_weight, need_bias, ctx.backend)
+        grad_entropy = None if grad_entropy is None else torch.where(mask, grad_entropy, 0)
+    d_hidden, d_weight, d_bias = logprob_grads(hidden, weight, bias, targets, *ctx.settings, lse, grad_logp, entropy,
+                                               grad_entropy, ctx.budget, need_hidden, need_weight, need_bias,
+                                               ctx.backend)
     return (d_hidden if need_hidden else None, d_weight if need_weight else None, d_bias if need_bias else None,
             *([None] * (ctx.num_inputs - 3)))
 

@@ -54,13 +54,16 @@ def reference_loss_from_logps(
     rec_num: int | None = None,
     entropy: torch.Tensor | None = None,
     policy_weights: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Rank-GRPO loss from per-token log-probs; all tensors (B, T), ``advantages`` per token.
 
     ``item_ids >= 0`` name the groups of a row; tokens with a negative id or ``completion_mask == 0`` are outside
     the loss. ``rec_num`` (N) is needed by ``loss_type="rank"`` only. ``policy_weights`` (constants, e.g. an
     importance-sampling correction) multiply each token's policy term, nothing else: ``loss = sum_t c_t pw_t
-    policy_t + beta sum_t kw_t KL_t`` (TRL's order). Returns the scalar loss and detached
+    policy_t + beta sum_t kw_t KL_t`` (TRL's order). ``entropy_coef`` subtracts the entropy bonus
+    ``entropy_coef * mean_t entropy_t`` over the loss tokens (``entropy`` then required, differentiable). Returns
+    the scalar loss and detached
     statistics (token means over the tokens in the loss; ``kl`` only with ``ref_logps``,
     ``entropy`` only when given).
     """
@@ -114,6 +117,11 @@ def reference_loss_from_logps(
             kl_weight = (1.0 / tokens) if loss_type == "rank" else c
             loss = loss + beta * (kl_weight * kl).sum()
 
+    if entropy_coef != 0.0:
+        if entropy is None:
+            raise ValueError("entropy_coef needs the per-token entropy")
+        loss = loss - entropy_coef * entropy[mask].to(l.dtype).sum() / tokens
+
     with torch.no_grad():
         low = (w_unclipped < 1 - epsilon_low) & (a < 0)
         high = (w_unclipped > 1 + epsilon_high) & (a > 0)
@@ -137,8 +145,11 @@ def reference_logprobs(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
 ):
-    """Eager log-probs: full logits ``(hidden @ weight.T + bias) / temperature`` -> log_softmax -> gather.
+    """Eager log-probs: full logits ``S(logit_scale (hidden @ weight.T + bias)) / temperature`` -> log_softmax ->
+    gather, with ``S(u) = logit_softcap tanh(u / logit_softcap)`` (or u).
 
     hidden (..., H), weight (V, H), target_ids (...). The logits are upcast to float32 (float64 stays float64)
     before the softmax, as TRL does. Returns log-probs (...) and, if asked, the entropy (...).
@@ -146,7 +157,10 @@ def reference_logprobs(
     logits = hidden @ weight.T
     if bias is not None:
         logits = logits + bias
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) * logit_scale
+    if logit_softcap is not None:
+        logits = logit_softcap * torch.tanh(logits / logit_softcap)
+    logits = logits / temperature
     logp_all = F.log_softmax(logits, dim=-1)
     logps = logp_all.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)
     if not return_entropy:
@@ -154,7 +168,12 @@ def reference_logprobs(
     return logps, -(logp_all.exp() * logp_all).sum(-1)
 
 
-def reference_loss(hidden, weight, target_ids, *, bias=None, temperature=1.0, **loss_kwargs):
-    """The eager baseline: ``reference_logprobs`` then ``reference_loss_from_logps``; holds all logits."""
-    logps = reference_logprobs(hidden, weight, target_ids, bias=bias, temperature=temperature)
-    return reference_loss_from_logps(logps, **loss_kwargs)
+def reference_loss(hidden, weight, target_ids, *, bias=None, temperature=1.0, logit_scale=1.0, logit_softcap=None,
+                   **loss_kwargs):
+    """The eager baseline: ``reference_logprobs`` then ``reference_loss_from_logps``; holds all logits. With
+    ``entropy_coef`` the entropy comes from the same logits."""
+    head = dict(bias=bias, temperature=temperature, logit_scale=logit_scale, logit_softcap=logit_softcap)
+    if loss_kwargs.get("entropy_coef", 0.0) != 0.0:
+        logps, entropy = reference_logprobs(hidden, weight, target_ids, return_entropy=True, **head)
+        return reference_loss_from_logps(logps, entropy=entropy, **loss_kwargs)
+    return reference_loss_from_logps(reference_logprobs(hidden, weight, target_ids, **head), **loss_kwargs)

@@ -47,8 +47,8 @@ def _budget(path, backend, kwargs, V, H, dtype):
     chunks; ``recompute``: row 1 becomes one item longer than a chunk (its logits are recomputed)."""
     if path == "fused":
         return None
-    per_token = lm_head.bytes_per_token(backend, V, H, lm_head.gemm_dtype(torch.empty(0, dtype=dtype,
-                                                                                       device=DEVICE)), True)
+    per_token = lm_head.bytes_per_token(backend, V, H, lm_head.gemm_dtype(torch.empty(0, dtype=dtype, device=DEVICE)),
+                                        True, kwargs.get("entropy_coef", 0.0) != 0.0)
     if path == "recompute":
         kwargs["item_ids"][1] = 0
         kwargs["completion_mask"][1] = True
@@ -121,6 +121,65 @@ def test_loss_and_gradients_match_reference(backend, dtype, path, loss_type):
                                **LOSS_TOL.get(dtype, FP32_TOL))
 
 
+HEADS = {"softcap": dict(logit_softcap=2.5, logit_scale=1.7), "entropy": dict(entropy_coef=0.3),
+         "both": dict(logit_softcap=3.0, logit_scale=0.8, entropy_coef=-0.2)}
+
+
+@pytest.mark.parametrize("backend,dtype", CASES)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("head", HEADS)
+def test_logit_transform_and_entropy_bonus_match_reference(backend, dtype, path, head):
+    """Softcapped and scaled logits (Gemma-2, Cohere) and the entropy bonus with its gradient, on- and off-policy
+    items beside zero-advantage ones (kept: the bonus reaches every loss token)."""
+    B, T, H, V = SHAPE
+    hidden, weight, bias, targets = random_head(B, T, H, V, dtype, device=DEVICE, seed=3, scale=2.0)
+    kwargs = loss_inputs_near_policy(hidden, weight, bias, targets, 0.9, K=4)
+    kwargs["advantages"][0] = 0.0
+    kwargs.update(epsilon_low=0.05, epsilon_high=0.08, ref_logps=None, **HEADS[head])
+    budget = _budget(path, backend, kwargs, V, H, dtype)
+    ours, stats = _run(path, lambda: rank_grpo_loss(hidden, weight, targets, bias=bias, temperature=0.9,
+                                                    backend=backend, memory_budget_bytes=budget, **kwargs))
+    ref_params = _reference_inputs(hidden, weight, bias)
+    ref, ref_stats = reference_loss(*ref_params[:2], targets, bias=ref_params[2], temperature=0.9, **kwargs)
+    torch.testing.assert_close(ours.double(), ref, **LOSS_TOL.get(dtype, FP32_TOL))
+    for got, want in zip(_grads(ours, (hidden, weight, bias)), _grads(ref, ref_params)):
+        _assert_close(got, want, dtype)
+    if "entropy_coef" in kwargs:
+        torch.testing.assert_close(stats["entropy"].double(), ref_stats["entropy"] if "entropy" in ref_stats else
+                                   _reference_entropy(ref_params, targets, kwargs), **LOSS_TOL.get(dtype, FP32_TOL))
+
+
+def _reference_entropy(params, targets, kwargs):
+    _, entropy = reference_logprobs(*params[:2], targets, bias=params[2], temperature=0.9, return_entropy=True,
+                                    logit_scale=kwargs.get("logit_scale", 1.0),
+                                    logit_softcap=kwargs.get("logit_softcap"))
+    mask = kwargs["completion_mask"] & (kwargs["item_ids"] >= 0)
+    return entropy[mask].mean().detach()
+
+
+@pytest.mark.parametrize("backend,dtype", CASES)
+@pytest.mark.parametrize("head", ["plain", "softcap"])
+def test_fused_logprobs_entropy_is_differentiable(backend, dtype, head):
+    """What OpenRLHF's and verl's entropy bonus backpropagates through: d(sum a logp + b H) for the whole head."""
+    hidden, weight, bias, targets = random_head(3, 7, 12, 517, dtype, scale=3.0, device=DEVICE)
+    transform = dict(logit_softcap=4.0, logit_scale=1.3) if head == "softcap" else {}
+    logp, entropy = fused_logprobs(hidden, weight, targets, bias=bias, temperature=1.3, return_entropy=True,
+                                   backend=backend, memory_budget_bytes=MIN_MEMORY_BUDGET, **transform)
+    ref_params = _reference_inputs(hidden, weight, bias)
+    ref_logp, ref_entropy = reference_logprobs(*ref_params[:2], targets, bias=ref_params[2], temperature=1.3,
+                                               return_entropy=True, **transform)
+    torch.testing.assert_close(entropy.double(), ref_entropy.detach(), **LOSS_TOL.get(dtype, FP32_TOL))
+    g = torch.Generator().manual_seed(5)
+    a, b = (torch.randn(logp.shape, generator=g, dtype=torch.float64).to(DEVICE) for _ in range(2))
+    a[0, ::2] = 0  # tokens with only an entropy gradient, and (below) neither
+    b[1] = 0
+    a[1, 3] = 0
+    ours = (logp * a.to(logp.dtype)).sum() + (entropy * b.to(entropy.dtype)).sum()
+    ref = (ref_logp * a).sum() + (ref_entropy * b).sum()
+    for got, want in zip(_grads(ours, (hidden, weight, bias)), _grads(ref, ref_params)):
+        _assert_close(got, want, dtype)
+
+
 @pytest.mark.parametrize("backend,dtype", CASES)
 @pytest.mark.parametrize("return_entropy", [False, True])
 def test_fused_logprobs_values_and_gradients(backend, dtype, return_entropy):
@@ -134,7 +193,6 @@ def test_fused_logprobs_values_and_gradients(backend, dtype, return_entropy):
     torch.testing.assert_close(logp.double(), ref_logp, **LOSS_TOL.get(dtype, FP32_TOL))
     if return_entropy:
         torch.testing.assert_close(out[1].double(), ref[1].detach(), **LOSS_TOL.get(dtype, FP32_TOL))
-        assert not out[1].requires_grad
     upstream = torch.randn(logp.shape, dtype=torch.float64, device=DEVICE)
     upstream[0, ::2] = 0  # tokens without gradient are not recomputed
     for got, want in zip(_grads((logp * upstream.to(logp.dtype)).sum(), (hidden, weight, bias)),

@@ -38,6 +38,7 @@ class Backend:
     dtypes: tuple[torch.dtype, ...]
     needs_cuda: bool  # True: CUDA tensors only (Triton also runs on the CPU under TRITON_INTERPRET=1)
     d_in_place_any_dtype: bool  # the row pass writes D over the fp32 logits in any dtype (else only in fp32)
+    stats_pass_overwrites: bool  # a row pass without D still overwrites the logits (grad_pass then needs a copy)
 
     def grad_in_place(self, acc_dtype: torch.dtype, grad_dtype: torch.dtype | None) -> bool:
         """Whether D overwrites the logits buffer (else the row pass needs one (C, V) tensor of ``grad_dtype``)."""
@@ -68,11 +69,11 @@ REGISTRY = {
     backend.name: backend
     for backend in (
         # torch ops, any device: the CPU path
-        Backend("torch", ".torch_backend", (torch.float64, torch.float32, *HALF), False, False),
+        Backend("torch", ".torch_backend", (torch.float64, torch.float32, *HALF), False, False, True),
         # Triton kernels (kernels/): CUDA sm_80+, or the CPU under TRITON_INTERPRET=1
-        Backend("triton", ".triton_backend", (torch.float32, *HALF), True, True),
+        Backend("triton", ".triton_backend", (torch.float32, *HALF), True, True, False),
         # CUDA kernels (csrc/): CUDA sm_80+
-        Backend("cuda", ".cuda_backend", (torch.float32, *HALF), True, True),
+        Backend("cuda", ".cuda_backend", (torch.float32, *HALF), True, True, False),
     )
 }
 AUTO_ORDER = ("triton", "torch")  # what "auto" tries, first that can run
