@@ -18,8 +18,9 @@ _LOSS_DOC = """
     ``clip_ratio_low``, ``clip_ratio_high``, ``clip_ratio_region`` (fractions of loss tokens whose item ratio is
     clipped; a token with advantage 0 is never clipped), ``ratio_mean`` (token mean of the item ratios over the
     loss tokens whose log-probs are computed: all of them, except that ``rank_grpo_loss`` leaves out the items it
-    skips, see below), ``kl`` (mean k3 KL over the loss tokens, only with ``ref_logps``) and ``entropy`` (only when
-    given or computed; over the same tokens as ``ratio_mean``).
+    skips, see below; ``skip_zero_advantage=False`` computes them all), ``kl`` (mean k3 KL over the loss tokens,
+    only with ``ref_logps``) and ``entropy`` (only when given or computed; over the same tokens as
+    ``ratio_mean``).
 
     Maths, per row i and item k (a group of tokens with the same id ``>= 0``), with ``l`` the log-probs, ``o``
     ``old_logps`` (``l.detach()`` when None: on-policy, every ratio is 1) and ``M`` the mask::
@@ -146,25 +147,29 @@ def _needs_grads(hidden, weight, bias):
     ``hidden`` (B, T, H) are the states that predict ``target_ids`` (B, T) (already shifted: position t predicts
     token t of the completion), ``weight`` (V, H) the LM head (the embedding Parameter when tied), ``bias`` (V,)
     optional, all of one float dtype (float32, bfloat16, float16 or float64). The log-probs are those of
-    ``softmax((hidden @ weight.T + bias) / temperature)`` with fp32 logits (float64 for float64 inputs);
-    gradients flow to ``hidden``, ``weight`` and ``bias``.
+    ``softmax(S(logit_scale (hidden @ weight.T + bias)) / temperature)`` with fp32 logits (float64 for float64
+    inputs), ``S(u) = logit_softcap tanh(u / logit_softcap)`` (Gemma-2's final_logit_softcapping; the identity when
+    None); gradients flow to ``hidden``, ``weight`` and ``bias``.
 
     Cost follows the gradient (``lm_head.py``): only the tokens the loss needs enter the GEMMs, those in the loss
-    (``completion_mask`` and ``item_ids >= 0``) and, when nothing else reads them (``beta=0`` and no ``ref_logps``),
-    not the items whose every advantage is 0 (a rank every completion of the group missed),
-    which carry no loss and no gradient; their ``hidden`` rows are never read and get exactly zero gradient. Listing
-    them costs one host sync per call. The gradients are formed in the forward over chunks of whole items: each
-    logit is computed once, and ``loss.backward()`` only scales them by the incoming gradient (so the graph runs
-    backward once). An item whose logits alone exceed the budget has them recomputed for its gradients, with a
-    warning.
-    ``backend``: ``"auto"`` (Triton for CUDA tensors where it imports, else torch), ``"torch"``, ``"triton"`` or
-    ``"cuda"``: which implementation of the row pass and the segment loss runs around the vendor GEMMs.
-    ``memory_budget_bytes`` bounds the logits scratch (default ``RANKGRPO_MEMORY_BUDGET``, else 128 MiB on a CPU and
-    1.5 GiB on a GPU; ``settings.py``). ``compute_entropy=True`` adds the mean entropy of the policy over the loss
-    tokens whose log-probs are computed to the statistics. ``process_group``: with a vocabulary-parallel head,
-    ``weight`` and ``bias`` hold this rank's rows (shards in rank order, uneven allowed) and ``target_ids`` stay
-    global; ``d_weight`` stays local, ``d_hidden`` is all-reduced, and every rank gets the same loss
-    (``distributed.py``; the recompute path over the loss tokens, not traceable by ``torch.compile``).
+    (``completion_mask`` and ``item_ids >= 0``) and, when nothing else needs them (``beta=0``, no ``ref_logps``,
+    no ``entropy_coef``, ``skip_zero_advantage=True``), not the items whose every advantage is 0 (a rank every
+    completion of the group missed), which carry no loss and no gradient; their ``hidden`` rows are never read and
+    get exactly zero gradient. Listing them costs one host sync per call. The gradients are formed in the forward
+    over chunks of whole items: each logit is computed once, and ``loss.backward()`` only scales them by the
+    incoming gradient (so the graph runs backward once). An item whose logits alone exceed the budget has them
+    recomputed for its gradients, with a warning.
+
+    ``entropy_coef``: the entropy bonus ``loss -= entropy_coef * mean_t H_t`` over the loss tokens (TRL's, verl's
+    and OpenRLHF's), with its gradient. ``compute_entropy=True`` adds the mean entropy over the tokens whose
+    log-probs are computed to the statistics. ``backend``: ``"auto"`` (Triton for CUDA tensors where it imports,
+    else torch), ``"torch"``, ``"triton"`` or ``"cuda"``: which implementation of the row pass and the segment loss
+    runs around the vendor GEMMs. ``memory_budget_bytes`` bounds the logits scratch (default
+    ``RANKGRPO_MEMORY_BUDGET``, else 128 MiB on a CPU and 1/32 of a GPU's memory; ``settings.py``).
+    ``process_group``: with a vocabulary-parallel head, ``weight`` and ``bias`` hold this rank's rows (shards in
+    rank order, uneven allowed) and ``target_ids`` stay global; ``d_weight`` stays local, ``d_hidden`` is
+    all-reduced, and every rank gets the same loss (``distributed.py``; the recompute path over the loss tokens,
+    not traceable by ``torch.compile``).
 
     Returns:""", _LOSS_DOC, _NON_FINITE_DOC, """
     Equivalent PyTorch (holding all logits)::
@@ -198,6 +203,7 @@ def rank_grpo_loss(
     entropy_coef: float = 0.0,
     logit_scale: float = 1.0,
     logit_softcap: float | None = None,
+    skip_zero_advantage: bool = True,
     backend: str = "auto",
     memory_budget_bytes: int | None = None,
     process_group=None,
@@ -223,7 +229,7 @@ def rank_grpo_loss(
     if process_group is None:
         loss, stats, *_ = ops.fused_loss(hidden2d, weight, bias, targets, *_loss_operands(batch, cfg),
                                          transform.temperature, transform.logit_scale, transform.softcap,
-                                         bool(compute_entropy), entropy_coef, budget,
+                                         bool(compute_entropy), entropy_coef, bool(skip_zero_advantage), budget,
                                          *_needs_grads(hidden, weight, bias), backend)
         return loss, stats_dict(stats.detach(), ref_logps is not None, with_entropy)
     logp, entropy = distributed.sharded_logprobs(hidden2d, weight, bias, targets, batch.mask.reshape(-1), vocab_start,

@@ -180,8 +180,8 @@ def token_plan(batch: TokenBatch, skip_zero_advantage: bool, chunk_tokens: int) 
 def _chunk_batch(batch: TokenBatch, positions, r0, r1, logp, entropy) -> tuple[TokenBatch, torch.Tensor]:
     """Rows [r0, r1) of ``batch`` holding the chunk's log-probs at ``positions`` (flat, of the batch). Every other
     token of those rows stays in the masks (so the normalisers, M_i and n_k are the batch's) but is neutral: log-
-    probs, old and reference log-probs, advantage and policy weight 0, so it adds no loss, gradient, clip count or KL, and a ratio
-    of exactly 1. Also returns the chunk's positions local to the rows."""
+    probs, old and reference log-probs, advantage and policy weight 0, so it adds no loss, gradient, clip count or
+    KL, and a ratio of exactly 1. Also returns the chunk's positions local to the rows."""
     T = batch.mask.shape[1]
     local = positions - r0 * T
     sub = batch.rows(r0, r1)
@@ -265,8 +265,8 @@ def saved_grad_dtype(dtype: torch.dtype) -> torch.dtype:
 # --- the fused loss --------------------------------------------------------------------------------------------------
 
 def loss_and_grads(backend: str, hidden, weight, bias, targets, batch: TokenBatch, cfg: LossConfig,
-                   transform: LogitTransform, compute_entropy: bool, entropy_coef: float, budget_bytes: int,
-                   needs: tuple[bool, bool, bool]):
+                   transform: LogitTransform, compute_entropy: bool, entropy_coef: float, skip_zero_advantage: bool,
+                   budget_bytes: int, needs: tuple[bool, bool, bool]):
     """Loss, statistics and the gradients (d_hidden, d_weight, d_bias; None where ``needs`` says so) of the fused
     loss over chunks of whole items within ``budget_bytes`` of scratch, in ``saved_grad_dtype``. ``batch.logps`` and
     ``batch.entropy`` are unused. ``ratio_mean`` and ``entropy`` are means over the tokens that entered the GEMMs.
@@ -284,7 +284,7 @@ def loss_and_grads(backend: str, hidden, weight, bias, targets, batch: TokenBatc
     bonus = entropy_coef != 0.0
     want_entropy = compute_entropy or bonus
     cap = tokens_per_chunk(backend, V, H, h_op.dtype, grad_dtype is not None, budget_bytes, bonus)
-    plan = token_plan(batch, skips_zero_advantage_items(cfg, batch) and not bonus, cap)
+    plan = token_plan(batch, skip_zero_advantage and skips_zero_advantage_items(cfg, batch) and not bonus, cap)
     # the entropy bonus's gradient pass reads the logits the statistics pass must leave as they are
     keep_logits = bonus and grad_dtype is not None and backends.REGISTRY[backend].stats_pass_overwrites
     grads = _grad_buffers(N, plan.tokens, weight, bias, needs, saved_grad_dtype(hidden.dtype), acc)

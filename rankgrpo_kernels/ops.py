@@ -43,12 +43,13 @@ def fused_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: 
                policy_weights: Optional[Tensor], group: Tensor, mask: Tensor, normaliser: Tensor, tokens: Tensor,
                epsilon_low: float, epsilon_high: float, delta: Optional[float], beta: float, loss_type: str,
                temperature: float, logit_scale: float, softcap: Optional[float], compute_entropy: bool,
-               entropy_coef: float, budget: int, need_hidden: bool, need_weight: bool, need_bias: bool,
+               entropy_coef: float, skip_zero_advantage: bool, budget: int, need_hidden: bool, need_weight: bool,
+               need_bias: bool,
                backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     batch = TokenBatch(None, old_logps, ref_logps, advantages, group, mask, normaliser, tokens, None, policy_weights)
     loss, stats, *grads = lm_head.loss_and_grads(
         backend, hidden, weight, bias, targets, batch, LossConfig(epsilon_low, epsilon_high, delta, beta, loss_type),
-        LogitTransform(temperature, logit_scale, softcap), compute_entropy, entropy_coef, budget,
+        LogitTransform(temperature, logit_scale, softcap), compute_entropy, entropy_coef, skip_zero_advantage, budget,
         (need_hidden, need_weight, need_bias and bias is not None))
     return (loss, stats, *(_empty_if_none(g, hidden) for g in grads))
 
@@ -56,7 +57,7 @@ def fused_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: 
 @fused_loss.register_fake
 def _(hidden, weight, bias, targets, old_logps, ref_logps, advantages, policy_weights, group, mask, normaliser, tokens,
       epsilon_low, epsilon_high, delta, beta, loss_type, temperature, logit_scale, softcap, compute_entropy,
-      entropy_coef, budget, need_hidden, need_weight, need_bias, backend):
+      entropy_coef, skip_zero_advantage, budget, need_hidden, need_weight, need_bias, backend):
     dtype = lm_head.saved_grad_dtype(hidden.dtype)
     return (*_fake_loss_outputs(hidden),
             hidden.new_empty(hidden.shape, dtype=dtype) if need_hidden else hidden.new_empty(_EMPTY),
@@ -66,7 +67,7 @@ def _(hidden, weight, bias, targets, old_logps, ref_logps, advantages, policy_we
 
 def _fused_loss_setup(ctx, inputs, output):
     ctx.save_for_backward(*output[2:])
-    need_hidden, need_weight, need_bias = inputs[23:26]
+    need_hidden, need_weight, need_bias = inputs[24:27]
     ctx.needs = (need_hidden, need_weight, need_bias and inputs[2] is not None)
     ctx.input_dtype = inputs[0].dtype
     ctx.num_inputs, ctx.spent = len(inputs), False

@@ -485,14 +485,17 @@ def _op_inputs(device):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("budget,dtype", [(MIN_MEMORY_BUDGET, torch.float32), (2**24, torch.float32),
                                            (2**24, torch.float16)])
-def test_opcheck_fused_loss(backend, budget, dtype):
-    """fp16 included: its saved gradients are fp32 (cast after the loss scale), and the fake must say so."""
+@pytest.mark.parametrize("head", [(1.0, None, 0.0), (1.3, 2.0, 0.1)])
+def test_opcheck_fused_loss(backend, budget, dtype, head):
+    """fp16 included: its saved gradients are fp32 (cast after the loss scale), and the fake must say so; with a
+    logit scale, a softcap and the entropy bonus too."""
+    logit_scale, softcap, entropy_coef = head
     b = _op_inputs(DEVICE)
     for name in ("hidden", "weight", "bias"):
         b[name] = b[name].detach().to(dtype).requires_grad_()
     args = (b["hidden"], b["weight"], b["bias"], b["targets"], b["old_logps"], b["ref_logps"], b["advantages"],
             b["policy_weights"], b["group"], b["mask"], b["normaliser"], b["tokens"], 0.2, 0.28, 1.5, 0.01, "bnpo", 0.9,
-            True, budget, True, True, True, backend)
+            logit_scale, softcap, True, entropy_coef, True, budget, True, True, True, backend)
     torch.library.opcheck(ops.fused_loss, args)
 
 
@@ -502,7 +505,8 @@ def test_opcheck_fused_loss(backend, budget, dtype):
 def test_opcheck_fused_logprobs(backend, return_entropy, masked):
     b = _op_inputs(DEVICE)
     mask = b["mask"].reshape(-1) if masked else None
-    args = (b["hidden"], b["weight"], None, b["targets"], mask, 1.0, MIN_MEMORY_BUDGET, return_entropy, backend)
+    args = (b["hidden"], b["weight"], None, b["targets"], mask, 1.0, 1.2, 3.0 if masked else None, MIN_MEMORY_BUDGET,
+            return_entropy, backend)
     torch.library.opcheck(ops.fused_logprobs, args)
 
 
@@ -515,11 +519,16 @@ def test_opcheck_loss_from_logps(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck_logprob_grads(backend):
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_opcheck_logprob_grads(backend, with_entropy):
     b = _op_inputs(DEVICE)
+    logp_all = (b["hidden"].detach() @ b["weight"].detach().T).log_softmax(-1)
     lse = torch.logsumexp(b["hidden"].detach() @ b["weight"].detach().T, -1)
-    args = (b["hidden"].detach(), b["weight"].detach(), None, b["targets"], 1.0, lse,
-            torch.randn(OP_B * OP_T, device=DEVICE), MIN_MEMORY_BUDGET, True, True, False, backend)
+    entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+    grad_entropy = torch.randn(OP_B * OP_T, device=DEVICE) if with_entropy else None
+    args = (b["hidden"].detach(), b["weight"].detach(), None, b["targets"], 1.0, 1.0, None, lse,
+            torch.randn(OP_B * OP_T, device=DEVICE), entropy, grad_entropy, MIN_MEMORY_BUDGET, True, True, False,
+            backend)
     torch.library.opcheck(ops.logprob_grads, args)
 
 

@@ -298,9 +298,11 @@ def test_fused_loss_and_gradients_equal_the_reference_from_full_logits(world, tm
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-def test_one_item_per_completion_equals_trl_sequence_level_loss(world, tmp_path, loss_type):
-    """With one item per completion (no newline, no EOS) the item ratio is TRL's sequence-level ratio (GSPO)."""
-    settings = dict(loss_type=loss_type, epsilon=0.1, epsilon_high=0.15, temperature=0.8)
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.05])
+def test_one_item_per_completion_equals_trl_sequence_level_loss(world, tmp_path, loss_type, entropy_coef):
+    """With one item per completion (no newline, no EOS) the item ratio is TRL's sequence-level ratio (GSPO); TRL's
+    entropy bonus (a token mean, scaled for accumulation only) with its gradient."""
+    settings = dict(loss_type=loss_type, epsilon=0.1, epsilon_high=0.15, temperature=0.8, entropy_coef=entropy_coef)
     rank = rank_trainer(world, tmp_path, reward=hit_reward(1), rec_num=1, length_shaping=False, **settings)
     trl_args = GRPOConfig(**trl_settings(tmp_path, importance_sampling_level="sequence", use_bias_correction_kl=False,
                                          **settings))
@@ -542,3 +544,17 @@ def test_a_reward_splitting_items_otherwise_than_the_trainer_is_refused(world, t
         trainer._calculate_rewards([{"prompt": "p"}] * 2, ["p"] * 2, ["a\n\nb", "c"], [[1], [2]])
     trainer = rank_trainer(world, tmp_path, reward=same_split, skip_blank_lines=False, beta=0.0)
     trainer._calculate_rewards([{"prompt": "p"}] * 2, ["p"] * 2, ["a\n\nb", "c"], [[1], [2]])
+
+
+def test_adaptive_entropy_moves_the_coefficient_as_trl_does(world, tmp_path):
+    """First step: no bonus (no measured entropy yet); the measured entropy is below the target, so the coefficient
+    grows by entropy_coef_delta and the next step applies it."""
+    trainer = rank_trainer(world, tmp_path, beta=0.0, use_adaptive_entropy=True, entropy_coef=0.01,
+                           entropy_coef_delta=0.02, entropy_target=100.0)
+    inputs = scored_batch(trainer, world)
+    first = trainer._compute_loss(trainer.model, inputs)
+    assert trainer.entropy_coef == pytest.approx(0.03) and trainer._metrics["train"]["entropy_coef"][-1] == 0.03
+    entropy = trainer._metrics["train"]["entropy"][-1]
+    assert trainer._last_world_entropy == pytest.approx(entropy, rel=1e-5)
+    second = trainer._compute_loss(trainer.model, inputs)
+    torch.testing.assert_close(second, first - 0.03 * entropy, rtol=1e-4, atol=1e-6)

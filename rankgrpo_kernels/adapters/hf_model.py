@@ -1,5 +1,5 @@
 """What the fused loss needs from a Hugging Face causal LM: the hidden states that predict the completion tokens and
-the LM head, plus the check that the model's logits are plain ``hidden @ W.T + b`` (no softcapping, no scale).
+the LM head, plus how the model transforms its logits (softcapping, a scale: ``logit_transform``).
 
 For trainers that wrap the model (DDP, FSDP2, DeepSpeed), ``run_inside_forward`` runs a function inside the
 wrapper's call of the model's forward, without replacing the forward, and ``full_head_tensor`` turns an FSDP2
@@ -15,12 +15,9 @@ from typing import Any
 
 import torch
 
-# Config attributes with which a model transforms its logits beyond ``hidden @ W.T + b`` (Gemma's softcapping,
-# Cohere's logit_scale, Granite's logits_scaling, ...): the fused log-probs would differ from the model's own.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                     "logits_scaling")
-
-
+# Config attributes of logit transforms the fused loss does not apply (multipliers of the hidden states or the head
+# inside the model's forward); Gemma's softcapping, Cohere's logit_scale and Granite's logits_scaling it does.
+_UNSUPPORTED_TRANSFORMS = ("output_multiplier", "lm_head_multiplier")
 # What a PEFT adapter layer wrapping a Linear holds (LoRA, its variants, IA3): the head is then not its weight alone.
 _ADAPTER_LAYERS = ("base_layer", "lora_A", "ia3_l")
 
@@ -30,19 +27,25 @@ def unwrap_peft(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def check_plain_logits(model) -> None:
-    """Raise ``NotImplementedError`` if the model's config transforms its logits (softcapping or a logit scale)."""
+def logit_transform(model) -> dict:
+    """How the model's config transforms its logits beyond ``hidden @ W.T + b``, as the fused loss's keyword
+    arguments ``{"logit_scale": s, "logit_softcap": c}``: Gemma-2's ``final_logit_softcapping`` (c), Cohere's
+    ``logit_scale`` (s) and Granite's ``logits_scaling`` (s = 1 / it). ``NotImplementedError`` for a transform the
+    fused loss does not apply (``_UNSUPPORTED_TRANSFORMS``), naming it."""
     config = unwrap_peft(model).config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for name in _LOGIT_TRANSFORMS:
+    for name in _UNSUPPORTED_TRANSFORMS:
         value = getattr(text_config, name, None)
-        harmless = value is None or (name != "final_logit_softcapping" and value == 1)  # a scale of 1 is no scale
-        if not harmless:
+        if value not in (None, 1, 1.0):
             raise NotImplementedError(
-                f"{type(unwrap_peft(model)).__name__} sets {name}={value!r}: its logits are not hidden @ W.T + b, so "
-                "the fused Rank-GRPO log-probs would differ from the model's. Models with logit softcapping or "
-                "scaling are not supported."
-            )
+                f"{type(unwrap_peft(model)).__name__} sets {name}={value!r}: its logits are not "
+                "softcap(scale * (hidden @ W.T + b)), so the fused Rank-GRPO log-probs would differ from the model's")
+    scale = float(getattr(text_config, "logit_scale", None) or 1.0)
+    divisor = getattr(text_config, "logits_scaling", None)
+    if divisor not in (None, 0):
+        scale /= float(divisor)
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    return {"logit_scale": scale, "logit_softcap": None if softcap is None else float(softcap)}
 
 
 def output_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -37,7 +37,7 @@ from ..importance import item_means
 from ..rewards import rank_advantages, token_advantages
 from ..segments import Segments, line_table, segment_items
 from .common import check_form, framework_loss
-from .hf_model import call_head, check_plain_logits, output_head, unwrap_peft
+from .hf_model import call_head, logit_transform, output_head, unwrap_peft
 
 
 @dataclass(frozen=True)
@@ -253,12 +253,13 @@ def fused_actor_forward(self, sequences, action_mask=None, attention_mask=None, 
     ``log p(sequences[:, t + 1] | <= t) = log softmax(h_t W^T / temperature)``, with ``h`` the backbone's last hidden
     states; only positions ``S - A - 1 .. S - 2`` that ``action_mask`` keeps go through the head (the others get
     0). Packed samples, vision-language models and calls without ``action_mask`` take OpenRLHF's own forward.
-    ``output.entropy`` (B, A) carries no gradient: leave ``entropy_coef`` unset or 0.
+    ``output.entropy`` (B, A) is differentiable (OpenRLHF's ``entropy_coef`` bonus reaches the head and the
+    states); the model's logit softcapping or scale applies (``logit_transform``).
     """
     if self.packing_samples or getattr(self, "is_vlm", False) or action_mask is None or return_logprobs:
         return _ACTOR_FORWARD(self, sequences, action_mask, attention_mask, return_output, allgather_logits,
                               return_logprobs, ring_attn_group, packed_seq_lens, return_entropy, **mm_inputs)
-    check_plain_logits(self.model)
+    transform = logit_transform(self.model)
     position_ids = attention_mask.long().cumsum(-1) - 1
     position_ids.masked_fill_(attention_mask == 0, 1)
     backbone = unwrap_peft(self.model).base_model
@@ -267,7 +268,7 @@ def fused_actor_forward(self, sequences, action_mask=None, attention_mask=None, 
     hidden, targets = output.last_hidden_state[:, -A - 1 : -1], sequences[:, -A:]
     weight, bias = output_head(self.model)
     result = call_head(lambda h, w, b: fused_logprobs(h, w, targets, bias=b, temperature=self.temperature,
-                                                      return_entropy=return_entropy, mask=action_mask),
+                                                      return_entropy=return_entropy, mask=action_mask, **transform),
                        hidden, weight, bias)
     log_probs, entropy = result if return_entropy else (result, None)
     action_log_probs = log_probs * action_mask.float()

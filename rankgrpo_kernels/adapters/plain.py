@@ -25,7 +25,7 @@ import torch
 from ..functional import fused_logprobs, rank_grpo_loss
 from ..rewards import rank_advantages, rank_rewards, token_advantages
 from ..segments import Segments, line_table, segment_items
-from .hf_model import call_head, check_plain_logits, completion_hidden_states, output_head
+from .hf_model import call_head, completion_hidden_states, logit_transform, output_head
 
 
 def per_rank_tensor(rows, rec_num: int, source: str = "hits") -> torch.Tensor:
@@ -155,7 +155,6 @@ def rank_grpo_step_inputs(
 
 
 def _hidden_and_head(model, batch: RankGRPOStepInputs):
-    check_plain_logits(model)
     hidden = completion_hidden_states(model, batch.input_ids, batch.attention_mask, batch.completion_ids.shape[1])
     return (hidden, *output_head(model))
 
@@ -166,7 +165,8 @@ def completion_logprobs(model, batch: RankGRPOStepInputs, temperature: float = 1
     old (behaviour) log-probs before an update, or the reference log-probs from a frozen copy."""
     hidden, weight, bias = _hidden_and_head(model, batch)
     return call_head(lambda h, w, b: fused_logprobs(h, w, batch.completion_ids, bias=b, temperature=temperature,
-                                                    mask=batch.completion_mask), hidden, weight, bias)
+                                                    mask=batch.completion_mask, **logit_transform(model)),
+                     hidden, weight, bias)
 
 
 def rank_grpo_loss_for_model(
@@ -183,6 +183,8 @@ def rank_grpo_loss_for_model(
     beta: float = 0.0,
     max_completion_length: int | None = None,
     num_items_in_batch: int | float | torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+    policy_weights: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The fused Rank-GRPO loss of ``model`` on ``batch``: backbone forward, then ``rank_grpo_loss`` on the last
@@ -191,7 +193,9 @@ def rank_grpo_loss_for_model(
     ``loss_type`` in ``"grpo" | "bnpo" | "dr_grpo" | "dapo"`` is the code form (per-token advantages, length shaping,
     EOS and overflow tokens in the loss); ``"rank"`` is the paper form (per-rank advantages over the item tokens
     only). ``old_logps`` None means on-policy (every ratio 1); ``beta > 0`` needs ``ref_logps``. Defaults are the
-    released run's clip range. Returns the loss and the statistics of ``rank_grpo_loss``.
+    released run's clip range. ``entropy_coef`` and ``policy_weights`` as in ``rank_grpo_loss``; the model's
+    logit softcapping or scale (``logit_transform``) applies. Returns the loss and the statistics of
+    ``rank_grpo_loss``.
     """
     hidden, weight, bias = _hidden_and_head(model, batch)
     paper_form = loss_type == "rank"
@@ -205,6 +209,7 @@ def rank_grpo_loss_for_model(
             epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta, beta=beta, loss_type=loss_type,
             max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
             rec_num=batch.segments.max_items, advantage_level="rank" if paper_form else "auto", backend=backend,
+            entropy_coef=entropy_coef, policy_weights=policy_weights, **logit_transform(model),
         )
 
     return call_head(loss_from_head, hidden, weight, bias)

@@ -32,7 +32,9 @@ GRPOTrainer's); four methods are overridden:
   temperature, the kernels of the loss itself, so an on-policy ratio is exactly 1.
 * ``_compute_loss``: ``rank_grpo_loss`` on the last hidden states and the LM head, scaled for gradient accumulation
   as TRL scales each loss type; logs the clip ratios, the mean ratio, the KL and the entropy (the mean ratio and
-  the entropy over the tokens whose log-probs the loss computes: at ``beta=0`` not those of items with advantage 0).
+  the entropy over the tokens whose log-probs the loss computes: at ``beta=0`` without an entropy bonus, not those
+  of items with advantage 0). TRL's entropy bonus (``entropy_coef``, ``use_adaptive_entropy`` with its controller,
+  which measures the entropy of every loss token) is the fused loss's ``entropy_coef``.
 
 TRL's corrections reach the loss as ``policy_weights`` (each token's policy term times the weight, then + beta KL,
 TRL's order): the vLLM importance-sampling ratio of TRL's four modes exactly as GRPOTrainer computes it
@@ -61,7 +63,8 @@ The fused head runs as TRL runs its chunked distillation loss: inside the forwar
 Tied embeddings are one parameter throughout: the embedding weight is the head.
 
 Not supported (rejected with a message): reward models and async reward functions, tools and environments,
-vision-language models, FSDP version 1, TRL's entropy bonus, MoE router losses, logit softcapping or scaling.
+vision-language models, FSDP version 1, MoE router losses, the entropy bonus together with
+``top_entropy_quantile < 1``.
 """
 
 from __future__ import annotations
@@ -80,10 +83,10 @@ from ..rewards import ADVANTAGE_SCALES, rank_advantages, rank_rewards, token_adv
 from ..segments import Segments, line_table, segment_items, segmentation_in_use
 from .hf_model import (
     call_head,
-    check_plain_logits,
     completion_hidden_states,
     full_head_tensor,
     head_rows,
+    logit_transform,
     output_head,
     run_inside_forward,
 )
@@ -179,8 +182,9 @@ class RankGRPOConfig(GRPOConfig):
              "leave it at 'token'"),
             (self.multi_objective_aggregation != "sum_then_normalize",
              "multi_objective_aggregation: per-rank rewards are summed with reward_weights, then normalised per rank"),
-            (self.entropy_coef != 0.0 or self.use_adaptive_entropy, "the entropy bonus (entropy_coef, "
-                                                                     "use_adaptive_entropy)"),
+            ((self.entropy_coef != 0.0 or self.use_adaptive_entropy) and self.top_entropy_quantile < 1.0,
+             "the entropy bonus together with top_entropy_quantile < 1 (the bonus is a mean over all loss tokens "
+             "here)"),
             (self.use_bias_correction_kl, "use_bias_correction_kl"),
             (self.vllm_importance_sampling_mode not in TRL_IS_MODES + ITEM_IS_MODES,
              f"vllm_importance_sampling_mode={self.vllm_importance_sampling_mode!r}: use one of "
@@ -245,7 +249,7 @@ class RankGRPOTrainer(GRPOTrainer):
         if self.num_generations_eval < 2:
             raise ValueError(f"num_generations_eval must be >= 2 (group advantages of one completion are "
                              f"undefined), got {self.num_generations_eval}")
-        check_plain_logits(self.model)
+        self._logit_transform = logit_transform(self.model)  # softcapping, a logit scale: in the fused loss too
 
         self._item_is_mode = None
         if self.vllm_importance_sampling_mode in ITEM_IS_MODES:  # TRL computes (and logs) token ratios, replaced
@@ -372,7 +376,8 @@ class RankGRPOTrainer(GRPOTrainer):
 
             def head(hidden, weight, bias, rows=rows):
                 return fused_logprobs(hidden, weight, targets[rows], bias=bias, temperature=self.temperature,
-                                      return_entropy=compute_entropy, mask=completion_mask[rows])
+                                      return_entropy=compute_entropy, mask=completion_mask[rows],
+                                      **self._logit_transform)
 
             out = self._fused_head(model, input_ids[rows], attention_mask[rows], logits_to_keep, head)
             logps.append(out[0] if compute_entropy else out)
@@ -395,6 +400,8 @@ class RankGRPOTrainer(GRPOTrainer):
             if mode == "train":
                 num_items = num_items * accumulation / self.args.steps_per_generation
 
+        entropy_coef = self._entropy_coef_now(accumulation)
+
         def head(hidden, weight, bias):
             return rank_grpo_loss(
                 hidden, weight, completion_ids, bias=bias, temperature=self.temperature,
@@ -404,12 +411,46 @@ class RankGRPOTrainer(GRPOTrainer):
                 loss_type=self.loss_type, max_completion_length=self.max_completion_length,
                 num_items_in_batch=num_items, rec_num=self.args.rec_num,
                 policy_weights=self._policy_weights(inputs, hidden, weight, bias, mode), compute_entropy=True,
+                entropy_coef=entropy_coef, skip_zero_advantage=not self.use_adaptive_entropy,
+                **self._logit_transform,
             )
 
         loss, stats = self._fused_head(model, input_ids, attention_mask, completion_ids.size(1), head)
         tokens = ((inputs["item_ids"] >= 0) & completion_mask.bool()).sum()
         self._log_token_means(mode, stats, tokens)
+        if self._entropy_bonus_enabled:
+            self._entropy_control(mode, stats["entropy"].detach() * tokens, tokens)
         return loss if self.loss_type == "dapo" else loss / accumulation
+
+    def _entropy_coef_now(self, accumulation: int) -> float:
+        """The entropy bonus's coefficient for this micro-batch, as GRPOTrainer applies it: ``entropy_coef``, in
+        adaptive mode only while the last step's entropy is at most ``entropy_target``; a mean over the loss tokens
+        scaled for gradient accumulation only (``dapo``'s loss is not divided by the window afterwards)."""
+        if not self._entropy_bonus_enabled:
+            return 0.0
+        coef = self.entropy_coef
+        if self.use_adaptive_entropy and self._last_world_entropy > self.args.entropy_target:
+            coef = 0.0
+        return coef / accumulation if self.loss_type == "dapo" else coef
+
+    def _entropy_control(self, mode: str, entropy_sum: torch.Tensor, tokens: torch.Tensor) -> None:
+        """GRPOTrainer's adaptive entropy controller: the accumulation window's token-weighted entropy over all
+        processes moves ``entropy_coef`` by ``entropy_coef_delta`` towards ``entropy_target`` at each optimizer
+        step, within ``[entropy_coef_min, entropy_coef_max]``; ``entropy_coef`` is logged at those steps."""
+        args = self.args
+        if self.use_adaptive_entropy and mode == "train":
+            window = torch.stack([entropy_sum.float(), tokens.float()])
+            self._entropy_window_stats = window if self._entropy_window_stats is None else (
+                self._entropy_window_stats + window)
+            if self.accelerator.sync_gradients:
+                total, count = self.accelerator.reduce(self._entropy_window_stats, reduction="sum").tolist()
+                world_entropy = total / max(count, 1.0)
+                step = args.entropy_coef_delta if world_entropy <= args.entropy_target else -args.entropy_coef_delta
+                self.entropy_coef = min(max(self.entropy_coef + step, args.entropy_coef_min), args.entropy_coef_max)
+                self._last_world_entropy = world_entropy
+                self._entropy_window_stats = None
+        if mode == "train" and self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
 
     def _policy_weights(self, inputs, hidden, weight, bias, mode: str) -> torch.Tensor | None:
         """What multiplies each token's policy term, in TRL's order: the off-policy mask (per item here), the
@@ -423,7 +464,7 @@ class RankGRPOTrainer(GRPOTrainer):
             return weights
         with torch.no_grad():
             logps, entropies = fused_logprobs(hidden, weight, completion_ids, bias=bias, temperature=self.temperature,
-                                              return_entropy=True, mask=completion_mask)
+                                              return_entropy=True, mask=completion_mask, **self._logit_transform)
         masks = []
         if self.off_policy_mask_threshold is not None:
             old = inputs.get("old_per_token_logps")

@@ -263,7 +263,8 @@ def rank_grpo_ppo_loss(config, model_output, data, dp_group=None):
 class FusedLogprobsForPPO(torch.nn.Module):
     """Stand-in for ``verl.utils.experimental.torch_functional.FusedLinearForPPO``: the same ``forward`` returning
     ``(log_probs, entropy)`` of ``input_ids`` under ``softmax(hidden @ W.T / temperature)``, (B, T) each, from
-    ``fused_logprobs``. The entropy carries no gradient: keep ``actor.entropy_coeff=0``."""
+    ``fused_logprobs``. The entropy is differentiable: verl's ``actor.entropy_coeff`` bonus reaches the head and the
+    states."""
 
     def __init__(self, chunk_size: int = 512, impl_backend: str = "torch"):
         super().__init__()
