@@ -283,25 +283,14 @@ def worker_main(name, dry_run):
 
 
 def _timer(device, reps):
-    """Median milliseconds of ``fn()`` over ``reps`` runs after one warm-up (CUDA events on a GPU)."""
-    import torch
+    """``measure(fn)``: median milliseconds of ``fn()`` over ``reps`` runs after one warm-up (run.py's timings:
+    CUDA events on a GPU)."""
+    import statistics
+
+    import run
 
     def measure(fn):
-        fn()
-        times = []
-        for _ in range(reps):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(1e3 * (time.perf_counter() - t0))
-        return sorted(times)[len(times) // 2]
+        return 1e3 * statistics.median(run.timings(fn, reps, device))
     return measure
 
 
@@ -406,7 +395,7 @@ def worker_timings(device, dry_run):
         targets = torch.randint(0, V, (C,), device=device)
         grad_dtype = hidden.dtype
         fn = backends.load(backend).row_pass
-        t = measure(lambda: fn(logits, None, targets, None, 1.0, None, grad_dtype, False))
+        t = measure(lambda: fn(logits, None, targets, 1.0, None, grad_dtype, False))
         moved = C * V * (acc.itemsize + grad_dtype.itemsize)  # read fp32 logits, write D
         return dict(tokens=C, ms=_sig(t), gb_per_s=_sig(moved / (t * 1e-3) / 1e9))
 
@@ -505,8 +494,8 @@ def worker_int64_rows(device, dry_run):
         logits[r:r + 1024].normal_(generator=g).mul_(3.0)
     targets = torch.randint(0, V, (C,), device=device, generator=g)
     tail = logits[-check:].clone()
-    logp, lse, entropy, grad = backends.load("triton").row_pass(logits, None, targets, None, 1.0, None,
-                                                               torch.bfloat16, True)
+    logp, lse, entropy, grad = backends.load("triton").row_pass(logits, None, targets, 1.0, None, torch.bfloat16,
+                                                               True)
     want_lse = torch.logsumexp(tail.double(), 1)
     want_logp = tail.double().gather(1, targets[-check:, None].long())[:, 0] - want_lse
     p = torch.softmax(tail.double(), 1)
@@ -538,8 +527,8 @@ def worker_triton_registers(device, dry_run):
     for grad_dtype in (None, torch.bfloat16, torch.float32):  # the row pass's variants, each compiled once
         for width in (V, 5003):
             logits = torch.randn(64, width, device=device)
-            backends.load("triton").row_pass(logits, None, torch.zeros(64, dtype=torch.long, device=device), None,
-                                             1.0, None, grad_dtype, True)
+            backends.load("triton").row_pass(logits, None, torch.zeros(64, dtype=torch.long, device=device), 1.0,
+                                             None, grad_dtype, True)
     torch.cuda.synchronize()
     kernels = []
     for name, fn in (("row_pass", row_pass._row_pass_kernel), ("segment_loss", segment_loss._segment_loss_kernel)):
