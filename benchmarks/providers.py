@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -177,11 +179,17 @@ def _refuse_trl(device_type, dtype):
 
 
 def _trl_chunk_size():
-    try:  # what TRL's fused LM head passes; importing the trainer's utilities is slow, so only here in the process
-        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
-        return int(_CHUNKED_LOGPROB_CHUNK_SIZE)
-    except (ImportError, AttributeError):
-        return TRL_CHUNK_SIZE
+    """TRL's own vocabulary width per tile, read from its source (importing ``trl.trainer.utils`` takes seconds)."""
+    spec = importlib.util.find_spec("trl")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        try:
+            text = Path(root, "trainer", "utils.py").read_text()
+        except OSError:
+            continue
+        found = re.search(r"^_CHUNKED_LOGPROB_CHUNK_SIZE\s*=\s*(\d+)", text, re.M)
+        if found:
+            return int(found.group(1))
+    return TRL_CHUNK_SIZE
 
 
 def _trl(batch):

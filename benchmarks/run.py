@@ -500,7 +500,7 @@ def _attach_gemms(rows, setting, gemm, work):
         row["three_gemm_ms"], row["four_gemm_ms"] = 1e3 * floor["three"], 1e3 * floor["four"]
         if work.realistic:
             row["three_gemm_loss_tokens_ms"] = 1e3 * gemm["loss_tokens"][setting]["three"]
-            row["gemm_tokens"] = gemm["gemm_tokens"][setting]
+            row.setdefault("gemm_tokens", gemm["gemm_tokens"][setting])  # a GEMM row keeps its own count
             row.setdefault("positions", gemm["layout"]["positions"])
         if row["status"] == "ok":
             row["vs_three_gemm"] = row["fwd_bwd_ms"] / row["three_gemm_ms"]
