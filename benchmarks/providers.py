@@ -186,7 +186,7 @@ def _trl_chunk_size():
             text = Path(root, "trainer", "utils.py").read_text()
         except OSError:
             continue
-        found = re.search(r"^_CHUNKED_LOGPROB_CHUNK_SIZE\s*=\s*(\d+)", text, re.M)
+        found = re.search(r"^_CHUNKED_LOGPROB_CHUNK_SIZE\s*=\s*(\d+)", text, re.MULTILINE)
         if found:
             return int(found.group(1))
     return TRL_CHUNK_SIZE

@@ -56,8 +56,8 @@ def breakdown_table(rows) -> list[str]:
     if done:
         device = any(r["breakdown"].get("clock") == "device" for r in done)
         with_setting = any("setting" in r for r in done)
-        lines += ["| shape" + (" | setting" if with_setting else "") + " | provider | wall ms | GEMMs | row pass "
-                  "| segment loss | rest" + (" | GPU idle" if device else "") + " | GEMM calls | 3 GEMMs alone ms |",
+        lines += [("| shape" + (" | setting" if with_setting else "") + " | provider | wall ms | GEMMs | row pass "
+                   "| segment loss | rest" + (" | GPU idle" if device else "") + " | GEMM calls | 3 GEMMs alone ms |"),
                   "|" + "---|" * (9 + device + with_setting)]
         for r in done:
             b = r["breakdown"]
@@ -69,7 +69,8 @@ def breakdown_table(rows) -> list[str]:
                          f"| {share('row_pass_ms')} | {share('segment_loss_ms')} | {share('rest_ms')} "
                          + (f"| {share('idle_ms')} " if device else "")
                          + f"| {b.get('gemm_calls', '')} | {fmt(r.get('three_gemm_ms'), '.1f')} |")
-    lines += [f"- {r['shape']} {r.get('setting', '')} {r['provider']}: breakdown failed: {r['breakdown']['error']}" for r in failed]
+    lines += [f"- {r['shape']} {r.get('setting', '')} {r['provider']}: breakdown failed: {r['breakdown']['error']}"
+              for r in failed]
     return lines
 
 
@@ -87,12 +88,12 @@ def workload_tables(workloads) -> list[str]:
     tokens that enter a GEMM and how much PPO clipping does. No lines without a realistic workload."""
     if not workloads:
         return []
-    lines = ["Workload (realistic): padding share = positions outside completion_mask / all B x T positions; "
-             "zero-advantage share = loss tokens whose advantage is exactly 0 / loss tokens; gradient share at "
-             "beta = 0 = loss tokens of items with a non-zero advantage / all positions:", "",
-             "| shape | prompts x G | rows x T | positions | completion tokens | padding share | zero-advantage share "
-             "| gradient share (beta 0) | ranks with advantage 0 | hits / list | items / list | early stop | overflow |",
-             "|" + "---|" * 13]
+    caption = ("Workload (realistic): padding share = positions outside completion_mask / all B x T positions; "
+               "zero-advantage share = loss tokens whose advantage is exactly 0 / loss tokens; gradient share at "
+               "beta = 0 = loss tokens of items with a non-zero advantage / all positions:")
+    head = ("| shape | prompts x G | rows x T | positions | completion tokens | padding share | zero-advantage share "
+            "| gradient share (beta 0) | ranks with advantage 0 | hits / list | items / list | early stop | overflow |")
+    lines = [caption, "", head, "|" + "---|" * 13]
     for key, w in workloads.items():
         if "positions" not in w:
             lines.append(f"| {key} | {w.get('error', 'no statistics')} |" + " |" * 11)
@@ -104,12 +105,13 @@ def workload_tables(workloads) -> list[str]:
                      f"| {w['items_emitted_mean']:.1f} | {pct(w['early_stop_share'])} | {pct(w['overflow_share'])} |")
     settings = [(key, name, st, w) for key, w in workloads.items() for name, st in (w.get("settings") or {}).items()]
     if settings:
-        lines += ["", "Per setting: GEMM tokens = tokens that must enter a GEMM (the `3 GEMMs (loss tokens)` row); "
-                      "clip fraction = loss items whose ratio lies outside [1 - eps_low, 1 + eps_high]; clip ratio "
-                      "region = the loss's token share where the clip binds (sign of the advantage included); of items with "
-                      "advantage: the clip fraction among items whose advantage is not 0 everywhere:", "",
-                  "| shape | setting | GEMM tokens | of positions | clip fraction | of items with advantage "
-                  "| clip ratio region | ratio mean | kl |", "|" + "---|" * 9]
+        caption = ("Per setting: GEMM tokens = tokens that must enter a GEMM (the `3 GEMMs (loss tokens)` row); "
+                   "clip fraction = loss items whose ratio lies outside [1 - eps_low, 1 + eps_high]; clip ratio "
+                   "region = the loss's token share where the clip binds (sign of the advantage included); of items "
+                   "with advantage: the clip fraction among items whose advantage is not 0 everywhere:")
+        head = ("| shape | setting | GEMM tokens | of positions | clip fraction | of items with advantage "
+                "| clip ratio region | ratio mean | kl |")
+        lines += ["", caption, "", head, "|" + "---|" * 9]
         for key, name, st, w in settings:
             tokens = st.get("gemm_tokens")
             share = tokens / w["positions"] if tokens is not None and w.get("positions") else None

@@ -37,9 +37,10 @@ d_weight) measured in the same run; the ``3 GEMMs`` and ``4 GEMMs`` rows (four: 
 backward, as a small-memory backward does) show them. On the realistic workload two rows per setting: ``3 GEMMs
 (all positions)`` over all B x T positions, and ``3 GEMMs (loss tokens)`` over only the tokens the setting's loss
 needs in a GEMM (``workload.gemm_tokens``: the loss tokens, less, at beta = 0, those of items whose advantage is 0
-on every token); ``x 3 GEMM`` and ``x 3 GEMM (loss tokens)`` divide by each. ``--breakdown`` (default on the CPU, where ours runs the torch
-backend) profiles one more fwd+bwd of each of ours: time in the GEMMs (aten::mm / addmm / addmm_), in the backend's
-row pass, in its segment loss, and the rest (scaling, casts, Python); on a GPU the kernels' device time.
+on every token); ``x 3 GEMM`` and ``x 3 GEMM (loss tokens)`` divide by each. ``--breakdown`` (default on the CPU,
+where ours runs the torch backend) profiles one more fwd+bwd of each of ours: time in the GEMMs (aten::mm / addmm /
+addmm_), in the backend's row pass, in its segment loss, and the rest (scaling, casts, Python); on a GPU the kernels'
+device time.
 """
 
 from __future__ import annotations
@@ -79,10 +80,10 @@ GEMM_NOTE = ("the LM head's GEMMs alone at this shape, in the same run: logits h
              "(the floor of any exact method); 4 adds the logits once more (recomputed in the backward)")
 ALL_POSITIONS, LOSS_TOKENS = "3 GEMMs (all positions)", "3 GEMMs (loss tokens)"
 REALISTIC_GEMM_ROWS = (ALL_POSITIONS, LOSS_TOKENS)
-REALISTIC_GEMM_NOTE = (f"{ALL_POSITIONS}: the three LM-head GEMMs (logits, d_hidden, d_weight) over all B x T positions, "
-                       f"in the same run; {LOSS_TOKENS}: the same three over only the tokens the setting's loss needs "
-                       "in a GEMM (gemm_tokens: the completion's loss tokens, less, at beta = 0, the tokens of items "
-                       "whose advantage is 0 on every token, which carry no gradient)")
+REALISTIC_GEMM_NOTE = (f"{ALL_POSITIONS}: the three LM-head GEMMs (logits, d_hidden, d_weight) over all B x T "
+                       f"positions, in the same run; {LOSS_TOKENS}: the same three over only the tokens the setting's "
+                       "loss needs in a GEMM (gemm_tokens: the completion's loss tokens, less, at beta = 0, the tokens "
+                       "of items whose advantage is 0 on every token, which carry no gradient)")
 HERE = Path(__file__).resolve().parent
 # glibc, in every process of a CPU run until its memory is measured: blocks over 64 KiB come from mmap and go back to
 # the system when freed, and the heap is trimmed on every free, so the resident set follows live memory.
@@ -105,7 +106,7 @@ class Work:
     def setting_names(self) -> tuple:
         return self.settings if self.realistic else (wl.RELEASED.name,)
 
-    def setting(self, name=None) -> "wl.Setting":
+    def setting(self, name=None) -> wl.Setting:
         if not self.realistic:
             return wl.RELEASED
         return wl.SETTINGS[name or self.settings[0]]
@@ -132,7 +133,7 @@ DENSE = Work("dense")
 REALISTIC = Work()
 
 
-def make_layout(shape: HeadShape, work: Work) -> "wl.Layout":
+def make_layout(shape: HeadShape, work: Work) -> wl.Layout:
     return wl.make_layout(shape.vocab, work.prompts_for(shape), wl.GENERATIONS, work.hits_per_list)
 
 
@@ -242,7 +243,6 @@ def gemm_seconds(tokens, hidden, vocab, dtype, device, reps) -> dict:
     logits, d_hidden, d_weight = (statistics.median(timings(fn, reps, device)) for fn in (
         lambda: torch.mm(h, w.T, out=z_out), lambda: torch.mm(z, w, out=h_out), lambda: torch.mm(z.T, h, out=w_out)))
     three = logits + d_hidden + d_weight
-    del h, w, z, z_out, h_out, w_out
     return dict(tokens=tokens, logits=logits, d_hidden=d_hidden, d_weight=d_weight, three=three, four=three + logits)
 
 
@@ -665,8 +665,10 @@ def markdown(rows, segmentation, env, workloads=None, work: Work = DENSE):
         elif name == ALL_POSITIONS:
             notes.append(REALISTIC_GEMM_NOTE)
     if work.realistic:
-        notes += [f"setting {n}: {work.setting(n).note} ({', '.join(f'{k} {v}' for k, v in work.setting(n).loss_settings().items())})"
-                  for n in work.setting_names()]
+        for n in work.setting_names():
+            spec = work.setting(n)
+            values = ", ".join(f"{k} {v}" for k, v in spec.loss_settings().items())
+            notes.append(f"setting {n}: {spec.note} ({values})")
     lines += [""] + [f"- {n}" for n in notes]
     if workloads:
         lines += ["", *workload_tables(workloads)]

@@ -195,7 +195,7 @@ def gradient_mask(layout_or_inputs) -> torch.Tensor:
     an item whose advantages are all 0 is 0 whatever its ratio."""
     item_ids, advantages, mask = _fields(layout_or_inputs)
     loss = mask & (item_ids >= 0)
-    B, T = item_ids.shape
+    B = item_ids.shape[0]
     key = torch.arange(B).unsqueeze(1) * (int(item_ids.max()) + 2) + item_ids.clamp(min=0) + 1
     nonzero = torch.zeros(B * (int(item_ids.max()) + 2) + 1, dtype=torch.bool)
     nonzero[key[loss & (advantages != 0)]] = True
@@ -247,8 +247,8 @@ def old_and_ref(logps: torch.Tensor, setting: Setting, seed: int = 1):
     """Old and reference log-probs of a setting from the policy's (B, T) log-probs (None where it has none); noise
     drawn on the CPU, so every process builds the same."""
     g = torch.Generator().manual_seed(seed)
-    B, T = logps.shape
-    noise = torch.randn(2, B, T, generator=g)
+    B = logps.shape[0]
+    noise = torch.randn(2, *logps.shape, generator=g)
     drift = torch.randn(B, 1, generator=g)
     old = ref = None
     if setting.old_logps:
@@ -286,5 +286,6 @@ def clip_stats(logps, loss_inputs, setting: Setting) -> dict:
     with_advantage = torch.zeros(n, dtype=torch.bool, device=diff.device)
     with_advantage[group[loss_inputs["advantages"][mask] != 0]] = True
     out["clip_fraction"] = float(outside.double().mean()) if n else 0.0
-    out["clip_fraction_with_advantage"] = float(outside[with_advantage].double().mean()) if with_advantage.any() else 0.0
+    out["clip_fraction_with_advantage"] = (float(outside[with_advantage].double().mean()) if with_advantage.any()
+                                           else 0.0)
     return out
