@@ -719,7 +719,7 @@ def parse_args(argv):
                                     "dense batch; about N padded positions of the realistic one)")
     p.add_argument("--workload", choices=("realistic", "dense"), default="realistic",
                    help="realistic (default): P prompts x 8 completions of 20-item lists, TRL's padding, advantages "
-                        "from the library's reward functions, three loss settings; dense: today's batch (5%% "
+                        "from the library's reward functions, three loss settings; dense: the dense batch (5%% "
                         "padding, an advantage on every item, the released settings)")
     p.add_argument("--settings", default=",".join(wl.SETTINGS),
                    help=f"realistic workload: comma-separated subset of {', '.join(wl.SETTINGS)} (default all)")
