@@ -1,7 +1,9 @@
 """What the benchmark compares: each provider turns one batch into a loss whose backward reaches the LM head.
 
 A provider is a ``Provider(note, build, ...)``: ``build(batch) -> loss_fn`` or raises ``Unavailable(reason)``;
-``loss_fn()`` returns the scalar loss from ``batch.hidden`` and ``batch.weight``. ``refuse(device_type, dtype)`` is
+``loss_fn()`` returns the scalar loss from ``batch.hidden`` and ``batch.weight`` with the loss settings of the batch's
+workload (``batch.settings``: eps, beta, loss type; ``batch.loss_inputs`` hold ``None`` for the old or reference
+log-probs a setting goes without). ``refuse(device_type, dtype)`` is
 the cheap check ``run.py`` makes before starting a process for it (no batch, no GPU touched); ``build`` makes the
 full one. ``backend`` names our backend for ``--breakdown``; ``token_level`` providers are checked against the eager
 loss on ``token_level_inputs`` (their maths is token-level GRPO).
@@ -11,7 +13,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -19,8 +23,12 @@ import torch
 from rankgrpo_kernels import backends, fused_logprobs, rank_grpo_loss, rank_grpo_loss_from_logps
 from rankgrpo_kernels.reference import reference_loss
 
-# The released Rank-GRPO run: bnpo, eps 0.06 / 0.08, k3 KL with beta 1e-3.
+# The released Rank-GRPO run: bnpo, eps 0.06 / 0.08, k3 KL with beta 1e-3 (the dense workload's one setting; a
+# batch carries its own in ``Batch.settings``).
 LOSS_SETTINGS = dict(epsilon_low=0.06, epsilon_high=0.08, beta=1e-3, loss_type="bnpo")
+# TRL 1.16's vocabulary width per tile of ChunkedLogProbFunction (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE).
+TRL_CHUNK_SIZE = 32768
+TRL_MIN_VERSION = (1, 16)
 
 
 class Unavailable(Exception):
@@ -32,7 +40,9 @@ class Batch:
     hidden: torch.Tensor  # (B, T, H), requires grad
     weight: torch.Tensor  # (V, H), requires grad
     target_ids: torch.Tensor
-    loss_inputs: dict  # item_ids, advantages, completion_mask, old_logps, ref_logps
+    loss_inputs: dict  # item_ids, advantages, completion_mask, old_logps, ref_logps (either may be None)
+    settings: dict = field(default_factory=lambda: dict(LOSS_SETTINGS))  # epsilon_low/high, beta, loss_type
+    setting: str = "released"  # the setting's name
 
 
 @dataclass(frozen=True)
@@ -56,12 +66,12 @@ def _missing(package):
 
 def _eager(batch):
     return lambda: reference_loss(batch.hidden, batch.weight, batch.target_ids, **batch.loss_inputs,
-                                  **LOSS_SETTINGS)[0]
+                                  **batch.settings)[0]
 
 
 def _compiled(batch):
     compiled = torch.compile(reference_loss)
-    return lambda: compiled(batch.hidden, batch.weight, batch.target_ids, **batch.loss_inputs, **LOSS_SETTINGS)[0]
+    return lambda: compiled(batch.hidden, batch.weight, batch.target_ids, **batch.loss_inputs, **batch.settings)[0]
 
 
 # --- ours -----------------------------------------------------------------------------------------------------------
@@ -88,7 +98,7 @@ def _ours(backend):
     def build(batch):
         _check_backend(batch, backend)
         return lambda: rank_grpo_loss(batch.hidden, batch.weight, batch.target_ids, backend=backend,
-                                      **batch.loss_inputs, **LOSS_SETTINGS)[0]
+                                      **batch.loss_inputs, **batch.settings)[0]
     return build
 
 
@@ -100,7 +110,7 @@ def _ours_recompute(backend):
 
         def loss():
             logps = fused_logprobs(batch.hidden, batch.weight, batch.target_ids, backend=backend)
-            return rank_grpo_loss_from_logps(logps, backend=backend, **batch.loss_inputs, **LOSS_SETTINGS)[0]
+            return rank_grpo_loss_from_logps(logps, backend=backend, **batch.loss_inputs, **batch.settings)[0]
         return loss
     return build
 
@@ -122,12 +132,12 @@ def token_level_inputs(batch):
 def _liger(batch):
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
-    s = LOSS_SETTINGS
+    s = batch.settings
+    inputs = token_level_inputs(batch)
     # Liger's defaults otherwise (chunk_size=1 row, compiled=True: its loss maths goes through torch.compile, on
     # the CPU too); its log-probs stream the vocabulary in 4096-column chunks and its backward recomputes them.
     loss = LigerFusedLinearGRPOLoss(beta=s["beta"], epsilon_low=s["epsilon_low"], epsilon_high=s["epsilon_high"],
-                                    loss_type=s["loss_type"], use_ref_model=True)
-    inputs = token_level_inputs(batch)
+                                    loss_type=s["loss_type"], use_ref_model=inputs["ref_logps"] is not None)
     row_advantages = inputs["advantages"][:, 0].contiguous()
     return lambda: loss(batch.hidden, batch.weight, batch.target_ids, inputs["completion_mask"], row_advantages,
                         ref_per_token_logps=inputs["ref_logps"], old_per_token_logps=inputs["old_logps"])[0]
@@ -148,7 +158,63 @@ def _cce(batch):
     def loss():
         logps = -linear_cross_entropy(batch.hidden, batch.weight, batch.target_ids, reduction="none", impl=impl,
                                       **extra)
-        return rank_grpo_loss_from_logps(logps, **batch.loss_inputs, **LOSS_SETTINGS)[0]
+        return rank_grpo_loss_from_logps(logps, **batch.loss_inputs, **batch.settings)[0]
+    return loss
+
+
+def _refuse_trl(device_type, dtype):
+    from importlib import metadata
+
+    missing = _missing("trl")
+    if missing:
+        return missing
+    version = metadata.version("trl")
+    try:
+        major_minor = tuple(int(x) for x in version.split(".")[:2])
+    except ValueError:
+        major_minor = TRL_MIN_VERSION
+    if major_minor < TRL_MIN_VERSION:
+        return f"trl {version} has no trl.kernels.chunked_logprob (needs trl >= 1.16)"
+    return None
+
+
+def _trl_chunk_size():
+    """TRL's own vocabulary width per tile, read from its source (importing ``trl.trainer.utils`` takes seconds)."""
+    spec = importlib.util.find_spec("trl")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        try:
+            text = Path(root, "trainer", "utils.py").read_text()
+        except OSError:
+            continue
+        found = re.search(r"^_CHUNKED_LOGPROB_CHUNK_SIZE\s*=\s*(\d+)", text, re.MULTILINE)
+        if found:
+            return int(found.group(1))
+    return TRL_CHUNK_SIZE
+
+
+def _trl(batch):
+    try:
+        from trl.kernels.chunked_logprob import ChunkedLogProbFunction, _use_triton
+    except ImportError as exc:
+        raise Unavailable(f"trl.kernels.chunked_logprob: {exc}") from None
+
+    chunk = _trl_chunk_size()
+    hidden, weight, targets = batch.hidden, batch.weight, batch.target_ids
+    B, T, H = hidden.shape
+    mask = batch.loss_inputs["completion_mask"].bool()
+    # As TRL's fused forward: on Triton devices only the completion's positions are scored (compacted), elsewhere
+    # every position (fixed tile shapes) and the padding's log-probs are zeroed.
+    compact = _use_triton(hidden.device)
+
+    def loss():
+        if compact:
+            logp = ChunkedLogProbFunction.apply(hidden[mask], weight, None, targets[mask], 1.0, chunk, None, 1.0, ())[0]
+            logps = logp.new_zeros(B, T).masked_scatter(mask, logp)
+        else:
+            logp = ChunkedLogProbFunction.apply(hidden.reshape(B * T, H), weight, None, targets.reshape(-1), 1.0,
+                                                chunk, None, 1.0, ())[0]
+            logps = logp.view(B, T).masked_fill(~mask, 0)
+        return rank_grpo_loss_from_logps(logps, **batch.loss_inputs, **batch.settings)[0]
     return loss
 
 
@@ -174,4 +240,8 @@ PROVIDERS = {
     "cce": Provider("Cut Cross-Entropy log-probs (exact gradients; on a CPU its torch_compile impl, which holds the "
                     "full logits) + our rank_grpo_loss_from_logps", _cce,
                     lambda device_type, dtype: _missing("cut_cross_entropy")),
+    "trl": Provider("TRL 1.16's fused LM head: trl.kernels.chunked_logprob.ChunkedLogProbFunction (exact log-probs "
+                    "over 4096-token x 32768-column tiles, Triton fold on a GPU and torch on a CPU, backward "
+                    "recomputes each tile: 4 GEMMs; on a GPU only the completion's positions, on a CPU all) + our "
+                    "rank_grpo_loss_from_logps", _trl, _refuse_trl),
 }

@@ -12,10 +12,15 @@ def fmt(x, spec):
 
 def results_table(rows, detail=True) -> list[str]:
     """One line per row: time, its ratios to the three GEMMs and to eager, extra peak memory and its ratio to
-    eager's. ``detail`` adds the spread, the first call, the forward alone (when timed) and the check's error."""
+    eager's. ``detail`` adds the spread, the first call, the forward alone (when timed) and the check's error.
+    Rows of the realistic workload (with a ``setting``) add the setting and the ratio to the three GEMMs over the
+    loss tokens only."""
     with_fwd = detail and any("fwd_ms" in r for r in rows)
-    head = ["shape", "provider", "fwd+bwd ms" + (" (p20-p80)" if detail else ""), "x 3 GEMM", "time vs eager",
-            "extra peak MiB", "memory vs eager"]
+    with_setting = any("setting" in r for r in rows)
+    head = ["shape"] + (["setting"] if with_setting else []) + [
+        "provider", "fwd+bwd ms" + (" (p20-p80)" if detail else ""), "x 3 GEMM"]
+    head += ["x 3 GEMM (loss tokens)"] if with_setting else []
+    head += ["time vs eager", "extra peak MiB", "memory vs eager"]
     if detail:
         head += ["1st call s"] + (["fwd ms"] if with_fwd else []) + ["max rel err", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -27,9 +32,11 @@ def results_table(rows, detail=True) -> list[str]:
                 time_cell += f" ({r['fwd_bwd_p20_ms']:.1f}-{r['fwd_bwd_p80_ms']:.1f})"
         else:
             time_cell = "" if detail else r["status"]
-        cells = [r["shape"], r["provider"], time_cell, fmt(r.get("vs_three_gemm"), ".2f"),
-                 fmt(r.get("time_vs_eager"), ".2f"), fmt(r.get("peak_mib"), ".1f" if detail else ".0f"),
-                 fmt(r.get("memory_vs_eager"), ".3f")]
+        cells = [r["shape"]] + ([r.get("setting", "")] if with_setting else []) + [
+            r["provider"], time_cell, fmt(r.get("vs_three_gemm"), ".2f")]
+        cells += [fmt(r.get("vs_three_gemm_loss_tokens"), ".2f")] if with_setting else []
+        cells += [fmt(r.get("time_vs_eager"), ".2f"), fmt(r.get("peak_mib"), ".1f" if detail else ".0f"),
+                  fmt(r.get("memory_vs_eager"), ".3f")]
         if detail:
             first = r.get("first_call_ms")
             cells += [fmt(first / 1e3 if first is not None else None, ".2f")]
@@ -48,22 +55,68 @@ def breakdown_table(rows) -> list[str]:
     lines = []
     if done:
         device = any(r["breakdown"].get("clock") == "device" for r in done)
-        lines += ["| shape | provider | wall ms | GEMMs | row pass | segment loss | rest"
-                  + (" | GPU idle" if device else "") + " | GEMM calls | 3 GEMMs alone ms |",
-                  "|" + "---|" * (9 + device)]
+        with_setting = any("setting" in r for r in done)
+        lines += [("| shape" + (" | setting" if with_setting else "") + " | provider | wall ms | GEMMs | row pass "
+                   "| segment loss | rest" + (" | GPU idle" if device else "") + " | GEMM calls | 3 GEMMs alone ms |"),
+                  "|" + "---|" * (9 + device + with_setting)]
         for r in done:
             b = r["breakdown"]
 
             def share(key, b=b):
                 return f"{b[key]:.1f} ({100 * b[key] / b['wall_ms']:.0f}%)" if b.get(key) is not None else ""
-            lines.append(f"| {r['shape']} | {r['provider']} | {b['wall_ms']:.1f} | {share('gemm_ms')} "
+            where = f"{r['shape']} | {r['setting']}" if with_setting else r["shape"]
+            lines.append(f"| {where} | {r['provider']} | {b['wall_ms']:.1f} | {share('gemm_ms')} "
                          f"| {share('row_pass_ms')} | {share('segment_loss_ms')} | {share('rest_ms')} "
                          + (f"| {share('idle_ms')} " if device else "")
                          + f"| {b.get('gemm_calls', '')} | {fmt(r.get('three_gemm_ms'), '.1f')} |")
-    lines += [f"- {r['shape']} {r['provider']}: breakdown failed: {r['breakdown']['error']}" for r in failed]
+    lines += [f"- {r['shape']} {r.get('setting', '')} {r['provider']}: breakdown failed: {r['breakdown']['error']}"
+              for r in failed]
     return lines
 
 
 BREAKDOWN_CAPTION = ("Where ours spends one profiled fwd+bwd (`--breakdown`), ms and share of its wall time: GEMMs "
                      "are aten::mm / addmm / addmm_, row pass and segment loss the backend's two functions, the rest "
                      "everything else (scaling, casts, Python between ops)")
+
+
+def pct(x):
+    return "" if x is None else f"{100 * x:.1f}%"
+
+
+def workload_tables(workloads) -> list[str]:
+    """The realistic workload of each shape (``run.py``'s ``workloads``): its layout and shares, then per setting the
+    tokens that enter a GEMM and how much PPO clipping does. No lines without a realistic workload."""
+    if not workloads:
+        return []
+    caption = ("Workload (realistic): padding share = positions outside completion_mask / all B x T positions; "
+               "zero-advantage share = loss tokens whose advantage is exactly 0 / loss tokens; gradient share at "
+               "beta = 0 = loss tokens of items with a non-zero advantage / all positions:")
+    head = ("| shape | prompts x G | rows x T | positions | completion tokens | padding share | zero-advantage share "
+            "| gradient share (beta 0) | ranks with advantage 0 | hits / list | items / list | early stop | overflow |")
+    lines = [caption, "", head, "|" + "---|" * 13]
+    for key, w in workloads.items():
+        if "positions" not in w:
+            lines.append(f"| {key} | {w.get('error', 'no statistics')} |" + " |" * 11)
+            continue
+        lines.append(f"| {key} | {w['prompts']} x {w['generations']} | {w['rows']} x {w['row_length']} "
+                     f"| {w['positions']} | {w['completion_tokens']} | {pct(w['padding_share'])} "
+                     f"| {pct(w['zero_advantage_share'])} | {pct(w['gradient_share_beta0'])} "
+                     f"| {pct(w['zero_advantage_rank_share'])} | {w['hits_per_list']:.2f} "
+                     f"| {w['items_emitted_mean']:.1f} | {pct(w['early_stop_share'])} | {pct(w['overflow_share'])} |")
+    settings = [(key, name, st, w) for key, w in workloads.items() for name, st in (w.get("settings") or {}).items()]
+    if settings:
+        caption = ("Per setting: GEMM tokens = tokens that must enter a GEMM (the `3 GEMMs (loss tokens)` row); "
+                   "clip fraction = loss items whose ratio lies outside [1 - eps_low, 1 + eps_high]; clip ratio "
+                   "region = the loss's token share where the clip binds (sign of the advantage included); of items "
+                   "with advantage: the clip fraction among items whose advantage is not 0 everywhere:")
+        head = ("| shape | setting | GEMM tokens | of positions | clip fraction | of items with advantage "
+                "| clip ratio region | ratio mean | kl |")
+        lines += ["", caption, "", head, "|" + "---|" * 9]
+        for key, name, st, w in settings:
+            tokens = st.get("gemm_tokens")
+            share = tokens / w["positions"] if tokens is not None and w.get("positions") else None
+            lines.append(f"| {key} | {name} | {fmt(tokens, 'd')} | {pct(share)} | {pct(st.get('clip_fraction'))} "
+                         f"| {pct(st.get('clip_fraction_with_advantage'))} "
+                         f"| {pct(st.get('clip_ratio_region'))} | {fmt(st.get('ratio_mean'), '.4f')} "
+                         f"| {fmt(st.get('kl'), '.2e')} |")
+    return lines

@@ -1,9 +1,22 @@
 """Throughput and memory of the Rank-GRPO loss: ours against the eager baseline, the peers and the GEMM floor.
 
-    python benchmarks/run.py                      # CPU: the foundation shape, fp32, every provider that runs here
-    python benchmarks/run.py --device cuda        # GPU: every model head at 4k and 16k tokens, every provider
+    python benchmarks/run.py                      # CPU: the realistic workload at the foundation head, fp32
+    python benchmarks/run.py --device cuda        # GPU: the realistic workload at the Qwen2.5-0.5B and Llama-3.2-3B
+                                                  # heads, ~16k positions, bf16, every provider
+    python benchmarks/run.py --workload dense     # the dense batch (5% padding, an advantage on every item)
     python benchmarks/run.py --shapes qwen2.5-0.5b@16384 --providers eager,triton --dtype bfloat16 --reps 10
     python benchmarks/run.py --shapes 256x4000@512 --out benchmarks/out     # a quick look; JSON kept out of git
+    python benchmarks/run.py --settings beta0 --providers eager,torch,trl   # one loss setting, three providers
+
+Workloads (``--workload``). ``realistic`` (the default; ``workload.py``): P prompts x G = 8 completions, each a
+20-item list (items of 6-16 tokens ending in a newline), some stopping early, some overflowing, an EOS, right-padded
+as TRL pads; items from the library's segmentation, advantages from ``rank_rewards`` -> ``rank_advantages`` ->
+``token_advantages`` as ``RankGRPOTrainer`` builds them, with hits correlated within a prompt (``--hits-per-list``)
+so that most ranks of a group carry advantage exactly 0. ``HxV@N`` asks for about N padded positions (``--prompts``
+sets P instead). Each of its three loss settings is timed: ``beta0`` (beta 0, on-policy, no reference: TRL 1.16's
+default), ``beta1e-3`` (reference and old log-probs: the released run), ``offpolicy`` (beta 0, old log-probs far
+enough from the policy that PPO clipping binds on a share of items). ``dense``: N tokens in rows of 512, 5% padding,
+a random non-zero advantage per item, the released settings (``make_batch``).
 
 One process per provider and shape (a fresh interpreter each, so allocator state, thread pools and compile caches
 in memory do not leak from one provider into the next). For each shape, a first process computes the eager loss
@@ -21,9 +34,13 @@ unseen nor counted twice; glibc's usual thresholds are then restored (``mallopt`
 
 ``x 3 GEMM`` divides by the time of the three (N x H x V) GEMMs any exact method needs (logits, d_hidden,
 d_weight) measured in the same run; the ``3 GEMMs`` and ``4 GEMMs`` rows (four: the logits recomputed in the
-backward, as a small-memory backward does) show them. ``--breakdown`` (default on the CPU, where ours runs the torch
-backend) profiles one more fwd+bwd of each of ours: time in the GEMMs (aten::mm / addmm / addmm_), in the backend's
-row pass, in its segment loss, and the rest (scaling, casts, Python); on a GPU the kernels' device time.
+backward, as a small-memory backward does) show them. On the realistic workload two rows per setting: ``3 GEMMs
+(all positions)`` over all B x T positions, and ``3 GEMMs (loss tokens)`` over only the tokens the setting's loss
+needs in a GEMM (``workload.gemm_tokens``: the loss tokens, less, at beta = 0, those of items whose advantage is 0
+on every token); ``x 3 GEMM`` and ``x 3 GEMM (loss tokens)`` divide by each. ``--breakdown`` (default on the CPU,
+where ours runs the torch backend) profiles one more fwd+bwd of each of ours: time in the GEMMs (aten::mm / addmm /
+addmm_), in the backend's row pass, in its segment loss, and the rest (scaling, casts, Python); on a GPU the kernels'
+device time.
 """
 
 from __future__ import annotations
@@ -39,6 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,8 +64,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from providers import LOSS_SETTINGS, PROVIDERS, Batch, Unavailable, token_level_inputs  # noqa: E402
-from report import BREAKDOWN_CAPTION, breakdown_table, results_table  # noqa: E402
+import workload as wl  # noqa: E402
+from providers import PROVIDERS, Batch, Unavailable, token_level_inputs  # noqa: E402
+from report import BREAKDOWN_CAPTION, breakdown_table, results_table, workload_tables  # noqa: E402
 from shapes import ALL_SHAPES, HeadShape, default_shapes, parse_shape  # noqa: E402
 
 import rankgrpo_kernels  # noqa: E402
@@ -59,10 +78,90 @@ TOLERANCE = {torch.float32: 2e-3, torch.float64: 1e-9, torch.bfloat16: 5e-2, tor
 GEMM_ROWS = ("3 GEMMs", "4 GEMMs")
 GEMM_NOTE = ("the LM head's GEMMs alone at this shape, in the same run: logits h W^T, d_hidden dZ W, d_weight dZ^T h "
              "(the floor of any exact method); 4 adds the logits once more (recomputed in the backward)")
+ALL_POSITIONS, LOSS_TOKENS = "3 GEMMs (all positions)", "3 GEMMs (loss tokens)"
+REALISTIC_GEMM_ROWS = (ALL_POSITIONS, LOSS_TOKENS)
+REALISTIC_GEMM_NOTE = (f"{ALL_POSITIONS}: the three LM-head GEMMs (logits, d_hidden, d_weight) over all B x T "
+                       f"positions, in the same run; {LOSS_TOKENS}: the same three over only the tokens the setting's "
+                       "loss needs in a GEMM (gemm_tokens: the completion's loss tokens, less, at beta = 0, the tokens "
+                       "of items whose advantage is 0 on every token, which carry no gradient)")
 HERE = Path(__file__).resolve().parent
 # glibc, in every process of a CPU run until its memory is measured: blocks over 64 KiB come from mmap and go back to
 # the system when freed, and the heap is trimmed on every free, so the resident set follows live memory.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+@dataclass(frozen=True)
+class Work:
+    """Which batch the run builds: the workload, its settings and, for the realistic one, its knobs."""
+
+    kind: str = "realistic"  # or "dense"
+    settings: tuple = tuple(wl.SETTINGS)
+    prompts: int | None = None  # P; default from the shape's N (about N padded positions)
+    hits_per_list: float = wl.HITS_PER_LIST
+
+    @property
+    def realistic(self) -> bool:
+        return self.kind == "realistic"
+
+    def setting_names(self) -> tuple:
+        return self.settings if self.realistic else (wl.RELEASED.name,)
+
+    def setting(self, name=None) -> wl.Setting:
+        if not self.realistic:
+            return wl.RELEASED
+        return wl.SETTINGS[name or self.settings[0]]
+
+    def prompts_for(self, shape: HeadShape) -> int:
+        return self.prompts or wl.prompts_for(shape.tokens)
+
+    def options(self) -> list[str]:
+        """The flags that make a child process build the same batches."""
+        out = ["--workload", self.kind, "--settings", ",".join(self.settings), "--hits-per-list",
+               repr(self.hits_per_list)]
+        return out + (["--prompts", str(self.prompts)] if self.prompts else [])
+
+    def describe(self) -> dict:
+        out = dict(kind=self.kind, settings={n: self.setting(n).describe() for n in self.setting_names()})
+        if self.realistic:
+            out.update(generations=wl.GENERATIONS, hits_per_list=self.hits_per_list, prompts=self.prompts,
+                       rec_num=wl.REC_NUM, item_tokens=list(wl.ITEM_TOKENS), early_stop=wl.EARLY_STOP,
+                       overflow=wl.OVERFLOW, scale_rewards=wl.SCALE_REWARDS)
+        return out
+
+
+DENSE = Work("dense")
+REALISTIC = Work()
+
+
+def make_layout(shape: HeadShape, work: Work) -> wl.Layout:
+    return wl.make_layout(shape.vocab, work.prompts_for(shape), wl.GENERATIONS, work.hits_per_list)
+
+
+def make_realistic_batch(shape: HeadShape, work: Work, setting: str | None, dtype, device, seed=0) -> Batch:
+    """The realistic workload's batch at one setting (``workload.py``); seeded on the CPU, so every process of a run
+    builds the same. ``batch.logps`` keeps the policy's log-probs (the setting's clip statistics use them)."""
+    spec = work.setting(setting)
+    layout = make_layout(shape, work)
+    B, T = layout.target_ids.shape
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, shape.hidden, generator=g).to(device, dtype)
+    weight = (torch.randn(shape.vocab, shape.hidden, generator=g) / shape.hidden**0.5).to(device, dtype)
+    target_ids = layout.target_ids.to(device)
+    with torch.no_grad():
+        logps = fused_logprobs(hidden, weight, target_ids, backend="torch")
+    old, ref = wl.old_and_ref(logps, spec, seed=seed + 1)
+    loss_inputs = dict(item_ids=layout.item_ids.to(device), advantages=layout.advantages.to(device),
+                       completion_mask=layout.completion_mask.to(device), old_logps=old, ref_logps=ref)
+    batch = Batch(hidden.requires_grad_(), weight.requires_grad_(), target_ids, loss_inputs,
+                  settings=spec.loss_settings(), setting=spec.name)
+    batch.logps = logps
+    return batch
+
+
+def build_batch(shape: HeadShape, work: Work, setting, dtype, device) -> Batch:
+    if work.realistic:
+        return make_realistic_batch(shape, work, setting, dtype, device)
+    return make_batch(shape, dtype, device)
 
 
 def make_batch(shape: HeadShape, dtype, device, seed=0) -> Batch:
@@ -88,7 +187,8 @@ def make_batch(shape: HeadShape, dtype, device, seed=0) -> Batch:
         item_ids=item_ids, advantages=rank_adv.to(device).gather(1, item_ids), completion_mask=completion_mask,
         old_logps=logps + 0.05 * noise[0], ref_logps=logps + 0.1 * noise[1],
     )
-    return Batch(hidden.requires_grad_(), weight.requires_grad_(), target_ids, loss_inputs)
+    return Batch(hidden.requires_grad_(), weight.requires_grad_(), target_ids, loss_inputs,
+                 settings=wl.RELEASED.loss_settings(), setting=wl.RELEASED.name)
 
 
 def fwd_bwd(loss_fn, batch):
@@ -131,18 +231,31 @@ def percentile(values, q):
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def gemm_seconds(shape, dtype, device, reps) -> dict:
-    """Times of the LM head's GEMMs at this shape: logits ``h W^T`` alone, and with d_hidden ``dZ W`` and d_weight
-    ``dZ^T h`` (three: the floor of any exact method; four adds the logits' recomputation of a small-memory
+def gemm_seconds(tokens, hidden, vocab, dtype, device, reps) -> dict:
+    """Times of the LM head's GEMMs over ``tokens`` rows: logits ``h W^T`` alone, and with d_hidden ``dZ W`` and
+    d_weight ``dZ^T h`` (three: the floor of any exact method; four adds the logits' recomputation of a small-memory
     backward). Into preallocated outputs: the products alone, without allocating or first touching their memory."""
-    h = torch.randn(shape.tokens, shape.hidden, device=device, dtype=dtype)
-    w = torch.randn(shape.vocab, shape.hidden, device=device, dtype=dtype)
-    z = torch.randn(shape.tokens, shape.vocab, device=device, dtype=dtype)
+    tokens = max(1, int(tokens))
+    h = torch.randn(tokens, hidden, device=device, dtype=dtype)
+    w = torch.randn(vocab, hidden, device=device, dtype=dtype)
+    z = torch.randn(tokens, vocab, device=device, dtype=dtype)
     z_out, h_out, w_out = torch.empty_like(z), torch.empty_like(h), torch.empty_like(w)
     logits, d_hidden, d_weight = (statistics.median(timings(fn, reps, device)) for fn in (
         lambda: torch.mm(h, w.T, out=z_out), lambda: torch.mm(z, w, out=h_out), lambda: torch.mm(z.T, h, out=w_out)))
     three = logits + d_hidden + d_weight
-    return dict(logits=logits, d_hidden=d_hidden, d_weight=d_weight, three=three, four=three + logits)
+    return dict(tokens=tokens, logits=logits, d_hidden=d_hidden, d_weight=d_weight, three=three, four=three + logits)
+
+
+def realistic_gemms(shape, work, dtype, device, reps) -> dict:
+    """The realistic workload's GEMM floors: over all B x T positions, and per setting over the tokens its loss
+    needs in a GEMM (``workload.gemm_tokens``); also the workload's shares (``workload.layout_stats``)."""
+    layout = make_layout(shape, work)
+    stats = wl.layout_stats(layout)
+    counts = {name: wl.gemm_tokens(layout, work.setting(name)) for name in work.setting_names()}
+    timed = {n: gemm_seconds(n, shape.hidden, shape.vocab, dtype, device, reps)
+             for n in sorted({stats["positions"], *counts.values()}, reverse=True)}
+    return dict(all=timed[stats["positions"]], loss_tokens={name: timed[n] for name, n in counts.items()},
+                gemm_tokens=counts, layout=stats)
 
 
 # --- memory ---------------------------------------------------------------------------------------------------------
@@ -259,7 +372,7 @@ def breakdown(loss_fn, batch, backend, device) -> dict:
 
 def eager_result(batch, loss_inputs):
     """Loss and gradients of hidden and weight by the eager reference (full logits)."""
-    loss, _ = reference_loss(batch.hidden, batch.weight, batch.target_ids, **loss_inputs, **LOSS_SETTINGS)
+    loss, _ = reference_loss(batch.hidden, batch.weight, batch.target_ids, **loss_inputs, **batch.settings)
     return [x.detach() for x in (loss, *torch.autograd.grad(loss, (batch.hidden, batch.weight)))]
 
 
@@ -272,26 +385,32 @@ def reference_files(ref_dir) -> dict:
     return dict(eager=Path(ref_dir) / "eager.pt", token_level=Path(ref_dir) / "token_level.pt")
 
 
-def save_references(shape, dtype, device, ref_dir, token_level) -> dict:
-    """The yardsticks of one shape: eager on the batch, and on its token-level form if a provider needs it."""
-    batch = make_batch(shape, dtype, device)
+def save_references(shape, dtype, device, ref_dir, token_level, work: Work = DENSE, setting=None) -> dict:
+    """The yardsticks of one shape and setting: eager on the batch, and on its token-level form if a provider needs
+    it. On the realistic workload also the setting's clip statistics (``workload.clip_stats``)."""
+    batch = build_batch(shape, work, setting, dtype, device)
     files = reference_files(ref_dir)
     torch.save([x.cpu() for x in eager_result(batch, batch.loss_inputs)], files["eager"])
     if token_level:
         torch.save([x.cpu() for x in eager_result(batch, token_level_inputs(batch))], files["token_level"])
-    return {"saved": [str(p) for p in files.values() if p.exists()]}
+    out = {"saved": [str(p) for p in files.values() if p.exists()]}
+    if work.realistic:
+        out["setting_stats"] = wl.clip_stats(batch.logps, batch.loss_inputs, work.setting(setting))
+    return out
 
 
-def shape_fields(shape) -> dict:
+def shape_fields(shape, setting=None) -> dict:
     return dict(shape=shape.key, hidden=shape.hidden, vocab=shape.vocab, tokens=shape.tokens,
-                scaled_from=shape.scaled_from)
+                scaled_from=shape.scaled_from, **({} if setting is None else dict(setting=setting)))
 
 
-def provider_row(name, shape, dtype, device, reps, ref_dir, want_breakdown=False, want_fwd=False) -> dict:
+def provider_row(name, shape, dtype, device, reps, ref_dir, want_breakdown=False, want_fwd=False,
+                 work: Work = DENSE, setting=None) -> dict:
     """Check one provider against the saved yardstick, then time it and measure its memory (one process)."""
     provider = PROVIDERS[name]
-    row = dict(provider=name, **shape_fields(shape))
-    batch = make_batch(shape, dtype, device)
+    row = dict(provider=name, **shape_fields(shape, work.setting(setting).name if work.realistic else None))
+    batch = build_batch(shape, work, setting, dtype, device)
+    row["positions"] = batch.target_ids.numel()
     try:
         loss_fn = provider.build(batch)
     except Unavailable as exc:
@@ -315,7 +434,7 @@ def provider_row(name, shape, dtype, device, reps, ref_dir, want_breakdown=False
     median = statistics.median(both)
     row.update(status="ok", fwd_bwd_ms=1e3 * median, fwd_bwd_p20_ms=1e3 * percentile(both, 0.2),
                fwd_bwd_p80_ms=1e3 * percentile(both, 0.8), fwd_bwd_runs_ms=[1e3 * t for t in both],
-               tokens_per_s=shape.tokens / median)
+               tokens_per_s=row["positions"] / median)
     if want_fwd:
         row["fwd_ms"] = 1e3 * statistics.median(timings(lambda: fwd_only(loss_fn, batch), reps, device))
     if want_breakdown and provider.backend is not None:
@@ -326,12 +445,15 @@ def provider_row(name, shape, dtype, device, reps, ref_dir, want_breakdown=False
     return row
 
 
-def child_main(args, shape, dtype, device) -> dict:
+def child_main(args, shape, dtype, device, work: Work) -> dict:
     if args.child == "reference":
-        return save_references(shape, dtype, device, args.ref_dir, args.token_level)
+        return save_references(shape, dtype, device, args.ref_dir, args.token_level, work, args.setting)
     if args.child == "gemm":
-        return gemm_seconds(shape, dtype, device, args.reps)
-    return provider_row(args.child, shape, dtype, device, args.reps, args.ref_dir, bool(args.breakdown), args.fwd)
+        if work.realistic:
+            return realistic_gemms(shape, work, dtype, device, args.reps)
+        return gemm_seconds(shape.tokens, shape.hidden, shape.vocab, dtype, device, args.reps)
+    return provider_row(args.child, shape, dtype, device, args.reps, args.ref_dir, bool(args.breakdown), args.fwd,
+                        work, args.setting)
 
 
 def in_child(job, shape, dtype, device, reps, ref_dir, options=(), timeout=None) -> dict:
@@ -354,57 +476,107 @@ def in_child(job, shape, dtype, device, reps, ref_dir, options=(), timeout=None)
 
 # --- the parent: every shape, every provider ------------------------------------------------------------------------
 
-def bench_shape(shape, names, dtype, device, reps, progress, options=(), timeout=None) -> list[dict]:
-    """Rows of one shape: the yardstick and the GEMMs first, then each provider in its own process."""
+def _gemm_rows(shape, setting, gemm, work) -> list[dict]:
+    """The GEMM floor's rows of one shape (and setting, on the realistic workload)."""
+    fields = shape_fields(shape, setting if work.realistic else None)
+    if "error" in gemm:
+        names = REALISTIC_GEMM_ROWS if work.realistic else GEMM_ROWS
+        return [dict(provider=g, **fields, status=f"error: {gemm['error']}") for g in names]
+
+    def row(name, timed, key="three"):
+        return dict(provider=name, **fields, status="ok", fwd_bwd_ms=1e3 * timed[key], gemm_tokens=timed["tokens"],
+                    gemm_ms={part: 1e3 * timed[part] for part in ("logits", "d_hidden", "d_weight")})
+    if not work.realistic:
+        return [row(name, gemm, key) for name, key in zip(GEMM_ROWS, ("three", "four"))]
+    return [row(ALL_POSITIONS, gemm["all"]), row(LOSS_TOKENS, gemm["loss_tokens"][setting])]
+
+
+def _attach_gemms(rows, setting, gemm, work):
+    """Each row's GEMM floors and its time's ratios to them."""
+    if "error" in gemm:
+        return
+    floor = gemm["all"] if work.realistic else gemm
+    for row in rows:
+        row["three_gemm_ms"], row["four_gemm_ms"] = 1e3 * floor["three"], 1e3 * floor["four"]
+        if work.realistic:
+            row["three_gemm_loss_tokens_ms"] = 1e3 * gemm["loss_tokens"][setting]["three"]
+            row.setdefault("gemm_tokens", gemm["gemm_tokens"][setting])  # a GEMM row keeps its own count
+            row.setdefault("positions", gemm["layout"]["positions"])
+        if row["status"] == "ok":
+            row["vs_three_gemm"] = row["fwd_bwd_ms"] / row["three_gemm_ms"]
+            row["vs_four_gemm"] = row["fwd_bwd_ms"] / row["four_gemm_ms"]
+            if work.realistic:
+                row["vs_three_gemm_loss_tokens"] = row["fwd_bwd_ms"] / row["three_gemm_loss_tokens_ms"]
+
+
+def bench_shape(shape, names, dtype, device, reps, progress, options=(), timeout=None, work: Work = DENSE):
+    """Rows of one shape: the GEMMs first, then per setting the yardstick and each provider in its own process.
+    Returns the rows and, on the realistic workload, the workload's statistics (shares, GEMM tokens, clipping)."""
     rows, runnable = [], []
+    setting_field = (lambda s: s) if work.realistic else (lambda s: None)
     for name in names:
         reason = PROVIDERS[name].refuse(device.type, dtype)
         if reason is None:
             runnable.append(name)
         else:
-            rows.append(dict(provider=name, **shape_fields(shape), status=f"skipped: {reason}"))
+            rows += [dict(provider=name, **shape_fields(shape, setting_field(s)), status=f"skipped: {reason}")
+                     for s in work.setting_names()]
             progress(f"{shape.key} {name} (skipped)")
-    with tempfile.TemporaryDirectory(prefix="rankgrpo-bench-") as ref_dir:
-        progress(f"{shape.key} eager yardstick")
-        token_level = ["--token-level"] if any(PROVIDERS[n].token_level for n in runnable) else []
-        ref = in_child("reference", shape, dtype, device, reps, ref_dir, token_level, timeout) if runnable else {}
-        progress(f"{shape.key} GEMMs")
-        gemm = in_child("gemm", shape, dtype, device, reps, ref_dir, (), timeout)
+    progress(f"{shape.key} GEMMs")
+    gemm = in_child("gemm", shape, dtype, device, reps, ".", work.options(), timeout)
+    info = None
+    if work.realistic:
+        info = dict(gemm.get("layout") or {}, gemm_tokens=gemm.get("gemm_tokens"), settings={})
         if "error" in gemm:
-            rows += [dict(provider=g, **shape_fields(shape), status=f"error: {gemm['error']}") for g in GEMM_ROWS]
+            info["error"] = gemm["error"]
+    token_level = ["--token-level"] if any(PROVIDERS[n].token_level for n in runnable) else []
+    for setting in work.setting_names():
+        here = f"{shape.key} {setting}" if work.realistic else shape.key
+        extra = work.options() + (["--setting", setting] if work.realistic else [])
+        setting_rows = [r for r in rows if r.get("setting") == setting_field(setting)]
+        with tempfile.TemporaryDirectory(prefix="rankgrpo-bench-") as ref_dir:
+            progress(f"{here} eager yardstick")
+            ref = in_child("reference", shape, dtype, device, reps, ref_dir, token_level + extra,
+                           timeout) if runnable else {}
+            if info is not None and "setting_stats" in ref:
+                info["settings"][setting] = dict(ref["setting_stats"], gemm_tokens=(gemm.get("gemm_tokens")
+                                                                                   or {}).get(setting))
+            setting_rows += _gemm_rows(shape, setting, gemm, work)
+            for name in runnable:
+                progress(f"{here} {name}")
+                if "error" in ref:
+                    setting_rows.append(dict(provider=name, **shape_fields(shape, setting_field(setting)),
+                                             status=f"error: eager yardstick: {ref['error']}"))
+                    continue
+                row = in_child(name, shape, dtype, device, reps, ref_dir, list(options) + extra, timeout)
+                setting_rows.append(row if "error" not in row else
+                                    dict(provider=name, **shape_fields(shape, setting_field(setting)),
+                                         status=f"error: {row['error']}"))
+        _attach_gemms(setting_rows, setting, gemm, work)
+        if work.realistic:
+            rows = [r for r in rows if r.get("setting") != setting] + setting_rows
         else:
-            rows += [dict(provider=g, **shape_fields(shape), status="ok", fwd_bwd_ms=1e3 * gemm[k],
-                          gemm_ms={part: 1e3 * gemm[part] for part in ("logits", "d_hidden", "d_weight")})
-                     for g, k in zip(GEMM_ROWS, ("three", "four"))]
-        for name in runnable:
-            progress(f"{shape.key} {name}")
-            if "error" in ref:
-                rows.append(dict(provider=name, **shape_fields(shape),
-                                 status=f"error: eager yardstick: {ref['error']}"))
-                continue
-            row = in_child(name, shape, dtype, device, reps, ref_dir, options, timeout)
-            rows.append(row if "error" not in row else
-                        dict(provider=name, **shape_fields(shape), status=f"error: {row['error']}"))
-    if "error" not in gemm:
-        for row in rows:
-            row["three_gemm_ms"], row["four_gemm_ms"] = 1e3 * gemm["three"], 1e3 * gemm["four"]
-            if row["status"] == "ok":
-                row["vs_three_gemm"] = row["fwd_bwd_ms"] / row["three_gemm_ms"]
-                row["vs_four_gemm"] = row["fwd_bwd_ms"] / row["four_gemm_ms"]
-    return rows
+            rows = setting_rows
+    return rows, info
 
 
-def bench_loss(shapes, names, dtype, device, reps, progress, options=(), timeout=None):
-    rows = [row for shape in shapes
-            for row in bench_shape(shape, names, dtype, device, reps, progress, options, timeout)]
+def bench_loss(shapes, names, dtype, device, reps, progress, options=(), timeout=None, work: Work = DENSE):
+    """Rows of every shape (and setting), with their ratios to eager of the same shape and setting; and the
+    realistic workload's statistics per shape."""
+    rows, workloads = [], {}
+    for shape in shapes:
+        shape_rows, info = bench_shape(shape, names, dtype, device, reps, progress, options, timeout, work)
+        rows += shape_rows
+        if info is not None:
+            workloads[shape.key] = info
     for row in rows:  # ratios to eager, measured in the same run
-        base = next((r for r in rows if r["shape"] == row["shape"] and r["provider"] == "eager"
-                     and r["status"] == "ok"), None)
+        base = next((r for r in rows if r["shape"] == row["shape"] and r.get("setting") == row.get("setting")
+                     and r["provider"] == "eager" and r["status"] == "ok"), None)
         if base and row["status"] == "ok":
             row["time_vs_eager"] = row["fwd_bwd_ms"] / base["fwd_bwd_ms"]
             if row.get("peak_mib") is not None:
                 row["memory_vs_eager"] = row["peak_mib"] / base["peak_mib"]
-    return rows
+    return rows, workloads
 
 
 def bench_segmentation(device, rows=64, length=1024, reps=5):
@@ -480,17 +652,26 @@ def environment(device, argv):
     return env
 
 
-def markdown(rows, segmentation, env):
+def markdown(rows, segmentation, env, workloads=None, work: Work = DENSE):
     lines = [f"Device: {env.get('gpu', env['cpu'])} ({env['device']}, {env['cpu_threads']} threads), "
-             f"torch {env['torch']}, {env['date']}", "", *results_table(rows)]
+             f"torch {env['torch']}, {env['date']}, workload {work.kind}", "", *results_table(rows)]
     notes = sorted({f"{r['shape']}: scaled down, stands for {r['scaled_from']}" for r in rows
                     if r.get("scaled_from")})
     for name in dict.fromkeys(r["provider"] for r in rows):
-        if name not in GEMM_ROWS:
+        if name in PROVIDERS:
             notes.append(f"{name}: {PROVIDERS[name].note}")
         elif name == GEMM_ROWS[0]:
             notes.append(f"{' and '.join(GEMM_ROWS)}: {GEMM_NOTE}")
+        elif name == ALL_POSITIONS:
+            notes.append(REALISTIC_GEMM_NOTE)
+    if work.realistic:
+        for n in work.setting_names():
+            spec = work.setting(n)
+            values = ", ".join(f"{k} {v}" for k, v in spec.loss_settings().items())
+            notes.append(f"setting {n}: {spec.note} ({values})")
     lines += [""] + [f"- {n}" for n in notes]
+    if workloads:
+        lines += ["", *workload_tables(workloads)]
     split = breakdown_table(rows)
     if split:
         lines += ["", BREAKDOWN_CAPTION + ":", "", *split]
@@ -509,7 +690,8 @@ def plot(rows, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    ok = [r for r in rows if r["status"] == "ok"]
+    ok = [dict(r, shape=f"{r['shape']} {r['setting']}" if r.get("setting") else r["shape"])
+          for r in rows if r["status"] == "ok"]
     if not ok:
         return None
     shapes = list(dict.fromkeys(r["shape"] for r in ok))
@@ -533,7 +715,18 @@ def plot(rows, path):
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--shapes", help=f"comma-separated: {', '.join(sorted(ALL_SHAPES))}, or HxV@N")
+    p.add_argument("--shapes", help=f"comma-separated: {', '.join(sorted(ALL_SHAPES))}, or HxV@N (N: tokens of the "
+                                    "dense batch; about N padded positions of the realistic one)")
+    p.add_argument("--workload", choices=("realistic", "dense"), default="realistic",
+                   help="realistic (default): P prompts x 8 completions of 20-item lists, TRL's padding, advantages "
+                        "from the library's reward functions, three loss settings; dense: the dense batch (5%% "
+                        "padding, an advantage on every item, the released settings)")
+    p.add_argument("--settings", default=",".join(wl.SETTINGS),
+                   help=f"realistic workload: comma-separated subset of {', '.join(wl.SETTINGS)} (default all)")
+    p.add_argument("--prompts", type=int, default=None,
+                   help="realistic workload: P prompts (default: about N padded positions / (8 x 255))")
+    p.add_argument("--hits-per-list", type=float, default=wl.HITS_PER_LIST,
+                   help=f"realistic workload: expected hits per 20-item list (default {wl.HITS_PER_LIST})")
     p.add_argument("--providers", help=f"comma-separated subset of {', '.join(PROVIDERS)} (default: all; those "
                                        "that cannot run here are listed as skipped)")
     p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default), float16")
@@ -549,6 +742,7 @@ def parse_args(argv):
     p.add_argument("--no-segmentation", action="store_true")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--ref-dir", help=argparse.SUPPRESS)
+    p.add_argument("--setting", help=argparse.SUPPRESS)
     p.add_argument("--token-level", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -558,11 +752,17 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    shapes = [parse_shape(s) for s in args.shapes.split(",") if s] if args.shapes else default_shapes(device.type)
+    settings = tuple(n for n in args.settings.split(",") if n)
+    unknown = set(settings) - set(wl.SETTINGS)
+    if unknown or not settings:
+        raise SystemExit(f"unknown settings {sorted(unknown)}; choose from {list(wl.SETTINGS)}")
+    work = Work(args.workload, settings, args.prompts, args.hits_per_list)
+    shapes = ([parse_shape(s) for s in args.shapes.split(",") if s] if args.shapes
+              else default_shapes(device.type, work.kind))
     reps = args.reps or (10 if device.type == "cuda" else 3)
     if args.child:  # one job of the parent below, in this fresh process
         args.reps = reps
-        print(json.dumps(child_main(args, shapes[0], dtype, device)))
+        print(json.dumps(child_main(args, shapes[0], dtype, device, work)))
         return 0
     names = [n for n in args.providers.split(",") if n] if args.providers else list(PROVIDERS)
     unknown = set(names) - set(PROVIDERS)
@@ -574,14 +774,15 @@ def main(argv=None):
     try:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(shapes) * (len(names) + 2), file=sys.stderr, leave=False)
+        bar = tqdm(total=len(shapes) * (1 + len(work.setting_names()) * (len(names) + 1)), file=sys.stderr,
+                   leave=False)
         progress = lambda text: (bar.set_description(text), bar.update(1))  # noqa: E731
     except ImportError:
         progress = lambda text: print(f"... {text}", file=sys.stderr, flush=True)  # noqa: E731
 
     started = time.time()
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    rows = bench_loss(shapes, names, dtype, device, reps, progress, options, args.timeout)
+    rows, workloads = bench_loss(shapes, names, dtype, device, reps, progress, options, args.timeout, work)
     segmentation = None if args.no_segmentation else bench_segmentation(device)
     env = dict(environment(device, argv), date=date)  # after the children: this process stays off the GPU till now
     env["wall_seconds"] = round(time.time() - started, 1)
@@ -593,9 +794,11 @@ def main(argv=None):
     plot_path = plot(rows, out / f"bench_{tag}_{stamp}.png")
     json_path.write_text(json.dumps(dict(environment=env, dtype=str(dtype).split(".")[-1], reps=reps,
                                          tolerance=TOLERANCE[dtype], breakdown=want_breakdown,
-                                         notes={n: PROVIDERS[n].note for n in names}, gemm_note=GEMM_NOTE,
+                                         notes={n: PROVIDERS[n].note for n in names},
+                                         gemm_note=REALISTIC_GEMM_NOTE if work.realistic else GEMM_NOTE,
+                                         workload=work.describe(), workloads=workloads or None,
                                          results=rows, segmentation=segmentation), indent=2))
-    print(markdown(rows, segmentation, env))
+    print(markdown(rows, segmentation, env, workloads, work))
     print(f"\nwrote {json_path}" + (f" and {plot_path}" if plot_path else " (no plot: matplotlib missing)")
           + f" in {env['wall_seconds']:.0f} s")
     return 0

@@ -15,13 +15,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import BREAKDOWN_CAPTION, breakdown_table, results_table  # noqa: E402
+from report import BREAKDOWN_CAPTION, breakdown_table, results_table, workload_tables  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LEGEND = ("fwd+bwd ms: median over the run's reps, each provider in its own process after its loss and gradients "
           "matched eager's; x 3 GEMM: that time over the three LM-head GEMMs (logits, d_hidden, d_weight) timed in "
-          "the same run (the `3 GEMMs` / `4 GEMMs` rows); time and memory vs eager: ratios to the eager row; extra "
-          "peak MiB: peak memory above the inputs, gradients included.")
+          "the same run (the `3 GEMMs` / `4 GEMMs` rows; on the realistic workload `3 GEMMs (all positions)`, and x 3 "
+          "GEMM (loss tokens) over the `3 GEMMs (loss tokens)` row: only the tokens the setting's loss needs in a "
+          "GEMM); time and memory vs eager: ratios to the eager row of the same shape and setting; extra peak MiB: "
+          "peak memory above the inputs, gradients included.")
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
@@ -32,7 +34,9 @@ def heading(report, path) -> str:
                                            (("triton", "triton"), ("liger-kernel", "liger_kernel"),
                                             ("cut-cross-entropy", "cut_cross_entropy")) if env.get(key)]
     return (f"**{where}** ({env['device']}), {env['date']}, {', '.join(versions)}, git {str(env.get('git_sha'))[:8]}, "
-            f"`{env['command']}` ({path.name}, {report['dtype']}, {report.get('reps', '?')} reps):")
+            f"`{env['command']}` ({path.name}, {report['dtype']}, {report.get('reps', '?')} reps"
+            + (f", workload {report['workload']['kind']}" if isinstance(report.get("workload"), dict) else "")
+            + "):")
 
 
 def summary(results_dir: Path) -> str:
@@ -49,6 +53,9 @@ def summary(results_dir: Path) -> str:
                         if r.get("scaled_from")})
         notes += [f"{name}: {report['notes'][name]}" for name in shown if name in report.get("notes", {})]
         lines += [f"- {n}" for n in notes] + ([""] if notes else [])
+        shares = workload_tables(report.get("workloads"))
+        if shares:
+            lines += [*shares, ""]
         split = breakdown_table(rows)
         if split:
             lines += [BREAKDOWN_CAPTION + ":", "", *split, ""]
