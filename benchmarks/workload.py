@@ -40,7 +40,8 @@ EARLY_STOP = 0.15  # share of completions that stop before REC_NUM items ...
 EARLY_ITEMS = (8, REC_NUM - 1)  # ... after this many
 OVERFLOW = 0.10  # share that write more after item REC_NUM ...
 OVERFLOW_TOKENS = (8, 48)  # ... this many tokens (a few lines)
-HOT_RANK_HIT_RATE = (0.2, 0.8)  # a hot rank's per-completion hit probability, uniform per (prompt, rank)
+HOT_RANK_HIT_RATE = (0.02, 0.2)  # a hot rank's per-completion hit probability, uniform per (prompt, rank): hits
+# spread over several ranks of a prompt, the denser (more conservative) end of what real recommenders see
 EXPECTED_ROW = 255  # padded row length a batch of 8+ rows comes to on average (for the number of prompts)
 SCALE_REWARDS = "group"  # RankGRPOConfig / TRL default
 LOSS_TYPE = "bnpo"  # the released run
