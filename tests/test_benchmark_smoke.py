@@ -125,10 +125,11 @@ def test_a_failing_process_is_reported(bench, tmp_path):
 
 def test_gpu_check_names_only_known_providers_and_shapes(bench):
     gpu_check = _load("gpu_check")
-    names = gpu_check.PROVIDERS.split(",")
+    names = gpu_check.PROVIDERS.split(",") + gpu_check.REALISTIC_PROVIDERS.split(",")
     assert set(names) <= set(bench.PROVIDERS)
-    for required in ("eager", "torch", "triton", "cuda", "triton-recompute", "liger", "cce"):
+    for required in ("eager", "triton", "cuda", "triton-recompute", "trl", "liger", "cce"):
         assert required in names
+    assert bench.parse_shape(gpu_check.REALISTIC_SHAPE).vocab == 151936
     shapes = [bench.parse_shape(s) for s in gpu_check.GPU_SHAPES.split(",")]
     assert [(s.hidden, s.vocab, s.tokens) for s in shapes] == [(896, 151936, 16384), (3072, 128256, 16384)]
 

@@ -143,7 +143,8 @@ def test_same_dtype_is_the_plain_gemm(dtype):
 
 
 def _precision():
-    return gemms._read(torch.get_float32_matmul_precision), gemms._read(lambda: torch.backends.cuda.matmul.fp32_precision)
+    return (gemms._read(torch.get_float32_matmul_precision),
+            gemms._read(lambda: torch.backends.cuda.matmul.fp32_precision))
 
 
 @pytest.mark.parametrize("setting", ["high", "medium", "highest"])

@@ -94,23 +94,12 @@ def test_past_the_deadline_phases_are_skipped(gpu_check, tmp_path):
     assert all(e["status"] == "skipped: out of time" for e in phases.values())
 
 
-@pytest.mark.parametrize("has_flag", [True, False])
-def test_workload_flag_passed_only_where_run_py_takes_it(gpu_check, tmp_path, monkeypatch, has_flag):
+def test_the_benchmark_phase_runs_both_workloads_as_run_py_parses_them(gpu_check, tmp_path):
     import run
 
-    real = run.parse_args
-
-    def parse_args(argv):
-        if has_flag and "--workload" in argv:
-            i = argv.index("--workload")
-            argv = argv[:i] + argv[i + 2:]
-        return real(argv)
-
-    monkeypatch.setattr(run, "parse_args", parse_args)
     runs = gpu_check._benchmark_runs(False, tmp_path)
-    if has_flag:
-        assert [label for label, _ in runs] == ["realistic", "dense"]
-        assert all(argv[-2:] == ["--workload", label] for label, argv in runs)
-    else:
-        assert len(runs) == 1 and "--workload" not in runs[0][1]
-    assert all("--device" in argv and "cuda" in argv for _, argv in runs)
+    assert [label for label, _ in runs] == ["realistic", "dense"]
+    for label, argv in runs:
+        args = run.parse_args(argv)
+        assert args.workload == label and args.device == "cuda" and args.dtype == "bfloat16"
+    assert run.parse_args(runs[0][1]).settings == "beta0,beta1e-3"

@@ -208,8 +208,9 @@ def test_policy_weights_are_trls_importance_sampling_correction(batch, loss_type
     settings = {**batch, "delta": None, "loss_type": loss_type, "policy_weights": is_ratio}
     ours, grad, _ = loss_and_grad(rank_grpo_loss_from_logps, settings)
     logps = batch["logps"].clone().requires_grad_()
-    trl = _trl_token_level_loss(logps, batch["old_logps"], batch["ref_logps"], batch["advantages"], mask.to(logps.dtype),
-                                is_ratio, batch["beta"], batch["epsilon_low"], batch["epsilon_high"], loss_type)
+    trl = _trl_token_level_loss(logps, batch["old_logps"], batch["ref_logps"], batch["advantages"],
+                                mask.to(logps.dtype), is_ratio, batch["beta"], batch["epsilon_low"],
+                                batch["epsilon_high"], loss_type)
     (trl_grad,) = torch.autograd.grad(trl, logps)
     torch.testing.assert_close(ours, trl.detach(), **TOL[logps.dtype])
     torch.testing.assert_close(grad, trl_grad, **TOL[logps.dtype])
