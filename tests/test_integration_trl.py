@@ -298,11 +298,14 @@ def test_fused_loss_and_gradients_equal_the_reference_from_full_logits(world, tm
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-@pytest.mark.parametrize("entropy_coef", [0.0, 0.05])
-def test_one_item_per_completion_equals_trl_sequence_level_loss(world, tmp_path, loss_type, entropy_coef):
+@pytest.mark.parametrize("entropy_coef,option", [(0.0, None), (0.05, None), (0.0, "vllm_is"),
+                                                 (0.0, "off_policy_mask")])
+def test_one_item_per_completion_equals_trl_sequence_level_loss(world, tmp_path, loss_type, entropy_coef, option):
     """With one item per completion (no newline, no EOS) the item ratio is TRL's sequence-level ratio (GSPO); TRL's
-    entropy bonus (a token mean, scaled for accumulation only) with its gradient."""
-    settings = dict(loss_type=loss_type, epsilon=0.1, epsilon_high=0.15, temperature=0.8, entropy_coef=entropy_coef)
+    entropy bonus (a token mean, scaled for accumulation only) with its gradient; TRL's vLLM importance-sampling
+    ratio ("sequence_mask", as GRPOTrainer hands it over) and its off-policy sequence mask, here per item."""
+    settings = dict(loss_type=loss_type, epsilon=0.1, epsilon_high=0.15, temperature=0.8, entropy_coef=entropy_coef,
+                    off_policy_mask_threshold=0.01 if option == "off_policy_mask" else None)
     rank = rank_trainer(world, tmp_path, reward=hit_reward(1), rec_num=1, length_shaping=False, **settings)
     trl_args = GRPOConfig(**trl_settings(tmp_path, importance_sampling_level="sequence", use_bias_correction_kl=False,
                                          **settings))
@@ -333,9 +336,26 @@ def test_one_item_per_completion_equals_trl_sequence_level_loss(world, tmp_path,
     rank_inputs = {**inputs, **rank._rank_fields(completion_ids, inputs["completion_mask"], rewards, "train")}
     assert (rank_inputs["item_ids"][inputs["completion_mask"].bool()] == 0).all()
     trl_inputs = {**inputs, "advantages": rank_advantages(rewards, num_generations=4)[:, 0]}  # TRL's (B,) form
+    if option is not None:  # sampler log-probs off the old ones, as vLLM's are
+        sampler = inputs["old_per_token_logps"] + 0.3 * torch.randn(current.shape, generator=noise,
+                                                                    dtype=current.dtype)
+        for batch in (rank_inputs, trl_inputs):
+            batch["sampling_per_token_logps"] = sampler
+    if option == "vllm_is":
+        mask = inputs["completion_mask"]
+        ratio = ((inputs["old_per_token_logps"] - sampler) * mask).sum(-1, keepdim=True).exp()
+        ratio = ratio.masked_fill(ratio > 3.0, 0.0)
+        assert (ratio == 0).any() and (ratio != 0).any()
+        for trainer, batch in ((rank, rank_inputs), (trl, trl_inputs)):
+            trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
+            batch["importance_sampling_ratio"] = ratio
 
     rank_loss = rank._compute_loss(rank.model, rank_inputs)
     trl_loss = trl._compute_loss(trl.model, trl_inputs)
+    if option == "off_policy_mask":  # the mask drops some sequences
+        rank.off_policy_mask_threshold = None
+        assert not torch.allclose(rank._compute_loss(rank.model, rank_inputs), rank_loss)
+        rank.off_policy_mask_threshold = 0.01
     # TRL's chunked log-prob kernel works in float32 even for a float64 model: float32 tolerances.
     torch.testing.assert_close(rank_loss, trl_loss, rtol=1e-5, atol=1e-8)
     for mine, theirs in zip(torch.autograd.grad(rank_loss, list(rank.model.parameters())),
