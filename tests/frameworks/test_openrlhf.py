@@ -173,8 +173,10 @@ def test_fused_actor_forward_matches_openrlhf(tok, monkeypatch):
     def run():
         logps, output = actor(b.sequences, b.action_mask, attention_mask=attention, return_output=True,
                               return_entropy=True)
-        grad = torch.autograd.grad(logps.sum(), model.model.layers[0].mlp.up_proj.weight)[0]
-        return logps, output.entropy[:, -b.action_mask.shape[1]:] * b.action_mask, grad
+        entropy = output.entropy[:, -b.action_mask.shape[1]:] * b.action_mask
+        # with OpenRLHF's entropy bonus (entropy_coef): its gradient reaches the model through the fused head too
+        grad = torch.autograd.grad(logps.sum() - 0.1 * entropy.sum(), model.model.layers[0].mlp.up_proj.weight)[0]
+        return logps, entropy, grad
 
     theirs = run()
     monkeypatch.setattr(Actor, "forward", Actor.forward)

@@ -286,9 +286,10 @@ def test_fused_logprobs_patch_matches_verl(tok, monkeypatch):
     assert isinstance(torch_functional.FusedLinearForPPO(), adapter.FusedLogprobsForPPO)
     for a, b_ in zip(ours, theirs):  # float32 both: verl's chunked autograd function against the fused kernels
         torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-5)
-    upstream = torch.randn(1, 37, generator=g)
-    ours_grads = torch.autograd.grad((ours[0] * upstream).sum(), (hidden, weight))
-    theirs_grads = torch.autograd.grad((theirs[0] * upstream).sum(), (hidden, weight))
+    upstream, entropy_coeff = torch.randn(1, 37, generator=g), 0.3  # the log-prob's and the entropy bonus's
+    ours_grads = torch.autograd.grad((ours[0] * upstream).sum() - entropy_coeff * ours[1].sum(), (hidden, weight))
+    theirs_grads = torch.autograd.grad((theirs[0] * upstream).sum() - entropy_coeff * theirs[1].sum(),
+                                       (hidden, weight))
     for a, b_ in zip(ours_grads, theirs_grads):
         torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-5)
 
