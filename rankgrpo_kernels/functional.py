@@ -165,7 +165,7 @@ def _needs_grads(hidden, weight, bias):
     log-probs are computed to the statistics. ``backend``: ``"auto"`` (Triton for CUDA tensors where it imports,
     else torch), ``"torch"``, ``"triton"`` or ``"cuda"``: which implementation of the row pass and the segment loss
     runs around the vendor GEMMs. ``memory_budget_bytes`` bounds the logits scratch (default
-    ``RANKGRPO_MEMORY_BUDGET``, else 128 MiB on a CPU and 1/32 of a GPU's memory; ``settings.py``).
+    ``RANKGRPO_MEMORY_BUDGET``, else 64 MiB on a CPU and 1/32 of a GPU's memory; ``settings.py``).
     ``process_group``: with a vocabulary-parallel head, ``weight`` and ``bias`` hold this rank's rows (shards in
     rank order, uneven allowed) and ``target_ids`` stay global; ``d_weight`` stays local, ``d_hidden`` is
     all-reduced, and every rank gets the same loss (``distributed.py``; the recompute path over the loss tokens,

@@ -51,7 +51,7 @@ def test_override_and_environment_win_over_the_device(gpu_of, monkeypatch):
 
 def test_cpu_default_and_unqueryable_gpu(monkeypatch):
     monkeypatch.delenv("RANKGRPO_MEMORY_BUDGET", raising=False)
-    assert settings.memory_budget(None, torch.device("cpu")) == 2**27
+    assert settings.memory_budget(None, torch.device("cpu")) == 2**26
 
     def no_cuda(device):
         raise RuntimeError("Found no NVIDIA driver on your system")
