@@ -94,7 +94,8 @@ def _check_backend(batch, backend):
 
 
 def _ours(backend):
-    """The fused path: gradients formed in the forward over chunks of whole rows (3 GEMMs)."""
+    """The fused path: the tokens the loss needs, gradients formed in the forward over chunks of whole items
+    (3 GEMMs)."""
     def build(batch):
         _check_backend(batch, backend)
         return lambda: rank_grpo_loss(batch.hidden, batch.weight, batch.target_ids, backend=backend,
@@ -220,8 +221,8 @@ def _trl(batch):
 
 PROVIDERS = {
     "eager": Provider("full logits -> log_softmax -> gather -> loss (the authors' trainer, TRL 0.21)", _eager),
-    "torch": Provider("ours, fused path, torch backend: gradients in the forward over chunks of whole rows "
-                      "(3 GEMMs)", _ours("torch"), _refuse_backend("torch"), backend="torch"),
+    "torch": Provider("ours, fused path, torch backend: the tokens the loss needs, gradients in the forward over "
+                      "chunks of whole items (3 GEMMs)", _ours("torch"), _refuse_backend("torch"), backend="torch"),
     "torch-recompute": Provider("ours, recompute path, torch backend: fused_logprobs (backward recomputes the "
                                 "logits: 4 GEMMs) + rank_grpo_loss_from_logps, as OpenRLHF/verl run it",
                                 _ours_recompute("torch"), _refuse_backend("torch"), backend="torch"),
