@@ -270,7 +270,7 @@ def clip_stats(logps, loss_inputs, setting: Setting) -> dict:
     _, stats = reference_loss_from_logps(logps.double(), **inputs, **setting.loss_settings())
     item_ids, mask = loss_inputs["item_ids"], loss_inputs["completion_mask"].bool() & (loss_inputs["item_ids"] >= 0)
     old = loss_inputs["old_logps"]
-    out = {k: float(v) for k, v in stats.items()}
+    out = {k: float(v) for k, v in stats.items() if v.dim() == 0}  # not the per-row fractions
     if old is None:
         out["clip_fraction"] = out["clip_fraction_with_advantage"] = 0.0
         return out

@@ -15,6 +15,9 @@ import torch
 LOG_RATIO_LIMIT = 20.0
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "rank")
 STAT_NAMES = ("clip_ratio_low", "clip_ratio_high", "clip_ratio_region", "ratio_mean", "kl", "entropy")
+# Per-row statistics (B,): the fractions of each row's loss tokens whose item ratio is clipped low / high (TRL logs
+# their minimum and maximum over sequences). The segment loss returns their counts (B, 2), which chunks add up.
+ROW_STAT_NAMES = ("clip_ratio_low_per_row", "clip_ratio_high_per_row")
 
 # What the compiled segment-loss kernels (Triton and CUDA) take: the policy weighting of each loss type
 # (0: 1 / (normaliser M_i) with normaliser = B, 1: 1 / normaliser, 2: 1 / (normaliser n_k)) and the per-row sums
@@ -121,9 +124,14 @@ def dense_groups(item_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, rank + rows, -1)
 
 
-def stats_dict(stats: torch.Tensor, has_kl: bool, has_entropy: bool) -> dict[str, torch.Tensor]:
-    """Name the entries of the statistics vector of ``segment_loss``, leaving out those that were not computed."""
+def stats_dict(stats: torch.Tensor, row_clipped: torch.Tensor, mask: torch.Tensor, has_kl: bool,
+               has_entropy: bool) -> dict[str, torch.Tensor]:
+    """Name the entries of the statistics vector of ``segment_loss``, leaving out those that were not computed, and
+    add the per-row clip fractions from its per-row clip counts (B, 2) and the loss mask (B, T) (0 for a row
+    without loss tokens)."""
     named = dict(zip(STAT_NAMES, stats.unbind(0)))
+    fractions = row_clipped / mask.sum(1, keepdim=True).clamp(min=1).to(row_clipped.dtype)
+    named.update(zip(ROW_STAT_NAMES, fractions.unbind(1)))
     if not has_kl:
         del named["kl"]
     if not has_entropy:
@@ -132,8 +140,8 @@ def stats_dict(stats: torch.Tensor, has_kl: bool, has_entropy: bool) -> dict[str
 
 
 def loss_from_row_sums(row_sums: torch.Tensor, batch: TokenBatch):
-    """(loss, stats) from the per-row sums (B, ROW_SUMS) that the compiled segment-loss kernels write. Summing rows
-    here keeps the reduction order fixed."""
+    """(loss, stats, per-row clip counts (B, 2)) from the per-row sums (B, ROW_SUMS) that the compiled segment-loss
+    kernels write. Summing rows here keeps the reduction order fixed."""
     sums = row_sums.sum(0)
     tokens = batch.tokens.to(sums.dtype)
     low, high = sums[1] / tokens, sums[2] / tokens
@@ -141,7 +149,8 @@ def loss_from_row_sums(row_sums: torch.Tensor, batch: TokenBatch):
     if batch.entropy is not None:
         entropy_mean = torch.where(batch.mask, batch.entropy.detach().to(sums.dtype), 0).sum() / tokens
     # The KL entry is 0 without ref_logps, and then not reported.
-    return sums[0], torch.stack([low, high, low + high, sums[3] / tokens, sums[4] / tokens, entropy_mean])
+    stats = torch.stack([low, high, low + high, sums[3] / tokens, sums[4] / tokens, entropy_mean])
+    return sums[0], stats, row_sums[:, 1:3].clone()  # not a view: op outputs own their storage
 
 
 def row_relative_groups(batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import backends, distributed, ops
+from . import backends, distributed, lm_head, ops
 from .contract import LossConfig, stats_dict
 from .inputs import (
     check_entropy_coef, check_head, check_logit_transform, check_tensor, raise_on_bad_values, target_checks,
@@ -19,8 +19,9 @@ _LOSS_DOC = """
     clipped; a token with advantage 0 is never clipped), ``ratio_mean`` (token mean of the item ratios over the
     loss tokens whose log-probs are computed: all of them, except that ``rank_grpo_loss`` leaves out the items it
     skips, see below; ``skip_zero_advantage=False`` computes them all), ``kl`` (mean k3 KL over the loss tokens,
-    only with ``ref_logps``) and ``entropy`` (only when given or computed; over the same tokens as
-    ``ratio_mean``).
+    only with ``ref_logps``), ``entropy`` (only when given or computed; over the same tokens as ``ratio_mean``),
+    and per row (B,) ``clip_ratio_low_per_row`` and ``clip_ratio_high_per_row``: the fractions of the row's loss
+    tokens that are clipped (0 for a row without loss tokens; TRL logs their minimum and maximum).
 
     Maths, per row i and item k (a group of tokens with the same id ``>= 0``), with ``l`` the log-probs, ``o``
     ``old_logps`` (``l.detach()`` when None: on-policy, every ratio is 1) and ``M`` the mask::
@@ -85,9 +86,9 @@ def _loss_operands(batch, cfg):
 
 def _loss_from_logps(logps, batch, entropy, cfg, backend):
     *tensors, epsilon_low, epsilon_high, delta, beta, loss_type = _loss_operands(batch, cfg)
-    loss, stats, _ = ops.loss_from_logps(logps, *tensors, entropy, epsilon_low, epsilon_high, delta, beta, loss_type,
-                                         backend)
-    return loss, stats
+    loss, stats, row_clipped, _ = ops.loss_from_logps(logps, *tensors, entropy, epsilon_low, epsilon_high, delta,
+                                                      beta, loss_type, backend)
+    return loss, stats, row_clipped
 
 
 @_doc("""Rank-GRPO loss from per-token log-probs (B, T), for frameworks that already have them (OpenRLHF, verl).
@@ -132,8 +133,9 @@ def rank_grpo_loss_from_logps(
         entropy=entropy, logps=logps, policy_weights=policy_weights,
     )
     raise_on_bad_values(checks)
-    loss, stats = _loss_from_logps(logps, batch, entropy, cfg, backends.choose(backend, logps.device, logps.dtype))
-    return loss, stats_dict(stats.detach(), ref_logps is not None, entropy is not None)
+    loss, stats, row_clipped = _loss_from_logps(logps, batch, entropy, cfg,
+                                                backends.choose(backend, logps.device, logps.dtype))
+    return loss, stats_dict(stats.detach(), row_clipped, batch.mask, ref_logps is not None, entropy is not None)
 
 
 def _needs_grads(hidden, weight, bias):
@@ -161,7 +163,8 @@ def _needs_grads(hidden, weight, bias):
     recomputed for its gradients, with a warning.
 
     ``entropy_coef``: the entropy bonus ``loss -= entropy_coef * mean_t H_t`` over the loss tokens (TRL's, verl's
-    and OpenRLHF's), with its gradient. ``compute_entropy=True`` adds the mean entropy over the tokens whose
+    and OpenRLHF's), with its gradient; ``entropy_mask`` (B, T) bool/int restricts that mean to the loss tokens it
+    marks (TRL's ``top_entropy_quantile`` with its bonus: the high-entropy tokens). ``compute_entropy=True`` adds the mean entropy over the tokens whose
     log-probs are computed to the statistics. ``backend``: ``"auto"`` (Triton for CUDA tensors where it imports,
     else torch), ``"torch"``, ``"triton"`` or ``"cuda"``: which implementation of the row pass and the segment loss
     runs around the vendor GEMMs. ``memory_budget_bytes`` bounds the logits scratch (default
@@ -201,6 +204,7 @@ def rank_grpo_loss(
     advantage_level: str = "auto",
     compute_entropy: bool = False,
     entropy_coef: float = 0.0,
+    entropy_mask: torch.Tensor | None = None,
     logit_scale: float = 1.0,
     logit_softcap: float | None = None,
     skip_zero_advantage: bool = True,
@@ -219,6 +223,8 @@ def rank_grpo_loss(
         max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch, rec_num=rec_num,
         policy_weights=policy_weights,
     )
+    check_tensor(entropy_mask, "entropy_mask", (B, T), None, hidden.device, optional=True)
+    entropy_mask = None if entropy_mask is None else entropy_mask.bool()
     vocab_start, vocab = _vocabulary(weight, process_group)
     raise_on_bad_values(checks + target_checks(target_ids, vocab, batch.mask))
     # Targets outside the loss may be anything (padding, -100): point them at row 0 so gathers stay in range.
@@ -227,18 +233,19 @@ def rank_grpo_loss(
     backend = backends.choose(backend, hidden.device, hidden.dtype)
     budget = memory_budget(memory_budget_bytes, hidden.device)
     if process_group is None:
-        loss, stats, *_ = ops.fused_loss(hidden2d, weight, bias, targets, *_loss_operands(batch, cfg),
-                                         transform.temperature, transform.logit_scale, transform.softcap,
-                                         bool(compute_entropy), entropy_coef, bool(skip_zero_advantage), budget,
-                                         *_needs_grads(hidden, weight, bias), backend)
-        return loss, stats_dict(stats.detach(), ref_logps is not None, with_entropy)
+        loss, stats, row_clipped, *_ = ops.fused_loss(
+            hidden2d, weight, bias, targets, *_loss_operands(batch, cfg), transform.temperature,
+            transform.logit_scale, transform.softcap, bool(compute_entropy), entropy_coef, entropy_mask,
+            bool(skip_zero_advantage), budget, *_needs_grads(hidden, weight, bias), backend)
+        return loss, stats_dict(stats.detach(), row_clipped, batch.mask, ref_logps is not None, with_entropy)
     logp, entropy = distributed.sharded_logprobs(hidden2d, weight, bias, targets, batch.mask.reshape(-1), vocab_start,
                                                  transform, budget, backend, with_entropy, process_group)
     entropy = entropy.view(B, T) if entropy is not None else None
-    loss, stats = _loss_from_logps(logp.view(B, T), batch, entropy, cfg, backend)
+    loss, stats, row_clipped = _loss_from_logps(logp.view(B, T), batch, entropy, cfg, backend)
     if entropy_coef != 0.0:
-        loss = loss - entropy_coef * torch.where(batch.mask, entropy, 0).sum() / batch.tokens.to(loss.dtype)
-    return loss, stats_dict(stats.detach(), ref_logps is not None, with_entropy)
+        weights, count = lm_head.entropy_bonus_weights(batch.mask, entropy_mask, loss.dtype)
+        loss = loss - entropy_coef * torch.where(weights != 0, entropy.reshape(-1), 0).sum() / count
+    return loss, stats_dict(stats.detach(), row_clipped, batch.mask, ref_logps is not None, with_entropy)
 
 
 def _vocabulary(weight, process_group):

@@ -266,16 +266,19 @@ def saved_grad_dtype(dtype: torch.dtype) -> torch.dtype:
 # --- the fused loss --------------------------------------------------------------------------------------------------
 
 def loss_and_grads(backend: str, hidden, weight, bias, targets, batch: TokenBatch, cfg: LossConfig,
-                   transform: LogitTransform, compute_entropy: bool, entropy_coef: float, skip_zero_advantage: bool,
-                   budget_bytes: int, needs: tuple[bool, bool, bool]):
-    """Loss, statistics and the gradients (d_hidden, d_weight, d_bias; None where ``needs`` says so) of the fused
-    loss over chunks of whole items within ``budget_bytes`` of scratch, in ``saved_grad_dtype``. ``batch.logps`` and
-    ``batch.entropy`` are unused. ``ratio_mean`` and ``entropy`` are means over the tokens that entered the GEMMs.
+                   transform: LogitTransform, compute_entropy: bool, entropy_coef: float, entropy_mask,
+                   skip_zero_advantage: bool, budget_bytes: int, needs: tuple[bool, bool, bool]):
+    """Loss, statistics, the per-row clip counts (B, 2) and the gradients (d_hidden, d_weight, d_bias; None where
+    ``needs`` says so) of the fused loss over chunks of whole items within ``budget_bytes`` of scratch, in
+    ``saved_grad_dtype``. ``batch.logps`` and ``batch.entropy`` are unused. ``ratio_mean`` and ``entropy`` are means
+    over the tokens that entered the GEMMs.
 
-    ``entropy_coef`` adds the entropy bonus ``-entropy_coef * sum_t M_t H_t / tokens`` (TRL's, verl's and
-    OpenRLHF's: a mean over the loss tokens) with its gradient: every loss token then enters, the row pass gives
-    the statistics only and, once the segment loss has given ``g``, the gradient pass writes
-    ``D' = g (onehot - p) - e p (log p + H)`` with ``e = dL/dH = -entropy_coef / tokens`` over the same logits."""
+    ``entropy_coef`` adds the entropy bonus ``-entropy_coef * sum_t E_t H_t / max(sum_t E_t, 1)`` with its gradient,
+    a mean over the tokens ``E = M & entropy_mask`` (``entropy_mask`` (B, T) bool, or None: every loss token, the
+    mean of TRL, verl and OpenRLHF; TRL's ``top_entropy_quantile`` restricts it to the high-entropy tokens). Every
+    loss token then enters, the row pass gives the statistics only and, once the segment loss has given ``g``, the
+    gradient pass writes ``D' = g (onehot - p) - e p (log p + H)`` with ``e = dL/dH = -entropy_coef E_t / sum E``
+    over the same logits."""
     impl = backends.load(backend)
     V, H = weight.shape
     N = hidden.shape[0]
@@ -300,7 +303,10 @@ def loss_and_grads(backend: str, hidden, weight, bias, targets, batch: TokenBatc
     product = torch.empty(width, H, dtype=acc, device=hidden.device) if grads[0] is not None else None
     loss = torch.zeros((), dtype=acc, device=hidden.device)
     stats = torch.zeros(len(STAT_NAMES), dtype=acc, device=hidden.device)
+    row_clipped = torch.zeros(batch.mask.shape[0], 2, dtype=acc, device=hidden.device)
     tokens = batch.tokens.to(acc)
+    if bonus:
+        bonus_weights, bonus_tokens = entropy_bonus_weights(batch.mask, entropy_mask, acc)
     for c0, c1, r0, r1 in plan.chunks:
         positions = plan.positions[c0:c1]
         h, y = h_op.index_select(0, positions), targets.index_select(0, positions)
@@ -314,20 +320,21 @@ def loss_and_grads(backend: str, hidden, weight, bias, targets, batch: TokenBatc
         else:
             logp, lse, entropy = _chunked_logprobs(impl, h, w_op, bias, y, transform, cap, logits, want_entropy)
         chunk, local = _chunk_batch(batch, positions, r0, r1, logp, entropy)
-        chunk_loss, chunk_stats, g = impl.segment_loss(chunk, cfg)
+        chunk_loss, chunk_stats, g, chunk_clipped = impl.segment_loss(chunk, cfg)
         loss += chunk_loss
+        row_clipped[r0:r1] += chunk_clipped
         if bonus:
-            loss -= entropy_coef * entropy.sum() / tokens
+            e = -entropy_coef * bonus_weights.index_select(0, positions) / bonus_tokens  # dL/dH
+            loss += (e * entropy).sum()
         # the neutral tokens of the chunk's rows each added a ratio of exactly 1
         chunk_stats[RATIO] -= (chunk.mask.sum() - (c1 - c0)).to(acc) / tokens
         stats += chunk_stats
         if grad_dtype is None:
             continue
         g = g.reshape(-1).index_select(0, local).to(acc)
-        e = torch.full_like(g, -entropy_coef) / tokens if bonus else None
         if not fits:
-            _recomputed_grads(impl, h, w_op, bias, y, transform, lse, entropy, g, e, grads, c0 == 0, positions,
-                              cap, logits, product, h_op.dtype)
+            _recomputed_grads(impl, h, w_op, bias, y, transform, lse, entropy, g, e if bonus else None, grads,
+                              c0 == 0, positions, cap, logits, product, h_op.dtype)
             continue
         if bonus:
             d_logits, scale = _entropy_gradient_pass(impl, z, bias, y, transform, lse, entropy, g, e, h_op.dtype)
@@ -336,7 +343,15 @@ def loss_and_grads(backend: str, hidden, weight, bias, targets, batch: TokenBatc
         _accumulate_grads(d_logits, scale, h, w_op, grads, c0 == 0, positions, product)
     if plan.tokens:  # means over the listed tokens (all loss tokens unless items were skipped)
         stats[LISTED_MEANS] *= tokens / plan.tokens
-    return (loss, stats, *_finish_grads(grads, saved_grad_dtype(weight.dtype)))
+    return (loss, stats, row_clipped, *_finish_grads(grads, saved_grad_dtype(weight.dtype)))
+
+
+def entropy_bonus_weights(mask, entropy_mask, dtype):
+    """The tokens the entropy bonus averages over, flat (B T,) in ``dtype`` (``mask & entropy_mask``; the loss
+    tokens when ``entropy_mask`` is None), and their count clamped to >= 1 (0-dim)."""
+    weights = mask if entropy_mask is None else mask & entropy_mask.bool()
+    weights = weights.reshape(-1).to(dtype)
+    return weights, weights.sum().clamp(min=1)
 
 
 def _entropy_gradient_pass(impl, z, bias, y, transform, lse, entropy, g, e, grad_dtype):

@@ -2,11 +2,13 @@
 ``torch.compile(fullgraph=True)`` traces through the loss and ``torch.library.opcheck`` can test it.
 
 rankgrpo::fused_loss       (hidden (N, H), weight, bias, targets (N,), token-level loss inputs (B, T)) ->
-                           loss, stats, d_hidden, d_weight, d_bias      the gradients are formed in the forward
+                           loss, stats, row_clipped (B, 2), d_hidden, d_weight, d_bias    the gradients are formed
+                           in the forward
 rankgrpo::fused_logprobs   (hidden, weight, bias, targets, mask) -> logp, lse, entropy  differentiable in logp
                            and entropy (0 where mask is False: those tokens enter no GEMM)
 rankgrpo::logprob_grads    the LM-head gradients from ``grad_logp`` (the recompute path's backward)
-rankgrpo::loss_from_logps  (logps (B, T), loss inputs) -> loss, stats, grad_logp    differentiable in logps
+rankgrpo::loss_from_logps  (logps (B, T), loss inputs) -> loss, stats, row_clipped, grad_logp    differentiable in
+                           logps
 
 The loss is the last op, so its forward already knows every gradient; its backward only scales them by the
 incoming gradient, in place (the saved gradients are spent: a second backward through the same graph raises).
@@ -30,9 +32,11 @@ def _empty_if_none(x: Optional[Tensor], like: Tensor) -> Tensor:
     return x if x is not None else like.new_empty(_EMPTY)
 
 
-def _fake_loss_outputs(like: Tensor):
+def _fake_loss_outputs(like: Tensor, mask: Tensor):
+    """loss, stats and the per-row clip counts (B, 2)."""
     dtype = lm_head.accumulator_dtype(like.dtype)
-    return like.new_empty((), dtype=dtype), like.new_empty((len(STAT_NAMES),), dtype=dtype)
+    return (like.new_empty((), dtype=dtype), like.new_empty((len(STAT_NAMES),), dtype=dtype),
+            like.new_empty((mask.shape[0], 2), dtype=dtype))
 
 
 # --- fused loss: the gradient in the forward -----------------------------------------------------------------------
@@ -43,37 +47,37 @@ def fused_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: 
                policy_weights: Optional[Tensor], group: Tensor, mask: Tensor, normaliser: Tensor, tokens: Tensor,
                epsilon_low: float, epsilon_high: float, delta: Optional[float], beta: float, loss_type: str,
                temperature: float, logit_scale: float, softcap: Optional[float], compute_entropy: bool,
-               entropy_coef: float, skip_zero_advantage: bool, budget: int, need_hidden: bool, need_weight: bool,
-               need_bias: bool,
-               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+               entropy_coef: float, entropy_mask: Optional[Tensor], skip_zero_advantage: bool, budget: int,
+               need_hidden: bool, need_weight: bool, need_bias: bool,
+               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     batch = TokenBatch(None, old_logps, ref_logps, advantages, group, mask, normaliser, tokens, None, policy_weights)
-    loss, stats, *grads = lm_head.loss_and_grads(
+    loss, stats, row_clipped, *grads = lm_head.loss_and_grads(
         backend, hidden, weight, bias, targets, batch, LossConfig(epsilon_low, epsilon_high, delta, beta, loss_type),
-        LogitTransform(temperature, logit_scale, softcap), compute_entropy, entropy_coef, skip_zero_advantage, budget,
-        (need_hidden, need_weight, need_bias and bias is not None))
-    return (loss, stats, *(_empty_if_none(g, hidden) for g in grads))
+        LogitTransform(temperature, logit_scale, softcap), compute_entropy, entropy_coef, entropy_mask,
+        skip_zero_advantage, budget, (need_hidden, need_weight, need_bias and bias is not None))
+    return (loss, stats, row_clipped, *(_empty_if_none(g, hidden) for g in grads))
 
 
 @fused_loss.register_fake
 def _(hidden, weight, bias, targets, old_logps, ref_logps, advantages, policy_weights, group, mask, normaliser, tokens,
       epsilon_low, epsilon_high, delta, beta, loss_type, temperature, logit_scale, softcap, compute_entropy,
-      entropy_coef, skip_zero_advantage, budget, need_hidden, need_weight, need_bias, backend):
+      entropy_coef, entropy_mask, skip_zero_advantage, budget, need_hidden, need_weight, need_bias, backend):
     dtype = lm_head.saved_grad_dtype(hidden.dtype)
-    return (*_fake_loss_outputs(hidden),
+    return (*_fake_loss_outputs(hidden, mask),
             hidden.new_empty(hidden.shape, dtype=dtype) if need_hidden else hidden.new_empty(_EMPTY),
             weight.new_empty(weight.shape, dtype=dtype) if need_weight else hidden.new_empty(_EMPTY),
             bias.new_empty(bias.shape, dtype=dtype) if need_bias and bias is not None else hidden.new_empty(_EMPTY))
 
 
 def _fused_loss_setup(ctx, inputs, output):
-    ctx.save_for_backward(*output[2:])
-    need_hidden, need_weight, need_bias = inputs[24:27]
+    ctx.save_for_backward(*output[3:])
+    need_hidden, need_weight, need_bias = inputs[-4:-1]  # the arguments before ``backend``
     ctx.needs = (need_hidden, need_weight, need_bias and inputs[2] is not None)
     ctx.input_dtype = inputs[0].dtype
     ctx.num_inputs, ctx.spent = len(inputs), False
 
 
-def _fused_loss_backward(ctx, grad_loss, _stats, _d_hidden, _d_weight, _d_bias):
+def _fused_loss_backward(ctx, grad_loss, _stats, _row_clipped, _d_hidden, _d_weight, _d_bias):
     if ctx.spent:
         raise RuntimeError("rank_grpo_loss forms its gradients in the forward and scales them in place in the "
                            "backward, so its graph runs backward once: call the loss again instead of "
@@ -170,24 +174,27 @@ fused_logprobs.register_autograd(_fused_logprobs_backward, setup_context=_fused_
 def loss_from_logps(logps: Tensor, old_logps: Optional[Tensor], ref_logps: Optional[Tensor], advantages: Tensor,
                     policy_weights: Optional[Tensor], group: Tensor, mask: Tensor, normaliser: Tensor, tokens: Tensor,
                     entropy: Optional[Tensor], epsilon_low: float, epsilon_high: float, delta: Optional[float],
-                    beta: float, loss_type: str, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                    beta: float, loss_type: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     batch = TokenBatch(logps, old_logps, ref_logps, advantages, group, mask, normaliser, tokens, entropy,
                        policy_weights)
-    return backends.load(backend).segment_loss(batch, LossConfig(epsilon_low, epsilon_high, delta, beta, loss_type))
+    loss, stats, grad_logp, row_clipped = backends.load(backend).segment_loss(
+        batch, LossConfig(epsilon_low, epsilon_high, delta, beta, loss_type))
+    return loss, stats, row_clipped, grad_logp
 
 
 @loss_from_logps.register_fake
 def _(logps, old_logps, ref_logps, advantages, policy_weights, group, mask, normaliser, tokens, entropy, epsilon_low,
       epsilon_high, delta, beta, loss_type, backend):
-    return (*_fake_loss_outputs(logps), logps.new_empty(logps.shape, dtype=lm_head.accumulator_dtype(logps.dtype)))
+    return (*_fake_loss_outputs(logps, mask),
+            logps.new_empty(logps.shape, dtype=lm_head.accumulator_dtype(logps.dtype)))
 
 
 def _loss_from_logps_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[2])
+    ctx.save_for_backward(output[3])
     ctx.logps_dtype, ctx.num_inputs = inputs[0].dtype, len(inputs)
 
 
-def _loss_from_logps_backward(ctx, grad_loss, _stats, _grad_logp):
+def _loss_from_logps_backward(ctx, grad_loss, _stats, _row_clipped, _grad_logp):
     (grad_logp,) = ctx.saved_tensors
     return ((grad_logp * grad_loss).to(ctx.logps_dtype), *([None] * (ctx.num_inputs - 1)))
 

@@ -55,6 +55,7 @@ def reference_loss_from_logps(
     entropy: torch.Tensor | None = None,
     policy_weights: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
+    entropy_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Rank-GRPO loss from per-token log-probs; all tensors (B, T), ``advantages`` per token.
 
@@ -62,10 +63,10 @@ def reference_loss_from_logps(
     the loss. ``rec_num`` (N) is needed by ``loss_type="rank"`` only. ``policy_weights`` (constants, e.g. an
     importance-sampling correction) multiply each token's policy term, nothing else: ``loss = sum_t c_t pw_t
     policy_t + beta sum_t kw_t KL_t`` (TRL's order). ``entropy_coef`` subtracts the entropy bonus
-    ``entropy_coef * mean_t entropy_t`` over the loss tokens (``entropy`` then required, differentiable). Returns
-    the scalar loss and detached
-    statistics (token means over the tokens in the loss; ``kl`` only with ``ref_logps``,
-    ``entropy`` only when given).
+    ``entropy_coef * mean_t entropy_t`` over the loss tokens (``entropy`` then required, differentiable), or over
+    the loss tokens that ``entropy_mask`` marks. Returns the scalar loss and detached statistics (token means over
+    the tokens in the loss; ``kl`` only with ``ref_logps``, ``entropy`` only when given), with the per-row clip
+    fractions ``clip_ratio_low_per_row`` and ``clip_ratio_high_per_row`` (B,) over each row's loss tokens.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -120,7 +121,8 @@ def reference_loss_from_logps(
     if entropy_coef != 0.0:
         if entropy is None:
             raise ValueError("entropy_coef needs the per-token entropy")
-        loss = loss - entropy_coef * entropy[mask].to(l.dtype).sum() / tokens
+        bonus_mask = mask if entropy_mask is None else mask & entropy_mask.bool()
+        loss = loss - entropy_coef * entropy[bonus_mask].to(l.dtype).sum() / bonus_mask.sum().clamp(min=1)
 
     with torch.no_grad():
         low = (w_unclipped < 1 - epsilon_low) & (a < 0)
@@ -130,6 +132,10 @@ def reference_loss_from_logps(
             "clip_ratio_high": high.sum() / tokens,
             "clip_ratio_region": (low | high).sum() / tokens,
             "ratio_mean": w.sum() / tokens,
+            "clip_ratio_low_per_row": torch.zeros(B, dtype=l.dtype, device=l.device).index_add(
+                0, rows, low.to(l.dtype)) / row_tokens,
+            "clip_ratio_high_per_row": torch.zeros(B, dtype=l.dtype, device=l.device).index_add(
+                0, rows, high.to(l.dtype)) / row_tokens,
         }
         if kl is not None:
             stats["kl"] = kl.sum() / tokens

@@ -357,7 +357,7 @@ def test_huge_logits_and_all_masked_rows_stay_finite(backend, scale):
     loss, stats = rank_grpo_loss(hidden, weight, targets, bias=bias, backend=backend, **kwargs)
     grads = torch.autograd.grad(loss, (hidden, weight, bias))
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
-    assert all(torch.isfinite(v) for v in stats.values())
+    assert all(torch.isfinite(v).all() for v in stats.values())
     assert torch.all(grads[0][1] == 0)
 
 
@@ -485,17 +485,18 @@ def _op_inputs(device):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("budget,dtype", [(MIN_MEMORY_BUDGET, torch.float32), (2**24, torch.float32),
                                            (2**24, torch.float16)])
-@pytest.mark.parametrize("head", [(1.0, None, 0.0), (1.3, 2.0, 0.1)])
+@pytest.mark.parametrize("head", [(1.0, None, 0.0, False), (1.3, 2.0, 0.1, False), (1.0, None, 0.1, True)])
 def test_opcheck_fused_loss(backend, budget, dtype, head):
     """fp16 included: its saved gradients are fp32 (cast after the loss scale), and the fake must say so; with a
-    logit scale, a softcap and the entropy bonus too."""
-    logit_scale, softcap, entropy_coef = head
+    logit scale, a softcap and the entropy bonus too, over all loss tokens or a masked part of them."""
+    logit_scale, softcap, entropy_coef, masked_bonus = head
     b = _op_inputs(DEVICE)
     for name in ("hidden", "weight", "bias"):
         b[name] = b[name].detach().to(dtype).requires_grad_()
+    entropy_mask = torch.rand(OP_B, OP_T, device=DEVICE) > 0.5 if masked_bonus else None
     args = (b["hidden"], b["weight"], b["bias"], b["targets"], b["old_logps"], b["ref_logps"], b["advantages"],
             b["policy_weights"], b["group"], b["mask"], b["normaliser"], b["tokens"], 0.2, 0.28, 1.5, 0.01, "bnpo", 0.9,
-            logit_scale, softcap, True, entropy_coef, True, budget, True, True, True, backend)
+            logit_scale, softcap, True, entropy_coef, entropy_mask, True, budget, True, True, True, backend)
     torch.library.opcheck(ops.fused_loss, args)
 
 

@@ -101,8 +101,9 @@ def test_segment_loss_matches_torch(cuda_backend, loss_type, old, ref, delta):
                         group=dense_groups(batch["item_ids"], mask), mask=mask, normaliser=normaliser,
                         tokens=mask.sum().clamp(min=1).float(), entropy=-batch["logps"].abs())
     cfg = LossConfig(epsilon_low=0.1, epsilon_high=0.2, delta=delta, beta=0.04 if ref else 0.0, loss_type=loss_type)
-    loss, stats, grad = cuda_backend.segment_loss(tokens, cfg)
-    want_loss, want_stats, want_grad = torch_segment_loss(tokens, cfg)
+    loss, stats, grad, row_clipped = cuda_backend.segment_loss(tokens, cfg)
+    want_loss, want_stats, want_grad, want_row_clipped = torch_segment_loss(tokens, cfg)
+    torch.testing.assert_close(row_clipped, want_row_clipped, rtol=0, atol=0)  # token counts
     torch.testing.assert_close(loss, want_loss, **TOL[torch.float32])
     torch.testing.assert_close(stats, want_stats, **TOL[torch.float32])
     torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-7)

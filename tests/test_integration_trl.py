@@ -299,13 +299,17 @@ def test_fused_loss_and_gradients_equal_the_reference_from_full_logits(world, tm
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
 @pytest.mark.parametrize("entropy_coef,option", [(0.0, None), (0.05, None), (0.0, "vllm_is"),
-                                                 (0.0, "off_policy_mask")])
+                                                 (0.0, "off_policy_mask"), (0.05, "top_entropy_adaptive")])
 def test_one_item_per_completion_equals_trl_sequence_level_loss(world, tmp_path, loss_type, entropy_coef, option):
     """With one item per completion (no newline, no EOS) the item ratio is TRL's sequence-level ratio (GSPO); TRL's
     entropy bonus (a token mean, scaled for accumulation only) with its gradient; TRL's vLLM importance-sampling
-    ratio ("sequence_mask", as GRPOTrainer hands it over) and its off-policy sequence mask, here per item."""
+    ratio ("sequence_mask", as GRPOTrainer hands it over) and its off-policy sequence mask, here per item; the
+    high-entropy mask with the adaptive bonus on the same tokens and its controller; the sequence clip metrics."""
     settings = dict(loss_type=loss_type, epsilon=0.1, epsilon_high=0.15, temperature=0.8, entropy_coef=entropy_coef,
                     off_policy_mask_threshold=0.01 if option == "off_policy_mask" else None)
+    if option == "top_entropy_adaptive":
+        settings.update(top_entropy_quantile=0.5, use_adaptive_entropy=True, entropy_coef_delta=0.02,
+                        entropy_target=100.0)
     rank = rank_trainer(world, tmp_path, reward=hit_reward(1), rec_num=1, length_shaping=False, **settings)
     trl_args = GRPOConfig(**trl_settings(tmp_path, importance_sampling_level="sequence", use_bias_correction_kl=False,
                                          **settings))
@@ -339,6 +343,11 @@ def test_one_item_per_completion_equals_trl_sequence_level_loss(world, tmp_path,
     if option is not None:  # sampler log-probs off the old ones, as vLLM's are
         sampler = inputs["old_per_token_logps"] + 0.3 * torch.randn(current.shape, generator=noise,
                                                                     dtype=current.dtype)
+        if option == "off_policy_mask":  # one sequence with a negative advantage far off the policy, the rest near
+            negative = trl_inputs["advantages"] < 0
+            far = negative & (negative.cumsum(0) == 1)
+            sampler = current + 0.05 * torch.randn(current.shape, generator=noise, dtype=current.dtype)
+            sampler = sampler + torch.where(far, 0.5, -0.05)[:, None]
         for batch in (rank_inputs, trl_inputs):
             batch["sampling_per_token_logps"] = sampler
     if option == "vllm_is":
@@ -350,9 +359,17 @@ def test_one_item_per_completion_equals_trl_sequence_level_loss(world, tmp_path,
             trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
             batch["importance_sampling_ratio"] = ratio
 
+    if option == "top_entropy_adaptive":
+        rank._last_world_entropy = trl._last_world_entropy = 0.0  # below the target: the bonus applies this step
     rank_loss = rank._compute_loss(rank.model, rank_inputs)
     trl_loss = trl._compute_loss(trl.model, trl_inputs)
-    if option == "off_policy_mask":  # the mask drops some sequences
+    if option == "top_entropy_adaptive":  # the controller measured the same tokens
+        assert rank._last_world_entropy == pytest.approx(trl._last_world_entropy, rel=1e-5)
+        assert rank.entropy_coef == pytest.approx(trl.entropy_coef) == pytest.approx(0.07)
+        rank.entropy_coef = trl.entropy_coef = 0.05  # the coefficient the loss applied
+    for name in ("clip_ratio/low_min", "clip_ratio/high_max"):  # per sequence: 0 or 1 with one item each
+        assert rank._metrics["train"][name][-1] == trl._metrics["train"][name][-1], name
+    if option == "off_policy_mask":  # the mask drops the far sequence
         rank.off_policy_mask_threshold = None
         assert not torch.allclose(rank._compute_loss(rank.model, rank_inputs), rank_loss)
         rank.off_policy_mask_threshold = 0.01

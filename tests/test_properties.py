@@ -67,7 +67,8 @@ def test_matches_reference(batch):
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     torch.testing.assert_close(loss, ref_loss, **tol)
     torch.testing.assert_close(grad, ref_grad, **tol)
-    for name in ("clip_ratio_low", "clip_ratio_high", "clip_ratio_region", "ratio_mean", "kl"):
+    for name in ("clip_ratio_low", "clip_ratio_high", "clip_ratio_region", "ratio_mean", "kl",
+                 "clip_ratio_low_per_row", "clip_ratio_high_per_row"):
         torch.testing.assert_close(stats[name], ref_stats[name], **tol)
 
 

@@ -23,7 +23,8 @@ from rankgrpo_kernels import rank_grpo_loss_from_logps
 from rankgrpo_kernels.contract import dense_groups
 from rankgrpo_kernels.reference import reference_loss_from_logps
 
-STATS = ("clip_ratio_low", "clip_ratio_high", "clip_ratio_region", "ratio_mean", "kl")
+STATS = ("clip_ratio_low", "clip_ratio_high", "clip_ratio_region", "ratio_mean", "kl", "clip_ratio_low_per_row",
+         "clip_ratio_high_per_row")
 WEIGHTING = {"grpo": 0, "bnpo": 1, "dr_grpo": 1, "dapo": 1, "rank": 2}
 SETTINGS = dict(epsilon_low=0.1, epsilon_high=0.2, delta=1.8, beta=0.04)
 REC_NUM, NUM_ITEMS_IN_BATCH = 20, 1000
@@ -100,7 +101,9 @@ def _launcher(inputs, loss_type, old, ref):
     assert grad.shape == (B, T) and row_sums.shape == (B, 5)
     sums, tokens = row_sums.sum(0).cpu(), tokens.cpu()
     low, high = sums[1] / tokens, sums[2] / tokens
-    stats = dict(zip(STATS, (low, high, low + high, sums[3] / tokens, sums[4] / tokens)))
+    row_tokens = mask.sum(1).clamp(min=1).cpu()
+    row_low, row_high = (row_sums[:, i].cpu() / row_tokens for i in (1, 2))
+    stats = dict(zip(STATS, (low, high, low + high, sums[3] / tokens, sums[4] / tokens, row_low, row_high)))
     return sums[0], stats, grad.cpu(), row_sums.cpu()
 
 
@@ -162,7 +165,7 @@ def test_interleaved_items_spanning_blocks(path, loss_type, old, ref):
 @pytest.mark.parametrize("path", PATHS)
 def test_rows_without_items(path):
     loss, stats, grad, row_sums = _run(path, _inputs(torch.full((2, 300), -1)), "bnpo")
-    assert loss == 0 and torch.all(grad == 0) and all(v == 0 for v in stats.values())
+    assert loss == 0 and torch.all(grad == 0) and all(torch.all(v == 0) for v in stats.values())
     if row_sums is not None:
         assert torch.all(row_sums == 0)
 

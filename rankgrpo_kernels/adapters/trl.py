@@ -31,10 +31,13 @@ GRPOTrainer's); four methods are overridden:
 * ``_get_per_token_logps_and_entropies``: old and reference log-probs by ``fused_logprobs`` at the sampling
   temperature, the kernels of the loss itself, so an on-policy ratio is exactly 1.
 * ``_compute_loss``: ``rank_grpo_loss`` on the last hidden states and the LM head, scaled for gradient accumulation
-  as TRL scales each loss type; logs the clip ratios, the mean ratio, the KL and the entropy (the mean ratio and
-  the entropy over the tokens whose log-probs the loss computes: at ``beta=0`` without an entropy bonus, not those
-  of items with advantage 0). TRL's entropy bonus (``entropy_coef``, ``use_adaptive_entropy`` with its controller,
-  which measures the entropy of every loss token) is the fused loss's ``entropy_coef``.
+  as TRL scales each loss type; logs the clip ratios (token means, and TRL's ``clip_ratio/low_min`` and
+  ``clip_ratio/high_max`` over the sequences of all processes), the mean ratio, the KL and the entropy (the mean
+  ratio and the entropy over the tokens whose log-probs the loss computes: at ``beta=0`` without an entropy bonus,
+  not those of items with advantage 0). TRL's entropy bonus (``entropy_coef``, ``use_adaptive_entropy`` with its
+  controller, which measures the entropy of every loss token) is the fused loss's ``entropy_coef``; with
+  ``top_entropy_quantile < 1`` both act on the high-entropy tokens only (the fused loss's ``entropy_mask``), as
+  GRPOTrainer's do.
 
 TRL's corrections reach the loss as ``policy_weights`` (each token's policy term times the weight, then + beta KL,
 TRL's order): the vLLM importance-sampling ratio of TRL's four modes exactly as GRPOTrainer computes it
@@ -63,8 +66,7 @@ The fused head runs as TRL runs its chunked distillation loss: inside the forwar
 Tied embeddings are one parameter throughout: the embedding weight is the head.
 
 Not supported (rejected with a message): reward models and async reward functions, tools and environments,
-vision-language models, FSDP version 1, MoE router losses, the entropy bonus together with
-``top_entropy_quantile < 1``.
+vision-language models, FSDP version 1, MoE router losses.
 """
 
 from __future__ import annotations
@@ -114,7 +116,7 @@ except PackageNotFoundError:
                       "(or pip install 'trl>=1.16,<1.17')") from None
 
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
-from trl.trainer.utils import is_async_callable, maybe_gather_lm_head_ctx  # noqa: E402
+from trl.trainer.utils import is_async_callable, maybe_gather_lm_head_ctx, nanmax, nanmin  # noqa: E402
 
 FSDP1_MESSAGE = (
     "RankGRPOTrainer supports FSDP version 2 (fully_shard, DTensor parameters), not FSDP version 1: set "
@@ -182,9 +184,6 @@ class RankGRPOConfig(GRPOConfig):
              "leave it at 'token'"),
             (self.multi_objective_aggregation != "sum_then_normalize",
              "multi_objective_aggregation: per-rank rewards are summed with reward_weights, then normalised per rank"),
-            ((self.entropy_coef != 0.0 or self.use_adaptive_entropy) and self.top_entropy_quantile < 1.0,
-             "the entropy bonus together with top_entropy_quantile < 1 (the bonus is a mean over all loss tokens "
-             "here)"),
             (self.use_bias_correction_kl, "use_bias_correction_kl"),
             (self.vllm_importance_sampling_mode not in TRL_IS_MODES + ITEM_IS_MODES,
              f"vllm_importance_sampling_mode={self.vllm_importance_sampling_mode!r}: use one of "
@@ -401,8 +400,11 @@ class RankGRPOTrainer(GRPOTrainer):
                 num_items = num_items * accumulation / self.args.steps_per_generation
 
         entropy_coef = self._entropy_coef_now(accumulation)
+        high_entropy = {}  # TRL's high-entropy mask and the entropies it was drawn from, when it is on
 
         def head(hidden, weight, bias):
+            weights, high_entropy["mask"], high_entropy["entropies"] = self._policy_weights(
+                inputs, hidden, weight, bias, mode)
             return rank_grpo_loss(
                 hidden, weight, completion_ids, bias=bias, temperature=self.temperature,
                 item_ids=inputs["item_ids"], advantages=inputs["advantages"], completion_mask=completion_mask,
@@ -410,16 +412,23 @@ class RankGRPOTrainer(GRPOTrainer):
                 epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, delta=self.args.delta, beta=self.beta,
                 loss_type=self.loss_type, max_completion_length=self.max_completion_length,
                 num_items_in_batch=num_items, rec_num=self.args.rec_num,
-                policy_weights=self._policy_weights(inputs, hidden, weight, bias, mode), compute_entropy=True,
-                entropy_coef=entropy_coef, skip_zero_advantage=not self.use_adaptive_entropy,
+                policy_weights=weights, compute_entropy=True, entropy_coef=entropy_coef,
+                entropy_mask=high_entropy["mask"], skip_zero_advantage=not self.use_adaptive_entropy,
                 **self._logit_transform,
             )
 
         loss, stats = self._fused_head(model, input_ids, attention_mask, completion_ids.size(1), head)
-        tokens = ((inputs["item_ids"] >= 0) & completion_mask.bool()).sum()
+        loss_mask = (inputs["item_ids"] >= 0) & completion_mask.bool()
+        tokens = loss_mask.sum()
         self._log_token_means(mode, stats, tokens)
+        self._log_sequence_clip_ratios(mode, stats, loss_mask)
         if self._entropy_bonus_enabled:
-            self._entropy_control(mode, stats["entropy"].detach() * tokens, tokens)
+            if high_entropy["mask"] is None:
+                self._entropy_control(mode, stats["entropy"].detach() * tokens, tokens)
+            else:  # the controller measures the tokens the bonus acts on, as GRPOTrainer's does
+                bonus_tokens = high_entropy["mask"] & loss_mask
+                self._entropy_control(mode, torch.where(bonus_tokens, high_entropy["entropies"], 0).sum(),
+                                      bonus_tokens.sum())
         return loss if self.loss_type == "dapo" else loss / accumulation
 
     def _entropy_coef_now(self, accumulation: int) -> float:
@@ -452,16 +461,18 @@ class RankGRPOTrainer(GRPOTrainer):
         if mode == "train" and self.accelerator.sync_gradients:
             self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
 
-    def _policy_weights(self, inputs, hidden, weight, bias, mode: str) -> torch.Tensor | None:
+    def _policy_weights(self, inputs, hidden, weight, bias, mode: str):
         """What multiplies each token's policy term, in TRL's order: the off-policy mask (per item here), the
         high-entropy mask, the vLLM importance-sampling ratio; None when none is on. The two masks need the
-        current policy's log-probs or entropies before the loss: one more logits GEMM, without gradient."""
+        current policy's log-probs or entropies before the loss: one more logits GEMM, without gradient.
+        Returns (weights, high-entropy mask (B, T) bool, entropies (B, T)); the last two None unless
+        ``top_entropy_quantile < 1``."""
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         weights = None
         if self.use_vllm and self.vllm_importance_sampling_correction:
             weights = inputs["importance_sampling_ratio"].expand_as(completion_mask).float()
         if self.off_policy_mask_threshold is None and self.top_entropy_quantile >= 1.0:
-            return weights
+            return weights, None, None
         with torch.no_grad():
             logps, entropies = fused_logprobs(hidden, weight, completion_ids, bias=bias, temperature=self.temperature,
                                               return_entropy=True, mask=completion_mask, **self._logit_transform)
@@ -471,11 +482,13 @@ class RankGRPOTrainer(GRPOTrainer):
             sampler = inputs.get("sampling_per_token_logps", logps if old is None else old)
             masks.append(item_off_policy_mask(logps, sampler, inputs["advantages"], inputs["item_ids"],
                                               completion_mask, self.off_policy_mask_threshold))
+        high_entropy = None
         if self.top_entropy_quantile < 1.0:
-            masks.append(self.get_high_entropy_mask(entropies, completion_mask, 1 - self.top_entropy_quantile).float())
+            high_entropy = self.get_high_entropy_mask(entropies, completion_mask, 1 - self.top_entropy_quantile)
+            masks.append(high_entropy.float())
         for extra in masks:
             weights = extra if weights is None else weights * extra
-        return weights
+        return weights, high_entropy, None if high_entropy is None else entropies
 
     def _log_token_means(self, mode: str, stats: dict[str, torch.Tensor], tokens: torch.Tensor) -> None:
         """Log the loss statistics as token means over all processes (each process's mean weighted by its tokens)."""
@@ -487,3 +500,13 @@ class RankGRPOTrainer(GRPOTrainer):
         totals = self.accelerator.reduce(torch.stack(weighted), reduction="sum").tolist()
         for key, total in zip(present, totals[:-1]):
             self._metrics[mode][names[key]].append(total / max(totals[-1], 1.0))
+
+    def _log_sequence_clip_ratios(self, mode: str, stats: dict[str, torch.Tensor], loss_mask: torch.Tensor) -> None:
+        """TRL's ``clip_ratio/low_min`` and ``clip_ratio/high_max``: the least low-clipped and the most high-clipped
+        share of a sequence's loss tokens over the sequences of all processes (sequences without loss tokens left
+        out, as TRL's NaN means are)."""
+        has_tokens = loss_mask.any(1)
+        for key, name, reduce in (("clip_ratio_low_per_row", "clip_ratio/low_min", nanmin),
+                                  ("clip_ratio_high_per_row", "clip_ratio/high_max", nanmax)):
+            per_row = torch.where(has_tokens, stats[key].float(), float("nan"))
+            self._metrics[mode][name].append(reduce(self.accelerator.gather(per_row)).item())

@@ -6,7 +6,7 @@
     grad_pass(logits, bias, targets, inv_temperature, lse, entropy, g, e, grad_dtype, *, logit_scale=1.0,
               softcap=None)
         -> D'                                             (``torch_backend.grad_pass``: with an entropy term)
-    segment_loss(batch: TokenBatch, cfg: LossConfig) -> loss, stats, grad_logp
+    segment_loss(batch: TokenBatch, cfg: LossConfig) -> loss, stats, grad_logp, row_clipped (B, 2)
 
 The logits are ``z = S(logit_scale (acc + bias)) / T`` with ``S(u) = softcap tanh(u / softcap)`` (or u); ``D`` and
 ``D'`` hold ``dL/dz S'(u)`` per row up to the caller's row scale (``g logit_scale / T`` for D, ``logit_scale / T``

@@ -120,7 +120,7 @@ def grad_pass(logits, bias, targets, inv_temperature, lse, entropy, g, e, grad_d
 
 @on_input_device
 def segment_loss(batch: TokenBatch, cfg: LossConfig):
-    """Same contract as ``torch_backend.segment_loss``: (loss, stats, grad (B, T)) in fp32."""
+    """Same contract as ``torch_backend.segment_loss``: (loss, stats, grad (B, T), row_clipped (B, 2)) in fp32."""
     B, T = batch.mask.shape
     device = batch.mask.device
     f32 = dict(dtype=torch.float32, device=device)
@@ -137,5 +137,5 @@ def segment_loss(batch: TokenBatch, cfg: LossConfig):
                       torch.empty(3, B, T, **f32), grad, row_sums, cfg.beta,
                       1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high, cfg.delta, WEIGHTING[cfg.loss_type],
                       LOG_RATIO_LIMIT, _stream(device))
-    loss, stats = loss_from_row_sums(row_sums, batch)
-    return loss, stats, grad
+    loss, stats, row_clipped = loss_from_row_sums(row_sums, batch)
+    return loss, stats, grad, row_clipped

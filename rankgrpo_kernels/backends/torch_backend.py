@@ -130,8 +130,9 @@ def _bin_sum(values: torch.Tensor, group: torch.Tensor, num_bins: int) -> torch.
     return torch.zeros(num_bins, dtype=values.dtype, device=values.device).index_add_(0, group, values)
 
 
-def segment_loss(batch: TokenBatch, cfg: LossConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Loss (0-dim), statistics (len(STAT_NAMES),) in ``STAT_NAMES`` order, and ``dL/dlogps`` (B, T).
+def segment_loss(batch: TokenBatch, cfg: LossConfig):
+    """Loss (0-dim), statistics (len(STAT_NAMES),) in ``STAT_NAMES`` order, ``dL/dlogps`` (B, T), and the per-row
+    counts of loss tokens clipped low and high (B, 2).
 
     Computed in float32, or float64 when the log-probs are float64; no autograd graph is built.
     """
@@ -206,6 +207,6 @@ def _segment_loss(batch: TokenBatch, cfg: LossConfig):
         [low.sum() / tokens, high.sum() / tokens, (low + high).sum() / tokens, (w * m).sum() / tokens,
          kl_mean, entropy_mean]
     )
-    return loss, stats, g.view(B, T)
+    return loss, stats, g.view(B, T), torch.stack([low.view(B, T).sum(1), high.view(B, T).sum(1)], 1)
 
 

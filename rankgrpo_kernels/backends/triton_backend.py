@@ -19,12 +19,12 @@ grad_pass = on_input_device(_row_pass.grad_pass)
 
 @on_input_device
 def segment_loss(batch: TokenBatch, cfg: LossConfig):
-    """Same contract as ``torch_backend.segment_loss``: (loss, stats, grad (B, T)) in fp32, from the leaf launcher
+    """Same contract as ``torch_backend.segment_loss``: (loss, stats, grad (B, T), row_clipped (B, 2)) in fp32, from the leaf launcher
     ``kernels.segment_loss.segment_loss_rows`` (row-relative groups in, per-row sums out)."""
     group, _ = row_relative_groups(batch)
     grad, row_sums = _segment.segment_loss_rows(
         batch.logps, batch.old_logps, batch.ref_logps, batch.advantages, group, batch.normaliser, batch.tokens,
         beta=cfg.beta, clip_low=1.0 - cfg.epsilon_low, clip_high=1.0 + cfg.epsilon_high, delta=cfg.delta,
         weighting=WEIGHTING[cfg.loss_type], log_ratio_limit=LOG_RATIO_LIMIT, policy_weights=batch.policy_weights)
-    loss, stats = loss_from_row_sums(row_sums, batch)
-    return loss, stats, grad
+    loss, stats, row_clipped = loss_from_row_sums(row_sums, batch)
+    return loss, stats, grad, row_clipped
