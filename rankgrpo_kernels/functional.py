@@ -164,11 +164,11 @@ def _needs_grads(hidden, weight, bias):
 
     ``entropy_coef``: the entropy bonus ``loss -= entropy_coef * mean_t H_t`` over the loss tokens (TRL's, verl's
     and OpenRLHF's), with its gradient; ``entropy_mask`` (B, T) bool/int restricts that mean to the loss tokens it
-    marks (TRL's ``top_entropy_quantile`` with its bonus: the high-entropy tokens). ``compute_entropy=True`` adds the mean entropy over the tokens whose
-    log-probs are computed to the statistics. ``backend``: ``"auto"`` (Triton for CUDA tensors where it imports,
-    else torch), ``"torch"``, ``"triton"`` or ``"cuda"``: which implementation of the row pass and the segment loss
-    runs around the vendor GEMMs. ``memory_budget_bytes`` bounds the logits scratch (default
-    ``RANKGRPO_MEMORY_BUDGET``, else 64 MiB on a CPU and 1/32 of a GPU's memory; ``settings.py``).
+    marks (TRL's ``top_entropy_quantile`` with its bonus: the high-entropy tokens). ``compute_entropy=True`` adds
+    the mean entropy over the tokens whose log-probs are computed to the statistics. ``backend``: ``"auto"`` (Triton
+    for CUDA tensors where it imports, else torch), ``"torch"``, ``"triton"`` or ``"cuda"``: which implementation of
+    the row pass and the segment loss runs around the vendor GEMMs. ``memory_budget_bytes`` bounds the logits
+    scratch (default ``RANKGRPO_MEMORY_BUDGET``, else 64 MiB on a CPU and 1/32 of a GPU's memory; ``settings.py``).
     ``process_group``: with a vocabulary-parallel head, ``weight`` and ``bias`` hold this rank's rows (shards in
     rank order, uneven allowed) and ``target_ids`` stay global; ``d_weight`` stays local, ``d_hidden`` is
     all-reduced, and every rank gets the same loss (``distributed.py``; the recompute path over the loss tokens,

@@ -122,7 +122,8 @@ def test_loss_and_gradients_match_reference(backend, dtype, path, loss_type):
 
 
 HEADS = {"softcap": dict(logit_softcap=2.5, logit_scale=1.7), "entropy": dict(entropy_coef=0.3),
-         "both": dict(logit_softcap=3.0, logit_scale=0.8, entropy_coef=-0.2)}
+         "both": dict(logit_softcap=3.0, logit_scale=0.8, entropy_coef=-0.2),
+         "masked_entropy": dict(entropy_coef=0.3)}  # plus an entropy_mask: TRL's high-entropy tokens
 
 
 @pytest.mark.parametrize("backend,dtype", CASES)
@@ -130,12 +131,14 @@ HEADS = {"softcap": dict(logit_softcap=2.5, logit_scale=1.7), "entropy": dict(en
 @pytest.mark.parametrize("head", HEADS)
 def test_logit_transform_and_entropy_bonus_match_reference(backend, dtype, path, head):
     """Softcapped and scaled logits (Gemma-2, Cohere) and the entropy bonus with its gradient, on- and off-policy
-    items beside zero-advantage ones (kept: the bonus reaches every loss token)."""
+    items beside zero-advantage ones (kept: the bonus reaches every loss token), or the loss tokens of a mask."""
     B, T, H, V = SHAPE
     hidden, weight, bias, targets = random_head(B, T, H, V, dtype, device=DEVICE, seed=3, scale=2.0)
     kwargs = loss_inputs_near_policy(hidden, weight, bias, targets, 0.9, K=4)
     kwargs["advantages"][0] = 0.0
     kwargs.update(epsilon_low=0.05, epsilon_high=0.08, ref_logps=None, **HEADS[head])
+    if head == "masked_entropy":
+        kwargs["entropy_mask"] = torch.rand(B, T, generator=torch.Generator().manual_seed(6)).to(DEVICE) > 0.5
     budget = _budget(path, backend, kwargs, V, H, dtype)
     ours, stats = _run(path, lambda: rank_grpo_loss(hidden, weight, targets, bias=bias, temperature=0.9,
                                                     backend=backend, memory_budget_bytes=budget, **kwargs))

@@ -1,5 +1,6 @@
 """Vocabulary-parallel heads over torch.distributed (gloo, 2 and 3 processes on this machine): sharded loss and
-gradients equal the unsharded reference to float64 tolerance (float32 for the Triton interpreter)."""
+gradients equal the unsharded reference to float64 tolerance (float32 for the Triton interpreter), with an entropy
+bonus over masked tokens (TRL's high-entropy ones)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def _problem(dtype, targets_in_first_shard):
     kwargs = dict(item_ids=batch["item_ids"], advantages=batch["advantages"],
                   completion_mask=batch["completion_mask"], old_logps=logps + 0.1 * batch["old_logps"].sin(),
                   ref_logps=logps + 0.2 * batch["ref_logps"].cos(), beta=0.05, epsilon_low=0.1, epsilon_high=0.1,
-                  loss_type="grpo")
+                  loss_type="grpo", entropy_coef=0.2, entropy_mask=torch.rand(B, T, generator=g) > 0.4)
     return hidden, weight, bias, targets, kwargs
 
 

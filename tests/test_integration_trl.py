@@ -272,14 +272,18 @@ def test_fused_loss_and_gradients_equal_the_reference_from_full_logits(world, tm
     inputs = scored_batch(trainer, world)
     trainer.model.double()
     noise = torch.Generator().manual_seed(1)
-    for key in ("ref_per_token_logps", "advantages"):
-        inputs[key] = inputs[key].double()
+    # Per-rank rewards drawn here: the tiny model's completions may hit no rank, leaving every advantage 0.
+    rewards = torch.rand(inputs["completion_ids"].shape[0], REC_NUM, generator=noise, dtype=torch.float64)
+    inputs.update(trainer._rank_fields(inputs["completion_ids"], inputs["completion_mask"], rewards, "train"))
+    inputs["ref_per_token_logps"] = inputs["ref_per_token_logps"].double()
     # Behaviour log-probs off the current ones, so that item ratios move and some clip.
     with torch.no_grad():
         current = trainer._get_per_token_logps_and_entropies(
             trainer.model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
             torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1), inputs["completion_ids"].shape[1])[0]
-    inputs["old_per_token_logps"] = current + 0.1 * torch.randn(current.shape, generator=noise, dtype=torch.float64)
+    row_shift = 0.2 * torch.randn(current.shape[0], 1, generator=noise, dtype=torch.float64)  # ratios past the clip
+    inputs["old_per_token_logps"] = current + row_shift + 0.1 * torch.randn(current.shape, generator=noise,
+                                                                            dtype=torch.float64)
     params = [p for p in trainer.model.parameters() if p.requires_grad]
 
     fused = trainer._compute_loss(trainer.model, inputs)

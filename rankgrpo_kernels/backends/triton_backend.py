@@ -19,8 +19,8 @@ grad_pass = on_input_device(_row_pass.grad_pass)
 
 @on_input_device
 def segment_loss(batch: TokenBatch, cfg: LossConfig):
-    """Same contract as ``torch_backend.segment_loss``: (loss, stats, grad (B, T), row_clipped (B, 2)) in fp32, from the leaf launcher
-    ``kernels.segment_loss.segment_loss_rows`` (row-relative groups in, per-row sums out)."""
+    """Same contract as ``torch_backend.segment_loss``: (loss, stats, grad (B, T), row_clipped (B, 2)) in fp32, from
+    the leaf launcher ``kernels.segment_loss.segment_loss_rows`` (row-relative groups in, per-row sums out)."""
     group, _ = row_relative_groups(batch)
     grad, row_sums = _segment.segment_loss_rows(
         batch.logps, batch.old_logps, batch.ref_logps, batch.advantages, group, batch.normaliser, batch.tokens,

@@ -294,24 +294,52 @@ def test_fused_logprobs_patch_matches_verl(tok, monkeypatch):
         torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-5)
 
 
-def test_fused_model_forward(monkeypatch):
-    """verl's own fused forward (use_fused_kernels=True, backend torch) of a tiny Llama, through the patch."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _fused_verl_forward(model, monkeypatch):
+    """The model with verl's fused forward (use_fused_kernels=True, backend torch) through the patch; every patch
+    undone after the test."""
+    import importlib
+
     from verl.models.transformers.monkey_patch import patch_forward_with_backends
     from verl.utils.experimental import torch_functional
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2))
-    ids = torch.randint(0, 64, (2, 11))
-    logits = model(input_ids=ids).logits / 0.7
-    expected = torch.log_softmax(logits.float(), -1).gather(-1, ids.roll(-1, -1).unsqueeze(-1)).squeeze(-1)
     monkeypatch.setattr(torch_functional, "FusedLinearForPPO", torch_functional.FusedLinearForPPO)
+    for name in adapter._FUSED_FORWARD_MODULES:
+        module = importlib.import_module(f"verl.models.transformers.{name}")
+        monkeypatch.setattr(module, "forward_with_torch_backend", module.forward_with_torch_backend)
     monkeypatch.setattr(type(model), "forward", type(model).forward)
     adapter.patch_fused_logprobs()
     patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend="torch")
-    output = model(input_ids=ids, return_dict=True, temperature=0.7)
-    torch.testing.assert_close(output.log_probs, expected, rtol=1e-5, atol=1e-5)
+    return model
+
+
+def _tiny_causal_lm(family: str):
+    import transformers
+
+    sizes = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2)
+    if family == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**sizes))
+    if family == "gemma2":  # final_logit_softcapping 0.1: the tiny model's logits (about 0.1) reach past it
+        return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**sizes, head_dim=8,
+                                                                        final_logit_softcapping=0.1))
+    return transformers.CohereForCausalLM(transformers.CohereConfig(**sizes, logit_scale=0.37))  # cohere
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "cohere"])
+def test_fused_model_forward(monkeypatch, family):
+    """verl's own fused forward of a tiny model through the patch equals the log-probs of the model's own logits:
+    Gemma-2's softcap and Cohere's logit scale included (which verl's FusedLinearForPPO leaves out)."""
+    torch.manual_seed(0)
+    model = _tiny_causal_lm(family).double()
+    ids = torch.randint(0, 64, (2, 11))
+    logits = model(input_ids=ids).logits / 0.7
+    expected = torch.log_softmax(logits, -1).gather(-1, ids.roll(-1, -1).unsqueeze(-1)).squeeze(-1)
+    if family == "gemma2":
+        raw = model.lm_head(model.model(input_ids=ids).last_hidden_state) / 0.7
+        plain = torch.log_softmax(raw, -1).gather(-1, ids.roll(-1, -1).unsqueeze(-1)).squeeze(-1)
+        assert (plain - expected).abs().max() > 1e-2  # the softcap matters here
+    output = _fused_verl_forward(model, monkeypatch)(input_ids=ids, return_dict=True, temperature=0.7)
+    torch.testing.assert_close(output.log_probs, expected, rtol=1e-9, atol=1e-9)
     output.log_probs.sum().backward()
     assert model.lm_head.weight.grad is not None and model.model.embed_tokens.weight.grad is not None
 
