@@ -50,8 +50,9 @@ class RankGRPOLoss(nn.Module):
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, target_ids: torch.Tensor, *,
                 item_ids, advantages, bias=None, **batch):
-        """Fused loss from hidden states (B, T, H) and the LM head (V, H); ``batch`` takes ``completion_mask``,
-        ``old_logps``, ``ref_logps``, ``num_items_in_batch`` and ``advantage_level``."""
+        """Fused loss from hidden states (B, T, H) and the LM head (V, H); ``batch`` takes the per-batch keywords
+        of ``rank_grpo_loss`` (``completion_mask``, ``old_logps``, ``ref_logps``, ``policy_weights``,
+        ``num_items_in_batch``, ``entropy_coef``, ``entropy_mask``, ...)."""
         return rank_grpo_loss(
             hidden, weight, target_ids, bias=bias, temperature=self.temperature, item_ids=item_ids,
             advantages=advantages, backend=self.backend, memory_budget_bytes=self.memory_budget_bytes,
