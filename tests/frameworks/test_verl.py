@@ -3,6 +3,7 @@ dependencies all install on a CPU machine."""
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -297,8 +298,6 @@ def test_fused_logprobs_patch_matches_verl(tok, monkeypatch):
 def _fused_verl_forward(model, monkeypatch):
     """The model with verl's fused forward (use_fused_kernels=True, backend torch) through the patch; every patch
     undone after the test."""
-    import importlib
-
     from verl.models.transformers.monkey_patch import patch_forward_with_backends
     from verl.utils.experimental import torch_functional
 
