@@ -1,14 +1,14 @@
 """Build script. Metadata lives in pyproject.toml.
 
-The optional CUDA extension ``rankgrpo_kernels._cuda`` (``csrc/``: the kernels of ``backend="cuda"``) is built only
-when torch is importable at build time, is a CUDA build, and a CUDA toolchain (nvcc under ``CUDA_HOME``) is found.
-pip's build isolation hides the installed torch, so prebuilding takes ``pip install --no-build-isolation .``; every
+The optional CUDA extension ``rankgrpo_kernels.backends.cuda._C`` (``csrc/``: the kernels of ``backend="cuda"``)
+is built only when torch is importable at build time, is a CUDA build, and a CUDA toolchain (nvcc under
+``CUDA_HOME``) is found. pip's build isolation hides the installed torch, so prebuilding takes ``pip install --no-build-isolation .``; every
 other install is the plain pure-Python one, and ``backend="cuda"`` then compiles ``csrc/`` just in time on first
 use. ``RANKGRPO_BUILD_CUDA=0`` skips the extension, ``RANKGRPO_BUILD_CUDA=1`` makes a missing prerequisite an error.
 
 The sources of that JIT build travel in every wheel: ``build_py`` copies ``csrc/*.cu, *.cuh, *.h, *.cpp`` into
 ``rankgrpo_kernels/csrc/`` of the build (the repository's top-level ``csrc/`` stays the only copy in git), where
-``backends/cuda_backend.py`` looks first. The sdist carries ``csrc/`` through MANIFEST.in.
+``backends/cuda/loader.py`` looks first. The sdist carries ``csrc/`` through MANIFEST.in.
 """
 
 import os
@@ -57,7 +57,7 @@ def cuda_build_options() -> dict:
             missing = "no CUDA toolkit found (install nvcc and set CUDA_HOME)"
         else:
             sources = [str(CSRC / "binding.cpp"), *map(str, sorted(CSRC.glob("*.cu")))]
-            extension = cpp_extension.CUDAExtension("rankgrpo_kernels._cuda", sources,
+            extension = cpp_extension.CUDAExtension("rankgrpo_kernels.backends.cuda._C", sources,
                                                     extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
             return {"ext_modules": [extension], "cmdclass": {"build_ext": cpp_extension.BuildExtension}}
     if mode == "1":

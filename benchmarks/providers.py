@@ -3,29 +3,26 @@
 A provider is a ``Provider(note, build, ...)``: ``build(batch) -> loss_fn`` or raises ``Unavailable(reason)``;
 ``loss_fn()`` returns the scalar loss from ``batch.hidden`` and ``batch.weight`` with the loss settings of the batch's
 workload (``batch.settings``: eps, beta, loss type; ``batch.loss_inputs`` hold ``None`` for the old or reference
-log-probs a setting goes without). ``refuse(device_type, dtype)`` is
-the cheap check ``run.py`` makes before starting a process for it (no batch, no GPU touched); ``build`` makes the
-full one. ``backend`` names our backend for ``--breakdown``; ``token_level`` providers are checked against the eager
-loss on ``token_level_inputs`` (their maths is token-level GRPO).
+log-probs a setting goes without; ``batches.Batch``). ``refuse(device, dtype)`` says why it cannot run here (None if
+it can), without a batch: ``run.py`` asks before starting a process for it; for ours it is the backend registry's
+``backends.refusal``. ``backend`` names our backend for ``--breakdown``; ``token_level`` providers are checked
+against the eager loss on ``token_level_inputs`` (their maths is token-level GRPO).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
+from batches import Batch
 
 from rankgrpo_kernels import backends, fused_logprobs, rank_grpo_loss, rank_grpo_loss_from_logps
 from rankgrpo_kernels.reference import reference_loss
 
-# The released Rank-GRPO run: bnpo, eps 0.06 / 0.08, k3 KL with beta 1e-3 (the dense workload's one setting; a
-# batch carries its own in ``Batch.settings``).
-LOSS_SETTINGS = dict(epsilon_low=0.06, epsilon_high=0.08, beta=1e-3, loss_type="bnpo")
 # TRL 1.16's vocabulary width per tile of ChunkedLogProbFunction (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE).
 TRL_CHUNK_SIZE = 32768
 TRL_MIN_VERSION = (1, 16)
@@ -35,27 +32,13 @@ class Unavailable(Exception):
     """The provider cannot run here; the message says why."""
 
 
-@dataclass
-class Batch:
-    hidden: torch.Tensor  # (B, T, H), requires grad
-    weight: torch.Tensor  # (V, H), requires grad
-    target_ids: torch.Tensor
-    loss_inputs: dict  # item_ids, advantages, completion_mask, old_logps, ref_logps (either may be None)
-    settings: dict = field(default_factory=lambda: dict(LOSS_SETTINGS))  # epsilon_low/high, beta, loss_type
-    setting: str = "released"  # the setting's name
-
-
 @dataclass(frozen=True)
 class Provider:
     note: str
     build: Callable[[Batch], Callable[[], torch.Tensor]]
-    refuse: Callable[[str, torch.dtype], Optional[str]] = lambda device_type, dtype: None
-    backend: Optional[str] = None  # ours: the backend whose row pass and segment loss --breakdown times
+    refuse: Callable[[torch.device, torch.dtype], str | None] = lambda device, dtype: None
+    backend: str | None = None  # ours: the backend whose row pass and segment loss --breakdown times
     token_level: bool = False
-
-
-def _interpreting():  # Triton's CPU interpreter, what the tests use without a GPU
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _missing(package):
@@ -76,44 +59,27 @@ def _compiled(batch):
 
 # --- ours -----------------------------------------------------------------------------------------------------------
 
-def _refuse_backend(backend):
-    def refuse(device_type, dtype):
-        spec = backends.REGISTRY[backend]
-        if spec.needs_cuda and device_type != "cuda" and not (backend == "triton" and _interpreting()):
-            return "needs a CUDA GPU" + (" (or TRITON_INTERPRET=1)" if backend == "triton" else "")
-        if dtype not in spec.dtypes:
-            return f"takes {', '.join(str(d).split('.')[-1] for d in spec.dtypes)}"
-        return _missing("triton") if backend == "triton" else None
-    return refuse
-
-
-def _check_backend(batch, backend):
-    reason = backends.REGISTRY[backend].refusal(batch.hidden.device, batch.hidden.dtype)
-    if reason is not None:
-        raise Unavailable(reason)
-
-
-def _ours(backend):
+def _fused(batch, backend):
     """The fused path: the tokens the loss needs, gradients formed in the forward over chunks of whole items
     (3 GEMMs)."""
-    def build(batch):
-        _check_backend(batch, backend)
-        return lambda: rank_grpo_loss(batch.hidden, batch.weight, batch.target_ids, backend=backend,
-                                      **batch.loss_inputs, **batch.settings)[0]
-    return build
+    return lambda: rank_grpo_loss(batch.hidden, batch.weight, batch.target_ids, backend=backend, **batch.loss_inputs,
+                                  **batch.settings)[0]
 
 
-def _ours_recompute(backend):
+def _recompute(batch, backend):
     """What a framework with its own log-probs runs (OpenRLHF, verl): ``fused_logprobs`` (the backward recomputes
     the logits: 4 GEMMs) and ``rank_grpo_loss_from_logps``."""
-    def build(batch):
-        _check_backend(batch, backend)
+    def loss():
+        logps = fused_logprobs(batch.hidden, batch.weight, batch.target_ids, backend=backend)
+        return rank_grpo_loss_from_logps(logps, backend=backend, **batch.loss_inputs, **batch.settings)[0]
+    return loss
 
-        def loss():
-            logps = fused_logprobs(batch.hidden, batch.weight, batch.target_ids, backend=backend)
-            return rank_grpo_loss_from_logps(logps, backend=backend, **batch.loss_inputs, **batch.settings)[0]
-        return loss
-    return build
+
+def _ours(note, backend, path=_fused) -> Provider:
+    """Ours on ``backend``, which runs where the backend registry says it can."""
+    def refuse(device, dtype):
+        return backends.refusal(backend, device, dtype)
+    return Provider(note, lambda batch: path(batch, backend), refuse, backend=backend)
 
 
 # --- peers ----------------------------------------------------------------------------------------------------------
@@ -163,7 +129,7 @@ def _cce(batch):
     return loss
 
 
-def _refuse_trl(device_type, dtype):
+def _refuse_trl(device, dtype):
     from importlib import metadata
 
     missing = _missing("trl")
@@ -221,26 +187,22 @@ def _trl(batch):
 
 PROVIDERS = {
     "eager": Provider("full logits -> log_softmax -> gather -> loss (the authors' trainer, TRL 0.21)", _eager),
-    "torch": Provider("ours, fused path, torch backend: the tokens the loss needs, gradients in the forward over "
-                      "chunks of whole items (3 GEMMs)", _ours("torch"), _refuse_backend("torch"), backend="torch"),
-    "torch-recompute": Provider("ours, recompute path, torch backend: fused_logprobs (backward recomputes the "
-                                "logits: 4 GEMMs) + rank_grpo_loss_from_logps, as OpenRLHF/verl run it",
-                                _ours_recompute("torch"), _refuse_backend("torch"), backend="torch"),
+    "torch": _ours("ours, fused path, torch backend: the tokens the loss needs, gradients in the forward over chunks "
+                   "of whole items (3 GEMMs)", "torch"),
+    "torch-recompute": _ours("ours, recompute path, torch backend: fused_logprobs (backward recomputes the logits: 4 "
+                             "GEMMs) + rank_grpo_loss_from_logps, as OpenRLHF/verl run it", "torch", _recompute),
     "compile": Provider("torch.compile of the eager loss (compiled in the first call, which is not timed: its time is "
                         "first_call_ms)", _compiled),
-    "triton": Provider("ours, fused path, Triton row pass and segment loss around cuBLAS GEMMs",
-                       _ours("triton"), _refuse_backend("triton"), backend="triton"),
-    "triton-recompute": Provider("ours, recompute path, Triton backend: fused_logprobs + rank_grpo_loss_from_logps "
-                                 "(what OpenRLHF/verl run)", _ours_recompute("triton"), _refuse_backend("triton"),
-                                 backend="triton"),
-    "cuda": Provider("ours, fused path, CUDA extension (csrc/: cuBLAS GEMMs + CUDA row pass and segment loss)",
-                     _ours("cuda"), _refuse_backend("cuda"), backend="cuda"),
+    "triton": _ours("ours, fused path, Triton row pass and segment loss around cuBLAS GEMMs", "triton"),
+    "triton-recompute": _ours("ours, recompute path, Triton backend: fused_logprobs + rank_grpo_loss_from_logps "
+                              "(what OpenRLHF/verl run)", "triton", _recompute),
+    "cuda": _ours("ours, fused path, CUDA extension (csrc/: cuBLAS GEMMs + CUDA row pass and segment loss)", "cuda"),
     "liger": Provider("Liger-Kernel LigerFusedLinearGRPOLoss (torch, chunked; token-level ratio: different maths, "
                       "checked against eager with one item per token and one advantage per row)", _liger,
-                      lambda device_type, dtype: _missing("liger_kernel"), token_level=True),
+                      lambda device, dtype: _missing("liger_kernel"), token_level=True),
     "cce": Provider("Cut Cross-Entropy log-probs (exact gradients; on a CPU its torch_compile impl, which holds the "
                     "full logits) + our rank_grpo_loss_from_logps", _cce,
-                    lambda device_type, dtype: _missing("cut_cross_entropy")),
+                    lambda device, dtype: _missing("cut_cross_entropy")),
     "trl": Provider("TRL 1.16's fused LM head: trl.kernels.chunked_logprob.ChunkedLogProbFunction (exact log-probs "
                     "over 4096-token x 32768-column tiles, Triton fold on a GPU and torch on a CPU, backward "
                     "recomputes each tile: 4 GEMMs; on a GPU only the completion's positions, on a CPU all) + our "

@@ -1,9 +1,20 @@
-"""Markdown of the benchmark's rows, shared by run.py (the printed table) and summarize.py (the README's results).
+"""Markdown of the benchmark's rows, shared by run.py (the printed table and the plot) and summarize.py (the README's
+results).
 
-Plain JSON rows in, lines of markdown out; no torch, so summarize.py runs anywhere.
+Plain JSON rows in, lines of markdown (or a PNG) out; no torch, so summarize.py runs anywhere.
 """
 
 from __future__ import annotations
+
+GEMM_ROWS = ("3 GEMMs", "4 GEMMs")
+GEMM_NOTE = ("the LM head's GEMMs alone at this shape, in the same run: logits h W^T, d_hidden dZ W, d_weight dZ^T h "
+             "(the floor of any exact method); 4 adds the logits once more (recomputed in the backward)")
+ALL_POSITIONS, LOSS_TOKENS = "3 GEMMs (all positions)", "3 GEMMs (loss tokens)"
+REALISTIC_GEMM_ROWS = (ALL_POSITIONS, LOSS_TOKENS)
+REALISTIC_GEMM_NOTE = (f"{ALL_POSITIONS}: the three LM-head GEMMs (logits, d_hidden, d_weight) over all B x T "
+                       f"positions, in the same run; {LOSS_TOKENS}: the same three over only the tokens the setting's "
+                       "loss needs in a GEMM (gemm_tokens: the completion's loss tokens, less, at beta = 0, the tokens "
+                       "of items whose advantage is 0 on every token, which carry no gradient)")
 
 
 def fmt(x, spec):
@@ -120,3 +131,66 @@ def workload_tables(workloads) -> list[str]:
                          f"| {pct(st.get('clip_ratio_region'))} | {fmt(st.get('ratio_mean'), '.4f')} "
                          f"| {fmt(st.get('kl'), '.2e')} |")
     return lines
+
+
+def scaled_notes(rows) -> list[str]:
+    """One note per scaled-down shape: the real head it stands for."""
+    return sorted({f"{r['shape']}: scaled down, stands for {r['scaled_from']}" for r in rows if r.get("scaled_from")})
+
+
+def markdown(rows, segmentation, env, workloads, kind, provider_notes, setting_notes) -> str:
+    """What run.py prints: the device, the results table, its notes (shapes, providers and GEMM rows as they appear,
+    the settings), the workload's shares, the breakdown of ours and the segmentation's speed-up."""
+    lines = [f"Device: {env.get('gpu', env['cpu'])} ({env['device']}, {env['cpu_threads']} threads), "
+             f"torch {env['torch']}, {env['date']}, workload {kind}", "", *results_table(rows)]
+    notes = scaled_notes(rows)
+    for name in dict.fromkeys(r["provider"] for r in rows):
+        if name in provider_notes:
+            notes.append(f"{name}: {provider_notes[name]}")
+        elif name == GEMM_ROWS[0]:
+            notes.append(f"{' and '.join(GEMM_ROWS)}: {GEMM_NOTE}")
+        elif name == ALL_POSITIONS:
+            notes.append(REALISTIC_GEMM_NOTE)
+    lines += [""] + [f"- {n}" for n in notes + list(setting_notes)]
+    if workloads:
+        lines += ["", *workload_tables(workloads)]
+    split = breakdown_table(rows)
+    if split:
+        lines += ["", BREAKDOWN_CAPTION + ":", "", *split]
+    if segmentation:
+        s = segmentation
+        lines += ["", f"Segmentation of {s['rows']} rows x {s['tokens_per_row']} tokens: per-token decode loop "
+                      f"{s['loop_ms']:.0f} ms, vectorised {s['vectorised_ms']:.2f} ms ({s['speedup']:.0f}x)"]
+    return "\n".join(lines)
+
+
+def plot(rows, path):
+    """Bars of fwd+bwd time and extra peak memory per shape (and setting) and provider; None without matplotlib or
+    without a row that ran."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    ok = [dict(r, shape=f"{r['shape']} {r['setting']}" if r.get("setting") else r["shape"])
+          for r in rows if r["status"] == "ok"]
+    if not ok:
+        return None
+    shapes = list(dict.fromkeys(r["shape"] for r in ok))
+    providers = list(dict.fromkeys(r["provider"] for r in ok))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    width = 0.8 / len(providers)
+    for i, p in enumerate(providers):
+        for ax, key in zip(axes, ("fwd_bwd_ms", "peak_mib")):
+            values = [next((r.get(key) or 0 for r in ok if r["shape"] == s and r["provider"] == p), 0) for s in shapes]
+            ax.bar([j + i * width for j in range(len(shapes))], values, width, label=p)
+    for ax, title in zip(axes, ("fwd+bwd time (ms)", "peak memory above inputs (MiB)")):
+        ax.set_title(title)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes, rotation=15, fontsize=8)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

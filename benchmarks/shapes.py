@@ -31,6 +31,11 @@ class HeadShape:
         """What ``parse_shape`` turns back into this shape."""
         return self.key if self.key in ALL_SHAPES else f"{self.hidden}x{self.vocab}@{self.tokens}"
 
+    def fields(self, setting=None) -> dict:
+        """The fields a result row of this shape (and setting) starts with."""
+        return dict(shape=self.key, hidden=self.hidden, vocab=self.vocab, tokens=self.tokens,
+                    scaled_from=self.scaled_from, **({} if setting is None else dict(setting=setting)))
+
 
 MODEL_HEADS = {
     "qwen2.5-0.5b": (896, 151936),

@@ -1,6 +1,6 @@
-"""Rewrite the README's results section from the JSON files under benchmarks/results/ (never by hand).
+"""Rewrite the results section of docs/results.md from the JSON files under benchmarks/results/ (never by hand).
 
-    python benchmarks/summarize.py          # updates README.md between the results markers
+    python benchmarks/summarize.py          # updates docs/results.md between the results markers
 
 Per report: the run's machine and command, then per shape and provider the fwd+bwd time, its ratio to the three
 LM-head GEMMs and to eager, the extra peak memory and its ratio to eager's (``report.results_table``), and where
@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import BREAKDOWN_CAPTION, breakdown_table, results_table, workload_tables  # noqa: E402
+from report import BREAKDOWN_CAPTION, breakdown_table, results_table, scaled_notes, workload_tables  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LEGEND = ("fwd+bwd ms: median over the run's reps, each provider in its own process after its loss and gradients "
@@ -49,8 +49,7 @@ def summary(results_dir: Path) -> str:
         rows = report["results"]
         lines += [heading(report, path), "", *results_table(rows, detail=False), ""]
         shown = dict.fromkeys(r["provider"] for r in rows if r["status"] == "ok")
-        notes = sorted({f"{r['shape']}: scaled down, stands for {r['scaled_from']}" for r in rows
-                        if r.get("scaled_from")})
+        notes = scaled_notes(rows)
         notes += [f"{name}: {report['notes'][name]}" for name in shown if name in report.get("notes", {})]
         lines += [f"- {n}" for n in notes] + ([""] if notes else [])
         shares = workload_tables(report.get("workloads"))
@@ -72,5 +71,5 @@ def update(readme: Path, results_dir: Path) -> str:
 
 
 if __name__ == "__main__":
-    update(ROOT / "README.md", ROOT / "benchmarks" / "results")
+    update(ROOT / "docs" / "results.md", ROOT / "benchmarks" / "results")
     sys.exit(0)

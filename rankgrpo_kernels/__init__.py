@@ -1,11 +1,12 @@
 """rankgrpo-kernels: the Rank-GRPO loss for LLM recommenders without the (tokens x vocab) logits tensor.
 
-The loss (``rank_grpo_loss``, ``rank_grpo_loss_from_logps``, ``fused_logprobs``, ``RankGRPOLoss``), the segmentation
+The loss (``rank_grpo_loss``, ``rank_grpo_loss_from_logps``, ``fused_logprobs``, ``RankGRPOLoss``; their settings as
+``LossSpec`` and ``HeadSpec``), the segmentation
 of completions into ranked items (``segment_items``, ``split_items``) and the per-rank rewards and advantages.
 Framework adapters live in ``rankgrpo_kernels.adapters``, recommender rewards in ``rankgrpo_kernels.recommender``.
 """
 
-from .contract import LossConfig
+from .contract import HeadSpec, LossSpec
 from .functional import fused_logprobs, rank_grpo_loss, rank_grpo_loss_from_logps
 from .modules import RankGRPOLoss
 from .rewards import rank_advantages, rank_rewards, token_advantages
@@ -13,8 +14,13 @@ from .segments import Segments, line_table, newline_counts, segment_items, split
 
 __version__ = "0.2.0"
 
+# The 0.2 name of LossSpec, kept importable.
+LossConfig = LossSpec
+
 __all__ = [
+    "HeadSpec",
     "LossConfig",
+    "LossSpec",
     "RankGRPOLoss",
     "Segments",
     "fused_logprobs",

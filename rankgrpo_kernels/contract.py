@@ -1,11 +1,20 @@
-"""The contract every layer shares: loss types, statistic names, limits, the loss settings and the token-level batch.
+"""The contract every layer shares: loss types, statistic names, the two settings specs and the token-level batch.
 
-``reference.py`` (the spec), the public API and every backend import these names from here, so that the kernels
-and the spec can never disagree on a constant. Nothing here computes the loss.
+``reference.py`` (the spec), the public API, the custom ops and every backend import these names from here, so that
+the kernels and the spec can never disagree on a constant. Nothing here computes the loss.
+
+Settings travel as two frozen specs, validated once when built: ``LossSpec`` (the objective) and ``HeadSpec`` (how
+the LM head's logits are formed and computed). They cross every internal boundary whole; the custom ops take their
+fields as arguments (``op_fields`` lists them, ``ops.py`` derives each op's schema from it and rebuilds the specs by
+field name). A new loss option is one ``LossSpec`` field, its maths in ``reference.py`` and its use in each
+backend's ``segment_loss``; a new per-token input is one ``TokenBatch`` field.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -13,52 +22,97 @@ import torch
 # The log of every ratio (an item's mean log-ratio, r - l in the k3 KL) is clamped to at most this: e^20 ~ 4.9e8,
 # far beyond any ratio PPO clipping lets through, so finite inputs stay finite.
 LOG_RATIO_LIMIT = 20.0
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "rank")
+# Each loss type and the weighting of its policy terms in the compiled segment-loss kernels (0: 1 / (normaliser M_i)
+# with normaliser = B, 1: 1 / normaliser, 2: 1 / (normaliser n_k)); the normalisers are in ``inputs.normaliser``.
+WEIGHTING = {"grpo": 0, "bnpo": 1, "dr_grpo": 1, "dapo": 1, "rank": 2}
+LOSS_TYPES = tuple(WEIGHTING)
 STAT_NAMES = ("clip_ratio_low", "clip_ratio_high", "clip_ratio_region", "ratio_mean", "kl", "entropy")
 # Per-row statistics (B,): the fractions of each row's loss tokens whose item ratio is clipped low / high (TRL logs
 # their minimum and maximum over sequences). The segment loss returns their counts (B, 2), which chunks add up.
 ROW_STAT_NAMES = ("clip_ratio_low_per_row", "clip_ratio_high_per_row")
 
-# What the compiled segment-loss kernels (Triton and CUDA) take: the policy weighting of each loss type
-# (0: 1 / (normaliser M_i) with normaliser = B, 1: 1 / normaliser, 2: 1 / (normaliser n_k)) and the per-row sums
-# they write (loss, clipped low, clipped high, ratio, KL).
-WEIGHTING = {"grpo": 0, "bnpo": 1, "dr_grpo": 1, "dapo": 1, "rank": 2}
-ROW_SUMS = 5
+
+def _number(spec, name) -> float:
+    """The field ``name`` of ``spec`` stored as a plain float (ints and numpy scalars accepted); a bool or a
+    non-number is a ValueError naming the field."""
+    value = getattr(spec, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    object.__setattr__(spec, name, float(value))
+    return getattr(spec, name)
+
+
+def _optional_positive_int(spec, name) -> None:
+    value = getattr(spec, name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
 
 
 @dataclass(frozen=True)
-class LossConfig:
-    """The per-run settings of the Rank-GRPO objective (see ``rank_grpo_loss_from_logps`` for their meaning)."""
+class LossSpec:
+    """The per-run settings of the Rank-GRPO objective (see ``rank_grpo_loss`` for their maths).
+
+    ``epsilon_low``, ``epsilon_high``: the clip range ``[1 - epsilon_low, 1 + epsilon_high]``; ``delta``: the
+    optional upper bound of the unclipped ratio (> 1); ``beta``: the weight of the k3 KL; ``loss_type``: one of
+    ``LOSS_TYPES``, with its normaliser inputs ``max_completion_length`` (``dr_grpo``'s L_max, default T) and
+    ``rec_num`` (``rank``'s N, default K of per-rank advantages); ``entropy_coef``: the entropy bonus
+    ``loss -= entropy_coef * mean H`` of the fused loss."""
 
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
     delta: float | None = None
     beta: float = 0.0
     loss_type: str = "bnpo"
+    max_completion_length: int | None = None
+    rec_num: int | None = None
+    entropy_coef: float = 0.0
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
-        if not (0.0 <= self.epsilon_low < 1.0):
+        if not (0.0 <= _number(self, "epsilon_low") < 1.0):
             raise ValueError(f"epsilon_low must be in [0, 1), got {self.epsilon_low!r}")
-        if not (0.0 <= self.epsilon_high < float("inf")):
+        if not (0.0 <= _number(self, "epsilon_high") < math.inf):
             raise ValueError(f"epsilon_high must be finite and >= 0, got {self.epsilon_high!r}")
-        if self.delta is not None and not (1.0 < self.delta < float("inf")):
+        if self.delta is not None and not (1.0 < _number(self, "delta") < math.inf):
             raise ValueError(f"delta must be None or a finite number > 1, got {self.delta!r}")
-        if not (0.0 <= self.beta < float("inf")):
+        if not (0.0 <= _number(self, "beta") < math.inf):
             raise ValueError(f"beta must be finite and >= 0, got {self.beta!r}")
+        if not math.isfinite(_number(self, "entropy_coef")):
+            raise ValueError(f"entropy_coef must be a finite number, got {self.entropy_coef!r}")
+        _optional_positive_int(self, "max_completion_length")
+        _optional_positive_int(self, "rec_num")
 
 
 @dataclass(frozen=True)
-class LogitTransform:
-    """How raw logits ``acc = h W^T`` become the policy's: ``z = S(logit_scale (acc + b)) / temperature`` with
-    ``S(u) = softcap tanh(u / softcap)`` (the identity without a softcap; Gemma-2's final_logit_softcapping,
-    Cohere's logit_scale). ``dz/dacc = logit_scale S'(u) / temperature``: the row pass writes D times ``S'(u)`` and
-    the gradient GEMMs scale its rows by ``row_scale = logit_scale / temperature`` (times ``g``)."""
+class HeadSpec:
+    """How raw logits ``acc = h W^T`` become the policy's, and how the head is computed.
+
+    ``z = S(logit_scale (acc + b)) / temperature`` with ``S(u) = logit_softcap tanh(u / logit_softcap)`` (the
+    identity when None; Gemma-2's final_logit_softcapping, Cohere's logit_scale), so ``dz/dacc = logit_scale S'(u) /
+    temperature``: the row pass writes D times ``S'(u)`` and the gradient GEMMs scale its rows by ``row_scale``
+    (times ``g``). ``memory_budget_bytes``: the logits scratch of one call (None: ``RANKGRPO_MEMORY_BUDGET`` or the
+    device default, ``settings.py``); ``backend``: ``"auto"`` or a registered backend; ``skip_zero_advantage``:
+    leave the items whose every advantage is 0 out of the GEMMs when nothing else reads them. ``resolve`` fixes
+    ``"auto"`` and the budget for the tensors of a call, before the custom ops."""
 
     temperature: float = 1.0
     logit_scale: float = 1.0
-    softcap: float | None = None
+    logit_softcap: float | None = None
+    memory_budget_bytes: int | None = None
+    backend: str = "auto"
+    skip_zero_advantage: bool = True
+
+    def __post_init__(self):
+        if not (0.0 < _number(self, "temperature") < math.inf):
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+        if not (0.0 < _number(self, "logit_scale") < math.inf):
+            raise ValueError(f"logit_scale must be a finite number > 0, got {self.logit_scale!r}")
+        if self.logit_softcap is not None and not (0.0 < _number(self, "logit_softcap") < math.inf):
+            raise ValueError(f"logit_softcap must be None or a finite number > 0, got {self.logit_softcap!r}")
+        if not isinstance(self.backend, str):
+            raise ValueError(f"backend must be a str, got {self.backend!r}")
+        object.__setattr__(self, "skip_zero_advantage", bool(self.skip_zero_advantage))
 
     @property
     def inv_temperature(self) -> float:
@@ -67,9 +121,6 @@ class LogitTransform:
     @property
     def row_scale(self) -> float:
         return self.logit_scale / self.temperature
-
-    def kwargs(self) -> dict:
-        return dict(logit_scale=self.logit_scale, softcap=self.softcap)
 
 
 @dataclass
@@ -82,7 +133,8 @@ class TokenBatch:
     sum M for bnpo, B * L_max for dr_grpo, num_items_in_batch for dapo, B * N for rank) and ``tokens`` the number
     of loss tokens (clamped to >= 1), both of the whole batch; ``policy_weights`` (or None: 1) multiply each
     token's policy term (not its KL term, not the statistics): a slice of rows (``rows``) keeps them, so its loss
-    and statistics are its exact share of the batch's and the shares add up.
+    and statistics are its exact share of the batch's and the shares add up. ``entropy_mask`` (bool, or None: every
+    loss token) marks the loss tokens the entropy bonus averages over.
     """
 
     logps: torch.Tensor | None
@@ -95,18 +147,40 @@ class TokenBatch:
     tokens: torch.Tensor
     entropy: torch.Tensor | None = None
     policy_weights: torch.Tensor | None = None
+    entropy_mask: torch.Tensor | None = None
 
     def rows(self, start: int, stop: int) -> "TokenBatch":
         """Rows [start, stop) with their group ids rebased to the slice; normaliser and tokens stay the batch's."""
         T = self.mask.shape[1]
+        per_token = {f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[start:stop]
+                     for f in dataclasses.fields(self) if f.name not in ("normaliser", "tokens")}
+        per_token["group"] = torch.where(per_token["mask"], per_token["group"] - start * T, -1)
+        return TokenBatch(**per_token, normaliser=self.normaliser, tokens=self.tokens)
 
-        def take(x):
-            return None if x is None else x[start:stop]
 
-        mask = self.mask[start:stop]
-        return TokenBatch(take(self.logps), take(self.old_logps), take(self.ref_logps), self.advantages[start:stop],
-                          torch.where(mask, self.group[start:stop] - start * T, -1), mask, self.normaliser,
-                          self.tokens, take(self.entropy), take(self.policy_weights))
+# --- the op boundary: each spec's fields as custom-op arguments ----------------------------------------------------
+
+# The schema type of each field annotation of the dataclasses above (``from __future__ import annotations`` keeps
+# them as strings).
+_SCHEMA_TYPES = {"float": "float", "float | None": "float?", "int": "int", "int | None": "int?", "bool": "bool",
+                 "str": "str", "torch.Tensor": "Tensor", "torch.Tensor | None": "Tensor?"}
+
+
+def op_fields(cls) -> list[tuple[str, str]]:
+    """(name, schema type) of each field of the dataclass ``cls`` (its subclasses' fields included), in order."""
+    fields = []
+    for field in dataclasses.fields(cls):
+        annotation = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
+        if annotation not in _SCHEMA_TYPES:
+            raise TypeError(f"{cls.__name__}.{field.name}: annotation {annotation!r} has no custom-op schema type "
+                            f"(one of {tuple(_SCHEMA_TYPES)})")
+        fields.append((field.name, _SCHEMA_TYPES[annotation]))
+    return fields
+
+
+def flatten(spec) -> tuple:
+    """The field values of a dataclass instance, in ``op_fields`` order."""
+    return tuple(getattr(spec, field.name) for field in dataclasses.fields(spec))
 
 
 def dense_groups(item_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -137,27 +211,3 @@ def stats_dict(stats: torch.Tensor, row_clipped: torch.Tensor, mask: torch.Tenso
     if not has_entropy:
         del named["entropy"]
     return named
-
-
-def loss_from_row_sums(row_sums: torch.Tensor, batch: TokenBatch):
-    """(loss, stats, per-row clip counts (B, 2)) from the per-row sums (B, ROW_SUMS) that the compiled segment-loss
-    kernels write. Summing rows here keeps the reduction order fixed."""
-    sums = row_sums.sum(0)
-    tokens = batch.tokens.to(sums.dtype)
-    low, high = sums[1] / tokens, sums[2] / tokens
-    entropy_mean = torch.zeros_like(low)
-    if batch.entropy is not None:
-        entropy_mean = torch.where(batch.mask, batch.entropy.detach().to(sums.dtype), 0).sum() / tokens
-    # The KL entry is 0 without ref_logps, and then not reported.
-    stats = torch.stack([low, high, low + high, sums[3] / tokens, sums[4] / tokens, entropy_mean])
-    return sums[0], stats, row_sums[:, 1:3].clone()  # not a view: op outputs own their storage
-
-
-def row_relative_groups(batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the compiled segment-loss kernels take: group ids relative to their row (int32 (B, T), -1 outside the
-    loss) and the number of groups of each row (int32 (B,); the CUDA kernel sizes its per-item slots with it)."""
-    B, T = batch.mask.shape
-    rows = torch.arange(B, device=batch.mask.device).unsqueeze(1) * T
-    group = torch.where(batch.mask, batch.group - rows, -1).to(torch.int32).contiguous()
-    num_bins = (group.amax(1) + 1).to(torch.int32) if T else torch.zeros(B, dtype=torch.int32, device=group.device)
-    return group, num_bins

@@ -1,103 +1,52 @@
-"""Public functions: input checks at the boundary (``inputs.py``), the choice of backend and path, and the
-docstrings users read."""
+"""Public functions: the settings as specs, the inputs checked at the boundary (``inputs.py``), then one call per
+path into the custom ops (``ops.py``)."""
 
 from __future__ import annotations
 
 import torch
 
-from . import backends, distributed, lm_head, ops
-from .contract import LossConfig, stats_dict
-from .inputs import (
-    check_entropy_coef, check_head, check_logit_transform, check_tensor, raise_on_bad_values, target_checks,
-    token_batch,
-)
-from .settings import memory_budget
-
-_LOSS_DOC = """
-    The loss (a 0-dim float32 tensor, float64 for float64 inputs) and a dict of detached 0-dim statistics:
-    ``clip_ratio_low``, ``clip_ratio_high``, ``clip_ratio_region`` (fractions of loss tokens whose item ratio is
-    clipped; a token with advantage 0 is never clipped), ``ratio_mean`` (token mean of the item ratios over the
-    loss tokens whose log-probs are computed: all of them, except that ``rank_grpo_loss`` leaves out the items it
-    skips, see below; ``skip_zero_advantage=False`` computes them all), ``kl`` (mean k3 KL over the loss tokens,
-    only with ``ref_logps``), ``entropy`` (only when given or computed; over the same tokens as ``ratio_mean``),
-    and per row (B,) ``clip_ratio_low_per_row`` and ``clip_ratio_high_per_row``: the fractions of the row's loss
-    tokens that are clipped (0 for a row without loss tokens; TRL logs their minimum and maximum).
-
-    Maths, per row i and item k (a group of tokens with the same id ``>= 0``), with ``l`` the log-probs, ``o``
-    ``old_logps`` (``l.detach()`` when None: on-policy, every ratio is 1) and ``M`` the mask::
-
-        w_k      = exp(mean_{t in k, M_t} (l_t - o_t))
-        policy_t = -min(min(w_k, delta) * a_t, clamp(w_k, 1 - epsilon_low, 1 + epsilon_high) * a_t)
-        KL_t     = exp(r_t - l_t) - (r_t - l_t) - 1
-        loss     = sum_t c_t * policy_t + beta * sum_t kw_t * KL_t
-
-    with ``c_t`` by ``loss_type``: ``"grpo"`` 1/(B M_i), ``"bnpo"`` 1/sum M, ``"dr_grpo"``
-    1/(B max_completion_length), ``"dapo"`` 1/num_items_in_batch (the code form, ``kw = c``), and ``"rank"``
-    1/(B N n_k), the paper form ``-(1/(B N)) sum_i sum_k min(w A, clip(w) A)`` with ``kw_t = 1/sum M``.
-
-    Args:
-        item_ids: (B, T) integer. Ids ``>= 0`` group the tokens of a row into items (each distinct id is one
-            group); negative ids are outside the loss. ``Segments.item_ids_for(loss_type)`` gives them.
-        advantages: (B, T) per token (the code form: ``token_advantages`` gives them, EOS and length shaping
-            included), (B,) or (B, 1) per row, or with ``advantage_level="rank"`` (B, K) per rank: token t takes
-            ``advantages[b, item_ids[b, t]]`` (0 for ids >= K), which is the paper form's input with
-            ``Segments.item_ids_for("rank")``; for the code form use ``token_advantages``.
-        completion_mask: (B, T) bool/int, 1 on tokens in the loss (default: ``item_ids >= 0``).
-        old_logps, ref_logps: (B, T) float, log-probs of the behaviour and the reference policy (constants).
-        epsilon_low, epsilon_high: the clip range ``[1 - epsilon_low, 1 + epsilon_high]`` (released: 0.06, 0.08).
-        delta: optional upper bound of the unclipped ratio (two-sided clipping), > 1.
-        beta: weight of the k3 KL to ``ref_logps`` (released: 1e-3); > 0 needs ``ref_logps``.
-        loss_type: ``"grpo"``, ``"bnpo"`` (released runs), ``"dr_grpo"``, ``"dapo"`` or ``"rank"`` (paper).
-        max_completion_length: ``dr_grpo``'s L_max (default T).
-        num_items_in_batch: ``dapo``'s token count of the whole optimizer step (int or 0-dim tensor), required there.
-        policy_weights: optional (B, T) constants ``pw_t`` (finite, >= 0) multiplying each token's policy term
-            only: ``policy_t -> pw_t * policy_t``, the item ratios, normalisers, KL term and statistics unchanged
-            (TRL's order: policy loss x masks x importance-sampling ratio, then + beta KL). A truncated
-            importance-sampling correction (vLLM's sampler against the trainer), an off-policy or entropy mask.
-        rec_num: N of the paper form (default K of per-rank advantages; required with per-token advantages).
-        entropy: optional (B, T) per-token entropies, only averaged into the statistics.
-"""
-
-_NON_FINITE_DOC = """
-    Non-finite inputs: a NaN or infinite log-prob of a token in the loss (from ``hidden``, ``weight`` or ``bias``)
-    makes the loss NaN or infinite, so every NaN guard on the loss fires; tokens outside the loss never reach the
-    loss or the gradients (their gradient rows are exactly 0, whatever they hold). Given log-probs, advantages and
-    ``old_logps``/``ref_logps`` are checked instead: a non-finite ``logps`` or advantage, or a NaN old/reference
-    log-prob, on a token in the loss is a ``ValueError`` (``RANKGRPO_VALIDATE=0`` skips the check and the loss is
-    NaN). Finite inputs never give a NaN.
-"""
+from .contract import HeadSpec, LossSpec, stats_dict
+from .docstrings import LOSS_DOC, NON_FINITE_DOC, doc
+from .head.sharded import shard_range, sharded_logprobs
+from .inputs import check_head, check_tensor, raise_on_bad_values, resolve_head, target_checks, token_batch
+from .ops import OPS
 
 
-def _doc(*parts: str):
-    """Assemble a docstring from shared parts (a string expression in the body would not be one)."""
-
-    def attach(fn):
-        fn.__doc__ = "".join(parts)
-        return fn
-
-    return attach
-
-
-def _loss_operands(batch, cfg):
-    """The tensors and settings of the loss ops, in their argument order (after the log-probs or the head)."""
-    return (batch.old_logps, batch.ref_logps, batch.advantages, batch.policy_weights, batch.group, batch.mask,
-            batch.normaliser, batch.tokens, cfg.epsilon_low, cfg.epsilon_high, cfg.delta, cfg.beta, cfg.loss_type)
-
-
-def _loss_from_logps(logps, batch, entropy, cfg, backend):
-    *tensors, epsilon_low, epsilon_high, delta, beta, loss_type = _loss_operands(batch, cfg)
-    loss, stats, row_clipped, _ = ops.loss_from_logps(logps, *tensors, entropy, epsilon_low, epsilon_high, delta,
-                                                      beta, loss_type, backend)
-    return loss, stats, row_clipped
+def spec_from(cls, given, argument: str, **keywords):
+    """The ``cls`` spec of a call: ``given`` (the ``argument`` keyword), or one built from ``keywords``. With a
+    spec given, a keyword of its fields that is not at its default is a ValueError (given twice)."""
+    if given is None:
+        return cls(**keywords)
+    if not isinstance(given, cls):
+        raise TypeError(f"{argument} must be a {cls.__name__} or None, got {type(given).__name__}")
+    default = cls()
+    clash = sorted(name for name, value in keywords.items() if value != getattr(default, name))
+    if clash:
+        raise ValueError(f"{argument}= holds {clash} already: set them in the {cls.__name__} "
+                         f"(dataclasses.replace) or leave {argument}=None")
+    return given
 
 
-@_doc("""Rank-GRPO loss from per-token log-probs (B, T), for frameworks that already have them (OpenRLHF, verl).
+def _needs_grads(hidden, weight, bias):
+    if not torch.is_grad_enabled():
+        return False, False, False
+    return hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad
+
+
+def _vocabulary(weight, process_group):
+    """(first row of this rank's head, total vocabulary size)."""
+    if process_group is None:
+        return 0, weight.shape[0]
+    return shard_range(weight, process_group)
+
+
+@doc("""Rank-GRPO loss from per-token log-probs (B, T), for frameworks that already have them (OpenRLHF, verl).
 
     Gradients flow to ``logps`` only; O(B T) work, no host synchronisation beyond the optional value checks.
     ``backend``: ``"auto"`` (Triton for CUDA tensors where it imports, else torch), ``"torch"``, ``"triton"`` or
     ``"cuda"``: which implementation of the segment loss runs.
 
-    Returns:""", _LOSS_DOC, _NON_FINITE_DOC, """
+    Returns:""", LOSS_DOC, NON_FINITE_DOC, """
     Equivalent PyTorch: ``reference.reference_loss_from_logps`` with per-token advantages.
     """)
 def rank_grpo_loss_from_logps(
@@ -120,31 +69,29 @@ def rank_grpo_loss_from_logps(
     policy_weights: torch.Tensor | None = None,
     advantage_level: str = "auto",
     backend: str = "auto",
+    loss: LossSpec | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    cfg = LossConfig(epsilon_low, epsilon_high, delta, beta, loss_type)
+    spec = spec_from(LossSpec, loss, "loss", epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
+                     beta=beta, loss_type=loss_type, max_completion_length=max_completion_length, rec_num=rec_num)
+    if spec.entropy_coef != 0.0:
+        raise ValueError("entropy_coef needs the entropies' gradient: use rank_grpo_loss (the fused head), or "
+                         "subtract the bonus from the entropies of fused_logprobs")
     check_tensor(logps, "logps", None, "float")
     if logps.dim() != 2:
         raise ValueError(f"logps must be (B, T), got shape {tuple(logps.shape)}")
     B, T = logps.shape
     batch, checks = token_batch(
-        B, T, logps.device, cfg, item_ids=item_ids, advantages=advantages, completion_mask=completion_mask,
+        B, T, logps.device, spec, item_ids=item_ids, advantages=advantages, completion_mask=completion_mask,
         old_logps=old_logps, ref_logps=ref_logps, advantage_level=advantage_level,
-        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch, rec_num=rec_num,
-        entropy=entropy, logps=logps, policy_weights=policy_weights,
+        num_items_in_batch=num_items_in_batch, entropy=entropy, logps=logps, policy_weights=policy_weights,
     )
     raise_on_bad_values(checks)
-    loss, stats, row_clipped = _loss_from_logps(logps, batch, entropy, cfg,
-                                                backends.choose(backend, logps.device, logps.dtype))
-    return loss, stats_dict(stats.detach(), row_clipped, batch.mask, ref_logps is not None, entropy is not None)
+    head = resolve_head(HeadSpec(backend=backend), logps.device, logps.dtype)
+    total, stats, row_clipped, _ = OPS.loss_from_logps(batch, spec, head)
+    return total, stats_dict(stats.detach(), row_clipped, batch.mask, ref_logps is not None, entropy is not None)
 
 
-def _needs_grads(hidden, weight, bias):
-    if not torch.is_grad_enabled():
-        return False, False, False
-    return hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad
-
-
-@_doc("""Fused Rank-GRPO loss from the last hidden states and the LM head, without a (tokens x vocab) logits tensor.
+@doc("""Fused Rank-GRPO loss from the last hidden states and the LM head, without a (tokens x vocab) logits tensor.
 
     ``hidden`` (B, T, H) are the states that predict ``target_ids`` (B, T) (already shifted: position t predicts
     token t of the completion), ``weight`` (V, H) the LM head (the embedding Parameter when tied), ``bias`` (V,)
@@ -153,7 +100,7 @@ def _needs_grads(hidden, weight, bias):
     inputs), ``S(u) = logit_softcap tanh(u / logit_softcap)`` (Gemma-2's final_logit_softcapping; the identity when
     None); gradients flow to ``hidden``, ``weight`` and ``bias``.
 
-    Cost follows the gradient (``lm_head.py``): only the tokens the loss needs enter the GEMMs, those in the loss
+    Cost follows the gradient (``head/``): only the tokens the loss needs enter the GEMMs, those in the loss
     (``completion_mask`` and ``item_ids >= 0``) and, when nothing else needs them (``beta=0``, no ``ref_logps``,
     no ``entropy_coef``, ``skip_zero_advantage=True``), not the items whose every advantage is 0 (a rank every
     completion of the group missed), which carry no loss and no gradient; their ``hidden`` rows are never read and
@@ -171,10 +118,10 @@ def _needs_grads(hidden, weight, bias):
     scratch (default ``RANKGRPO_MEMORY_BUDGET``, else 64 MiB on a CPU and 1/32 of a GPU's memory; ``settings.py``).
     ``process_group``: with a vocabulary-parallel head, ``weight`` and ``bias`` hold this rank's rows (shards in
     rank order, uneven allowed) and ``target_ids`` stay global; ``d_weight`` stays local, ``d_hidden`` is
-    all-reduced, and every rank gets the same loss (``distributed.py``; the recompute path over the loss tokens,
+    all-reduced, and every rank gets the same loss (``head/sharded.py``; the recompute path over the loss tokens,
     not traceable by ``torch.compile``).
 
-    Returns:""", _LOSS_DOC, _NON_FINITE_DOC, """
+    Returns:""", LOSS_DOC, NON_FINITE_DOC, """
     Equivalent PyTorch (holding all logits)::
 
         logps = ((hidden @ weight.T + bias).float() / temperature).log_softmax(-1).gather(-1, target_ids[..., None])
@@ -211,48 +158,38 @@ def rank_grpo_loss(
     backend: str = "auto",
     memory_budget_bytes: int | None = None,
     process_group=None,
+    loss: LossSpec | None = None,
+    head: HeadSpec | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    cfg = LossConfig(epsilon_low, epsilon_high, delta, beta, loss_type)
-    B, T = check_head(hidden, weight, target_ids, bias, temperature)
-    transform = check_logit_transform(temperature, logit_scale, logit_softcap)
-    entropy_coef = check_entropy_coef(entropy_coef)
-    with_entropy = bool(compute_entropy) or entropy_coef != 0.0
+    spec = spec_from(LossSpec, loss, "loss", epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
+                     beta=beta, loss_type=loss_type, max_completion_length=max_completion_length, rec_num=rec_num,
+                     entropy_coef=entropy_coef)
+    head = spec_from(HeadSpec, head, "head", temperature=temperature, logit_scale=logit_scale,
+                     logit_softcap=logit_softcap, memory_budget_bytes=memory_budget_bytes, backend=backend,
+                     skip_zero_advantage=skip_zero_advantage)
+    B, T = check_head(hidden, weight, target_ids, bias)
     batch, checks = token_batch(
-        B, T, hidden.device, cfg, item_ids=item_ids, advantages=advantages, completion_mask=completion_mask,
+        B, T, hidden.device, spec, item_ids=item_ids, advantages=advantages, completion_mask=completion_mask,
         old_logps=old_logps, ref_logps=ref_logps, advantage_level=advantage_level,
-        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch, rec_num=rec_num,
-        policy_weights=policy_weights,
+        num_items_in_batch=num_items_in_batch, policy_weights=policy_weights, entropy_mask=entropy_mask,
     )
-    check_tensor(entropy_mask, "entropy_mask", (B, T), None, hidden.device, optional=True)
-    entropy_mask = None if entropy_mask is None else entropy_mask.bool()
     vocab_start, vocab = _vocabulary(weight, process_group)
     raise_on_bad_values(checks + target_checks(target_ids, vocab, batch.mask))
     # Targets outside the loss may be anything (padding, -100): point them at row 0 so gathers stay in range.
     targets = torch.where(batch.mask, target_ids, 0).reshape(-1)
     hidden2d = hidden.reshape(B * T, hidden.shape[-1])
-    backend = backends.choose(backend, hidden.device, hidden.dtype)
-    budget = memory_budget(memory_budget_bytes, hidden.device)
+    head = resolve_head(head, hidden.device, hidden.dtype)
+    compute_entropy = bool(compute_entropy)
     if process_group is None:
-        loss, stats, row_clipped, *_ = ops.fused_loss(
-            hidden2d, weight, bias, targets, *_loss_operands(batch, cfg), transform.temperature,
-            transform.logit_scale, transform.softcap, bool(compute_entropy), entropy_coef, entropy_mask,
-            bool(skip_zero_advantage), budget, *_needs_grads(hidden, weight, bias), backend)
-        return loss, stats_dict(stats.detach(), row_clipped, batch.mask, ref_logps is not None, with_entropy)
-    logp, entropy = distributed.sharded_logprobs(hidden2d, weight, bias, targets, batch.mask.reshape(-1), vocab_start,
-                                                 transform, budget, backend, with_entropy, process_group)
-    entropy = entropy.view(B, T) if entropy is not None else None
-    loss, stats, row_clipped = _loss_from_logps(logp.view(B, T), batch, entropy, cfg, backend)
-    if entropy_coef != 0.0:
-        weights, count = lm_head.entropy_bonus_weights(batch.mask, entropy_mask, loss.dtype)
-        loss = loss - entropy_coef * torch.where(weights != 0, entropy.reshape(-1), 0).sum() / count
-    return loss, stats_dict(stats.detach(), row_clipped, batch.mask, ref_logps is not None, with_entropy)
-
-
-def _vocabulary(weight, process_group):
-    """(first row of this rank's head, total vocabulary size)."""
-    if process_group is None:
-        return 0, weight.shape[0]
-    return distributed.shard_range(weight, process_group)
+        total, stats, row_clipped, *_ = OPS.fused_loss(hidden2d, weight, bias, targets, batch, spec, head,
+                                                       compute_entropy=compute_entropy,
+                                                       needs=_needs_grads(hidden, weight, bias))
+    else:
+        total, stats, row_clipped = OPS.sharded_loss(hidden2d, weight, bias, targets, batch, spec, head,
+                                                     vocab_start=vocab_start, compute_entropy=compute_entropy,
+                                                     group=process_group)
+    has_entropy = compute_entropy or spec.entropy_coef != 0.0
+    return total, stats_dict(stats.detach(), row_clipped, batch.mask, ref_logps is not None, has_entropy)
 
 
 def fused_logprobs(
@@ -269,34 +206,36 @@ def fused_logprobs(
     backend: str = "auto",
     memory_budget_bytes: int | None = None,
     process_group=None,
+    head: HeadSpec | None = None,
 ):
     """Per-token log-probs (B, T) of ``target_ids`` (and entropies if asked) without a (tokens x vocab) tensor.
 
     ``logp[b, t] = log softmax((hidden[b, t] @ weight.T + bias) / temperature)[target_ids[b, t]]``, returned in
     float32 (float64 for float64 inputs); the entropy ``-sum_v p log p`` comes back as a second (B, T) tensor
-    without gradient. Gradients of the log-probs flow to ``hidden``, ``weight`` and ``bias``: the backward
-    recomputes the logits of the tokens with a non-zero gradient (``lm_head.py``, the recompute path). Use it under
+    with its gradient. Gradients of the log-probs flow to ``hidden``, ``weight`` and ``bias``: the backward
+    recomputes the logits of the tokens with a non-zero gradient (``head/recompute.py``). Use it under
     ``torch.no_grad()`` for old and reference log-probs. ``mask`` (B, T) bool/int (e.g. the completion mask):
     only its tokens enter the GEMMs, the others get log-prob and entropy 0 and no gradient (their targets may be
     anything); listing them costs one host sync. Shapes, dtypes, ``backend``, ``memory_budget_bytes`` and
     ``process_group`` (a vocabulary-parallel head) as in ``rank_grpo_loss``.
     """
-    B, T = check_head(hidden, weight, target_ids, bias, temperature)
-    transform = check_logit_transform(temperature, logit_scale, logit_softcap)
+    head = spec_from(HeadSpec, head, "head", temperature=temperature, logit_scale=logit_scale,
+                     logit_softcap=logit_softcap, memory_budget_bytes=memory_budget_bytes, backend=backend)
+    B, T = check_head(hidden, weight, target_ids, bias)
     check_tensor(mask, "mask", (B, T), None, hidden.device, optional=True)
     listed = None if mask is None else mask.bool().reshape(-1)
     vocab_start, vocab = _vocabulary(weight, process_group)
     in_range = torch.ones_like(target_ids, dtype=torch.bool) if mask is None else mask.bool()
     raise_on_bad_values(target_checks(target_ids, vocab, in_range))
     targets = target_ids.reshape(-1) if listed is None else torch.where(listed, target_ids.reshape(-1), vocab_start)
-    head = (hidden.reshape(B * T, hidden.shape[-1]), weight, bias, targets)
-    budget = memory_budget(memory_budget_bytes, hidden.device)
-    backend = backends.choose(backend, hidden.device, hidden.dtype)
+    hidden2d = hidden.reshape(B * T, hidden.shape[-1])
+    head = resolve_head(head, hidden.device, hidden.dtype)
+    compute_entropy = bool(return_entropy)
     if process_group is None:
-        logp, _, entropy = ops.fused_logprobs(*head, listed, transform.temperature, transform.logit_scale,
-                                              transform.softcap, budget, bool(return_entropy), backend)
+        logp, _, entropy = OPS.fused_logprobs(hidden2d, weight, bias, targets, listed, head,
+                                              compute_entropy=compute_entropy)
     else:
-        logp, entropy = distributed.sharded_logprobs(*head, listed, vocab_start, transform, budget, backend,
-                                                     bool(return_entropy), process_group)
+        logp, entropy = sharded_logprobs(hidden2d, weight, bias, targets, listed, vocab_start, head, compute_entropy,
+                                         process_group)
     logp = logp.view(B, T)
     return (logp, entropy.view(B, T)) if return_entropy else logp

@@ -11,9 +11,12 @@ import math
 
 import torch
 
-from . import distributed
-from .contract import LogitTransform, LossConfig, TokenBatch, dense_groups
-from .settings import validate_values
+import dataclasses
+
+from . import backends
+from .contract import HeadSpec, LossSpec, TokenBatch, dense_groups
+from .head.sharded import check_not_sharded_parameter
+from .settings import memory_budget, validate_values
 
 
 def check_tensor(x, name, shape=None, kind="float", device=None, optional=False):
@@ -44,12 +47,6 @@ def raise_on_bad_values(checks):
             raise ValueError(message)
 
 
-def _positive_int(value, name):
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return value
-
-
 def per_token_advantages(advantages, item_ids, advantage_level, B, T):
     """(B, T) advantages from per-token, per-row ((B,) or (B, 1)) or, with ``advantage_level="rank"``, per-rank
     (B, K) ones (token t takes ``advantages[b, item_ids[b, t]]``, 0 for ids >= K); and the per-rank tensor or None."""
@@ -77,19 +74,19 @@ def _scalar(value, dtype, device):
     return torch.full((), value, dtype=dtype, device=device)
 
 
-def normaliser(cfg: LossConfig, mask, dtype, *, max_completion_length, num_items_in_batch, rec_num, per_rank):
+def normaliser(spec: LossSpec, mask, dtype, *, num_items_in_batch, per_rank):
     """The scalar of the loss type (see ``TokenBatch``). No host sync: host numbers are filled in on the device,
     a ``num_items_in_batch`` tensor is only converted, and its check is a flag read with the others."""
     B, T = mask.shape
     device = mask.device
-    if cfg.loss_type == "grpo":
+    if spec.loss_type == "grpo":
         return _scalar(float(B), dtype, device)
-    if cfg.loss_type == "bnpo":
+    if spec.loss_type == "bnpo":
         return mask.sum().clamp(min=1).to(dtype)
-    if cfg.loss_type == "dr_grpo":
-        length = _positive_int(T if max_completion_length is None else max_completion_length, "max_completion_length")
+    if spec.loss_type == "dr_grpo":
+        length = T if spec.max_completion_length is None else spec.max_completion_length
         return _scalar(float(B * length), dtype, device)
-    if cfg.loss_type == "dapo":
+    if spec.loss_type == "dapo":
         if num_items_in_batch is None:
             raise ValueError("loss_type='dapo' needs num_items_in_batch (the step's total count of loss tokens)")
         if not isinstance(num_items_in_batch, torch.Tensor) and not (0 < float(num_items_in_batch) < math.inf):
@@ -100,15 +97,15 @@ def normaliser(cfg: LossConfig, mask, dtype, *, max_completion_length, num_items
                                  f"{tuple(num_items_in_batch.shape)}")
             return num_items_in_batch.to(device=device, dtype=dtype).reshape(())
         return _scalar(float(num_items_in_batch), dtype, device)
-    n_ranks = rec_num if rec_num is not None else (per_rank.shape[1] if per_rank is not None else None)
+    n_ranks = spec.rec_num if spec.rec_num is not None else (per_rank.shape[1] if per_rank is not None else None)
     if n_ranks is None:
         raise ValueError("loss_type='rank' needs rec_num (N) when advantages are not per rank")
-    return _scalar(float(B * _positive_int(n_ranks, "rec_num")), dtype, device)
+    return _scalar(float(B * n_ranks), dtype, device)
 
 
-def token_batch(B, T, device, cfg: LossConfig, *, item_ids, advantages, completion_mask, old_logps, ref_logps,
-                advantage_level, max_completion_length, num_items_in_batch, rec_num, entropy=None, logps=None,
-                policy_weights=None):
+def token_batch(B, T, device, spec: LossSpec, *, item_ids, advantages, completion_mask=None, old_logps=None,
+                ref_logps=None, advantage_level="auto", num_items_in_batch=None, entropy=None, logps=None,
+                policy_weights=None, entropy_mask=None):
     """Validate the loss inputs and bring them to the token level; returns the ``TokenBatch`` (``logps`` as given,
     None for the fused path) and the value checks."""
     check_tensor(item_ids, "item_ids", (B, T), "int", device)
@@ -118,16 +115,16 @@ def token_batch(B, T, device, cfg: LossConfig, *, item_ids, advantages, completi
     check_tensor(ref_logps, "ref_logps", (B, T), "float", device, optional=True)
     check_tensor(entropy, "entropy", (B, T), "float", device, optional=True)
     check_tensor(policy_weights, "policy_weights", (B, T), "float", device, optional=True)
-    if cfg.beta != 0.0 and ref_logps is None:
-        raise ValueError(f"beta={cfg.beta} needs ref_logps (or set beta=0.0)")
+    check_tensor(entropy_mask, "entropy_mask", (B, T), None, device, optional=True)
+    if spec.beta != 0.0 and ref_logps is None:
+        raise ValueError(f"beta={spec.beta} needs ref_logps (or set beta=0.0)")
 
     mask = item_ids >= 0
     if completion_mask is not None:
         mask = mask & completion_mask.bool()
     per_token, per_rank = per_token_advantages(advantages, item_ids, advantage_level, B, T)
     dtype = torch.promote_types(advantages.dtype, torch.float32)
-    scale = normaliser(cfg, mask, dtype, max_completion_length=max_completion_length,
-                       num_items_in_batch=num_items_in_batch, rec_num=rec_num, per_rank=per_rank)
+    scale = normaliser(spec, mask, dtype, num_items_in_batch=num_items_in_batch, per_rank=per_rank)
 
     checks = [("advantages must be finite on tokens in the loss", (~torch.isfinite(per_token) & mask).any())]
     if logps is not None:  # a non-finite log-prob would otherwise reach the loss (see README, "Non-finite inputs")
@@ -139,22 +136,23 @@ def token_batch(B, T, device, cfg: LossConfig, *, item_ids, advantages, completi
         policy_weights = policy_weights.detach()
         checks.append(("policy_weights must be finite and >= 0 on tokens in the loss",
                        ~((policy_weights >= 0) & torch.isfinite(policy_weights) | ~mask).all()))
-    if cfg.loss_type == "dapo" and isinstance(num_items_in_batch, torch.Tensor):
+    if spec.loss_type == "dapo" and isinstance(num_items_in_batch, torch.Tensor):
         checks.append(("num_items_in_batch must be finite and > 0", ~((scale > 0) & torch.isfinite(scale))))
 
     batch = TokenBatch(logps, old_logps, ref_logps, per_token, dense_groups(item_ids, mask), mask, scale,
-                       mask.sum().clamp(min=1).to(dtype), entropy, policy_weights)
+                       mask.sum().clamp(min=1).to(dtype), entropy, policy_weights,
+                       None if entropy_mask is None else entropy_mask.bool())
     return batch, checks
 
 
-def check_head(hidden, weight, target_ids, bias, temperature):
+def check_head(hidden, weight, target_ids, bias):
     """Validate the LM-head inputs; returns (B, T)."""
     check_tensor(hidden, "hidden", None, "float")
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be (B, T, H), got shape {tuple(hidden.shape)}")
     B, T, H = hidden.shape
     check_tensor(weight, "weight", None, "float", hidden.device)
-    distributed.check_not_sharded_parameter(weight)
+    check_not_sharded_parameter(weight)
     if weight.dim() != 2 or weight.shape[1] != H:
         raise ValueError(f"weight must be (V, H) with H={H} (hidden's last dim), got {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
@@ -165,30 +163,14 @@ def check_head(hidden, weight, target_ids, bias, temperature):
     check_tensor(bias, "bias", (weight.shape[0],), "float", hidden.device, optional=True)
     if bias is not None and bias.dtype != hidden.dtype:
         raise TypeError(f"bias dtype {bias.dtype} must match hidden dtype {hidden.dtype}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (0 < temperature < math.inf):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     return B, T
 
 
-def _finite_number(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def check_logit_transform(temperature, logit_scale, logit_softcap):
-    """The ``LogitTransform`` of validated settings: logits ``S(logit_scale (h W^T + b)) / temperature``
-    (``S`` the softcap's ``c tanh(u / c)``)."""
-    scale = _finite_number(logit_scale, "logit_scale")
-    if scale <= 0:
-        raise ValueError(f"logit_scale must be > 0, got {logit_scale!r}")
-    if logit_softcap is not None and _finite_number(logit_softcap, "logit_softcap") <= 0:
-        raise ValueError(f"logit_softcap must be None or a finite number > 0, got {logit_softcap!r}")
-    return LogitTransform(float(temperature), scale, None if logit_softcap is None else float(logit_softcap))
-
-
-def check_entropy_coef(entropy_coef) -> float:
-    return _finite_number(entropy_coef, "entropy_coef")
+def resolve_head(head: HeadSpec, device: torch.device, dtype: torch.dtype) -> HeadSpec:
+    """``head`` for the tensors of one call: ``backend="auto"`` resolved (a backend that cannot run there is
+    refused, naming the fix) and the memory budget an int (``settings.memory_budget``)."""
+    return dataclasses.replace(head, backend=backends.choose(head.backend, device, dtype),
+                               memory_budget_bytes=memory_budget(head.memory_budget_bytes, device))
 
 
 def target_checks(target_ids, vocab, mask):

@@ -1,14 +1,18 @@
-"""``torch.library`` custom ops over ``lm_head`` and the backends, with fake implementations and autograd, so that
+"""``torch.library`` custom ops over the head and the backends, with fake implementations and autograd, so that
 ``torch.compile(fullgraph=True)`` traces through the loss and ``torch.library.opcheck`` can test it.
 
-rankgrpo::fused_loss       (hidden (N, H), weight, bias, targets (N,), token-level loss inputs (B, T)) ->
-                           loss, stats, row_clipped (B, 2), d_hidden, d_weight, d_bias    the gradients are formed
-                           in the forward
-rankgrpo::fused_logprobs   (hidden, weight, bias, targets, mask) -> logp, lse, entropy  differentiable in logp
-                           and entropy (0 where mask is False: those tokens enter no GEMM)
-rankgrpo::logprob_grads    the LM-head gradients from ``grad_logp`` (the recompute path's backward)
-rankgrpo::loss_from_logps  (logps (B, T), loss inputs) -> loss, stats, row_clipped, grad_logp    differentiable in
-                           logps
+Each op's argument list is derived from dataclass fields (``Boundary``): a few plain arguments, then the fields of
+``TokenBatch``, ``LossSpec`` and ``HeadSpec`` (resolved: a backend name and an int budget) in declaration order.
+The Python wrappers of ``Ops`` flatten the specs once; each implementation and autograd hook rebuilds them once, by
+field name. A new spec field therefore reaches the head and every backend without any change here.
+
+fused_loss       (hidden (N, H), weight, bias, targets (N,), batch, loss spec, head spec) -> loss, stats,
+                 row_clipped (B, 2), d_hidden, d_weight, d_bias        the gradients are formed in the forward
+fused_logprobs   (hidden, weight, bias, targets, mask, head spec) -> logp, lse, entropy    differentiable in logp
+                 and entropy (0 where mask is False: those tokens enter no GEMM)
+logprob_grads    the head's gradients from ``grad_logp`` (the recompute path's backward)
+loss_from_logps  (batch with logps (B, T), loss spec, head spec) -> loss, stats, row_clipped, grad_logp
+                 differentiable in logps
 
 The loss is the last op, so its forward already knows every gradient; its backward only scales them by the
 incoming gradient, in place (the saved gradients are spent: a second backward through the same graph raises).
@@ -17,186 +21,254 @@ Gradients that are not needed come back as empty tensors.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
-from . import backends, lm_head
-from .contract import STAT_NAMES, LogitTransform, LossConfig, TokenBatch
+from . import backends
+from .contract import STAT_NAMES, HeadSpec, LossSpec, TokenBatch, flatten, op_fields
+from .head import fused, recompute, sharded
+from .head.plan import accumulator_dtype, saved_grad_dtype
 
 _EMPTY = (0,)
+NEEDS = (("need_hidden", "bool"), ("need_weight", "bool"), ("need_bias", "bool"))
+HEAD_TENSORS = (("hidden", "Tensor"), ("weight", "Tensor"), ("bias", "Tensor?"), ("targets", "Tensor"))
 
 
-def _empty_if_none(x: Optional[Tensor], like: Tensor) -> Tensor:
+class Boundary:
+    """The argument list of one custom op: ``leading`` plain (name, schema type) pairs, then the fields of each
+    ``specs`` (key, dataclass) in turn, then ``trailing`` pairs. Names are unique across all of them."""
+
+    def __init__(self, leading, specs, trailing=()):
+        self.leading, self.specs, self.trailing = tuple(leading), tuple(specs), tuple(trailing)
+        self.fields = {key: op_fields(cls) for key, cls in self.specs}
+        self.arguments = [*self.leading, *(f for key, _ in self.specs for f in self.fields[key]), *self.trailing]
+        self.names = [name for name, _ in self.arguments]
+        if len(set(self.names)) != len(self.names):
+            raise TypeError(f"custom-op arguments must have unique names, got {self.names}")
+
+    def schema(self, returns: str) -> str:
+        return "(" + ", ".join(f"{kind} {name}" for name, kind in self.arguments) + ") -> " + returns
+
+    def flatten(self, **values) -> tuple:
+        """The op's positional arguments from plain values and spec instances, all by name."""
+        out = [values[name] for name, _ in self.leading]
+        for key, cls in self.specs:
+            if not isinstance(values[key], cls):
+                raise TypeError(f"{key} must be a {cls.__name__}, got {type(values[key]).__name__}")
+            out.extend(flatten(values[key]))
+        return (*out, *(values[name] for name, _ in self.trailing))
+
+    def rebuild(self, args) -> dict:
+        """Plain values by name, and each spec rebuilt from its fields by name."""
+        named = dict(zip(self.names, args))
+        out = {name: named[name] for name, _ in (*self.leading, *self.trailing)}
+        for key, cls in self.specs:
+            out[key] = cls(**{name: named[name] for name, _ in self.fields[key]})
+        return out
+
+
+def _empty_if_none(x, like: Tensor) -> Tensor:
     return x if x is not None else like.new_empty(_EMPTY)
+
+
+def _fake_grads(hidden, weight, bias, needs, dtype):
+    return (hidden.new_empty(hidden.shape, dtype=dtype) if needs[0] else hidden.new_empty(_EMPTY),
+            weight.new_empty(weight.shape, dtype=dtype) if needs[1] else hidden.new_empty(_EMPTY),
+            bias.new_empty(bias.shape, dtype=dtype) if needs[2] and bias is not None else hidden.new_empty(_EMPTY))
 
 
 def _fake_loss_outputs(like: Tensor, mask: Tensor):
     """loss, stats and the per-row clip counts (B, 2)."""
-    dtype = lm_head.accumulator_dtype(like.dtype)
+    dtype = accumulator_dtype(like.dtype)
     return (like.new_empty((), dtype=dtype), like.new_empty((len(STAT_NAMES),), dtype=dtype),
             like.new_empty((mask.shape[0], 2), dtype=dtype))
 
 
-# --- fused loss: the gradient in the forward -----------------------------------------------------------------------
-
-@torch.library.custom_op("rankgrpo::fused_loss", mutates_args=())
-def fused_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
-               old_logps: Optional[Tensor], ref_logps: Optional[Tensor], advantages: Tensor,
-               policy_weights: Optional[Tensor], group: Tensor, mask: Tensor, normaliser: Tensor, tokens: Tensor,
-               epsilon_low: float, epsilon_high: float, delta: Optional[float], beta: float, loss_type: str,
-               temperature: float, logit_scale: float, softcap: Optional[float], compute_entropy: bool,
-               entropy_coef: float, entropy_mask: Optional[Tensor], skip_zero_advantage: bool, budget: int,
-               need_hidden: bool, need_weight: bool, need_bias: bool,
-               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    batch = TokenBatch(None, old_logps, ref_logps, advantages, group, mask, normaliser, tokens, None, policy_weights)
-    loss, stats, row_clipped, *grads = lm_head.loss_and_grads(
-        backend, hidden, weight, bias, targets, batch, LossConfig(epsilon_low, epsilon_high, delta, beta, loss_type),
-        LogitTransform(temperature, logit_scale, softcap), compute_entropy, entropy_coef, entropy_mask,
-        skip_zero_advantage, budget, (need_hidden, need_weight, need_bias and bias is not None))
-    return (loss, stats, row_clipped, *(_empty_if_none(g, hidden) for g in grads))
+def _needs(a) -> tuple[bool, bool, bool]:
+    return a["need_hidden"], a["need_weight"], a["need_bias"] and a["bias"] is not None
 
 
-@fused_loss.register_fake
-def _(hidden, weight, bias, targets, old_logps, ref_logps, advantages, policy_weights, group, mask, normaliser, tokens,
-      epsilon_low, epsilon_high, delta, beta, loss_type, temperature, logit_scale, softcap, compute_entropy,
-      entropy_coef, entropy_mask, skip_zero_advantage, budget, need_hidden, need_weight, need_bias, backend):
-    dtype = lm_head.saved_grad_dtype(hidden.dtype)
-    return (*_fake_loss_outputs(hidden, mask),
-            hidden.new_empty(hidden.shape, dtype=dtype) if need_hidden else hidden.new_empty(_EMPTY),
-            weight.new_empty(weight.shape, dtype=dtype) if need_weight else hidden.new_empty(_EMPTY),
-            bias.new_empty(bias.shape, dtype=dtype) if need_bias and bias is not None else hidden.new_empty(_EMPTY))
+class Ops:
+    """The four custom ops of ``namespace``, their argument lists derived from ``batch_cls``, ``loss_cls`` and
+    ``head_cls`` (the package's ops use ``TokenBatch``, ``LossSpec``, ``HeadSpec`` under ``rankgrpo``)."""
+
+    def __init__(self, namespace: str, loss_cls=LossSpec, head_cls=HeadSpec, batch_cls=TokenBatch):
+        specs = (("batch", batch_cls), ("spec", loss_cls), ("head", head_cls))
+        self.fused_loss_args = Boundary(HEAD_TENSORS, specs, (("compute_entropy", "bool"), *NEEDS))
+        self.fused_logprobs_args = Boundary((*HEAD_TENSORS, ("mask", "Tensor?")), specs[2:],
+                                            (("compute_entropy", "bool"),))
+        self.logprob_grads_args = Boundary(HEAD_TENSORS, specs[2:], (
+            ("lse", "Tensor"), ("grad_logp", "Tensor"), ("entropy", "Tensor?"), ("grad_entropy", "Tensor?"), *NEEDS))
+        self.loss_from_logps_args = Boundary((), specs)
+        self.fused_loss_op = self._define(namespace, "fused_loss", self.fused_loss_args, 6)
+        self.fused_logprobs_op = self._define(namespace, "fused_logprobs", self.fused_logprobs_args, 3)
+        self.logprob_grads_op = self._define(namespace, "logprob_grads", self.logprob_grads_args, 3)
+        self.loss_from_logps_op = self._define(namespace, "loss_from_logps", self.loss_from_logps_args, 4)
+
+    def _define(self, namespace, name, boundary: Boundary, outputs: int):
+        def impl(*args):
+            return getattr(self, f"_{name}")(boundary.rebuild(args))
+
+        def fake(*args):
+            return getattr(self, f"_{name}_fake")(boundary.rebuild(args))
+
+        op = torch.library.custom_op(f"{namespace}::{name}", impl, mutates_args=(),
+                                     schema=boundary.schema("(" + ", ".join(["Tensor"] * outputs) + ")"))
+        op.register_fake(fake)
+        setup = getattr(self, f"_{name}_setup", None)
+        if setup is not None:
+            op.register_autograd(getattr(self, f"_{name}_backward"),
+                                 setup_context=lambda ctx, inputs, output: setup(ctx, boundary.rebuild(inputs),
+                                                                                 output, len(inputs)))
+        return op
+
+    # --- Python entry points: flatten once ---------------------------------------------------------------------
+
+    def fused_loss(self, hidden, weight, bias, targets, batch, spec, head, *, compute_entropy, needs):
+        need_hidden, need_weight, need_bias = needs
+        return self.fused_loss_op(*self.fused_loss_args.flatten(
+            hidden=hidden, weight=weight, bias=bias, targets=targets, batch=batch, spec=spec, head=head,
+            compute_entropy=compute_entropy, need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias))
+
+    def fused_logprobs(self, hidden, weight, bias, targets, mask, head, *, compute_entropy):
+        return self.fused_logprobs_op(*self.fused_logprobs_args.flatten(
+            hidden=hidden, weight=weight, bias=bias, targets=targets, mask=mask, head=head,
+            compute_entropy=compute_entropy))
+
+    def loss_from_logps(self, batch, spec, head):
+        return self.loss_from_logps_op(*self.loss_from_logps_args.flatten(batch=batch, spec=spec, head=head))
+
+    # --- fused loss: the gradient in the forward ---------------------------------------------------------------
+
+    @staticmethod
+    def _fused_loss(a):
+        loss, stats, row_clipped, *grads = fused.loss_and_grads(
+            a["hidden"], a["weight"], a["bias"], a["targets"], a["batch"], a["spec"], a["head"],
+            compute_entropy=a["compute_entropy"], needs=_needs(a))
+        return (loss, stats, row_clipped, *(_empty_if_none(g, a["hidden"]) for g in grads))
+
+    @staticmethod
+    def _fused_loss_fake(a):
+        return (*_fake_loss_outputs(a["hidden"], a["batch"].mask),
+                *_fake_grads(a["hidden"], a["weight"], a["bias"], _needs(a), saved_grad_dtype(a["hidden"].dtype)))
+
+    @staticmethod
+    def _fused_loss_setup(ctx, a, output, num_inputs):
+        ctx.save_for_backward(*output[3:])
+        ctx.needs, ctx.input_dtype = _needs(a), a["hidden"].dtype
+        ctx.num_inputs, ctx.spent = num_inputs, False
+
+    @staticmethod
+    def _fused_loss_backward(ctx, grad_loss, _stats, _row_clipped, _d_hidden, _d_weight, _d_bias):
+        if ctx.spent:
+            raise RuntimeError("rank_grpo_loss forms its gradients in the forward and scales them in place in the "
+                               "backward, so its graph runs backward once: call the loss again instead of "
+                               "retain_graph=True")
+        compiling = torch.compiler.is_compiling()
+        grads = []
+        for saved, needed in zip(ctx.saved_tensors, ctx.needs):
+            if not needed:
+                grads.append(None)
+            elif type(saved) is torch.Tensor and not compiling:
+                # Eager: in place, so the backward's peak holds no second (N, H) and (V, H) tensor; on a CPU, where
+                # reading the incoming gradient costs no device sync, a gradient of 1 (loss.backward()) skips it.
+                if not (saved.device.type == "cpu" and grad_loss.device.type == "cpu" and bool(grad_loss == 1)):
+                    saved.mul_(grad_loss.to(saved.dtype))
+                grads.append(saved.to(ctx.input_dtype))  # fp16 inputs: fp32 gradients cast after the loss scale
+                ctx.spent = True
+            else:  # traced (torch.compile, opcheck): out of place, and the compiler plans the memory
+                grads.append((saved * grad_loss.to(saved.dtype)).to(ctx.input_dtype))
+        return (*grads, *([None] * (ctx.num_inputs - 3)))
+
+    # --- the recompute path: log-probs, and their gradients in the backward ----------------------------------
+
+    @staticmethod
+    def _logprob_grads(a):
+        grads = recompute.logprob_grads(a["hidden"], a["weight"], a["bias"], a["targets"], a["head"], a["lse"],
+                                        a["grad_logp"], _needs(a), a["entropy"], a["grad_entropy"])
+        return tuple(_empty_if_none(g, a["hidden"]) for g in grads)
+
+    @staticmethod
+    def _logprob_grads_fake(a):
+        return _fake_grads(a["hidden"], a["weight"], a["bias"], _needs(a), a["hidden"].dtype)
+
+    @staticmethod
+    def _fused_logprobs(a):
+        positions = None if a["mask"] is None else a["mask"].nonzero().squeeze(1)  # the sizes: one host sync
+        logp, lse, entropy = recompute.logprobs(a["hidden"], a["weight"], a["bias"], a["targets"], a["head"],
+                                                a["compute_entropy"], positions)
+        return logp, lse, _empty_if_none(entropy, lse)
+
+    @staticmethod
+    def _fused_logprobs_fake(a):
+        hidden = a["hidden"]
+        dtype, N = accumulator_dtype(hidden.dtype), hidden.shape[0]
+        return (hidden.new_empty((N,), dtype=dtype), hidden.new_empty((N,), dtype=dtype),
+                hidden.new_empty((N,) if a["compute_entropy"] else _EMPTY, dtype=dtype))
+
+    @staticmethod
+    def _fused_logprobs_setup(ctx, a, output, num_inputs):
+        entropy = output[2] if a["compute_entropy"] else None
+        ctx.save_for_backward(a["hidden"], a["weight"], a["bias"], a["targets"], output[1], entropy, a["mask"])
+        ctx.head, ctx.num_inputs = a["head"], num_inputs
+
+    def _fused_logprobs_backward(self, ctx, grad_logp, _lse, grad_entropy):
+        hidden, weight, bias, targets, lse, entropy, mask = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        need_bias = need_bias and bias is not None
+        if entropy is None:
+            grad_entropy = None
+        if mask is not None:  # the unlisted tokens' log-probs and entropies are the constant 0
+            grad_logp = torch.where(mask, grad_logp, 0)
+            grad_entropy = None if grad_entropy is None else torch.where(mask, grad_entropy, 0)
+        d_hidden, d_weight, d_bias = self.logprob_grads_op(*self.logprob_grads_args.flatten(
+            hidden=hidden, weight=weight, bias=bias, targets=targets, head=ctx.head, lse=lse, grad_logp=grad_logp,
+            entropy=entropy, grad_entropy=grad_entropy, need_hidden=need_hidden, need_weight=need_weight,
+            need_bias=need_bias))
+        return (d_hidden if need_hidden else None, d_weight if need_weight else None, d_bias if need_bias else None,
+                *([None] * (ctx.num_inputs - 3)))
+
+    # --- loss from log-probs ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _loss_from_logps(a):
+        loss, stats, grad_logp, row_clipped = backends.load(a["head"].backend).segment_loss(a["batch"],
+                                                                                             spec=a["spec"])
+        return loss, stats, row_clipped, grad_logp
+
+    @staticmethod
+    def _loss_from_logps_fake(a):
+        logps = a["batch"].logps
+        return (*_fake_loss_outputs(logps, a["batch"].mask),
+                logps.new_empty(logps.shape, dtype=accumulator_dtype(logps.dtype)))
+
+    def _loss_from_logps_setup(self, ctx, a, output, num_inputs):
+        ctx.save_for_backward(output[3])
+        ctx.logps_dtype, ctx.num_inputs = a["batch"].logps.dtype, num_inputs
+        ctx.logps_index = self.loss_from_logps_args.names.index("logps")
+
+    @staticmethod
+    def _loss_from_logps_backward(ctx, grad_loss, _stats, _row_clipped, _grad_logp):
+        (grad_logp,) = ctx.saved_tensors
+        grads = [None] * ctx.num_inputs
+        grads[ctx.logps_index] = (grad_logp * grad_loss).to(ctx.logps_dtype)
+        return tuple(grads)
+
+    # --- the vocabulary-sharded head (not a custom op: it runs collectives) -------------------------------------
+
+    def sharded_loss(self, hidden, weight, bias, targets, batch, spec, head, *, vocab_start, compute_entropy, group):
+        """The loss over a vocabulary-parallel head: sharded log-probs (``head/sharded.py``), the segment loss, and
+        the entropy bonus with its gradient through the sharded entropies."""
+        compute_entropy = compute_entropy or spec.entropy_coef != 0.0
+        logp, entropy = sharded.sharded_logprobs(hidden, weight, bias, targets, batch.mask.reshape(-1), vocab_start,
+                                                 head, compute_entropy, group)
+        B, T = batch.mask.shape
+        batch.logps, batch.entropy = logp.view(B, T), None if entropy is None else entropy.view(B, T)
+        loss, stats, row_clipped, _ = self.loss_from_logps(batch, spec, head)
+        if spec.entropy_coef != 0.0:
+            weights, count = fused.entropy_bonus_weights(batch, loss.dtype)
+            loss = loss - spec.entropy_coef * torch.where(weights != 0, entropy, 0).sum() / count
+        return loss, stats, row_clipped
 
 
-def _fused_loss_setup(ctx, inputs, output):
-    ctx.save_for_backward(*output[3:])
-    need_hidden, need_weight, need_bias = inputs[-4:-1]  # the arguments before ``backend``
-    ctx.needs = (need_hidden, need_weight, need_bias and inputs[2] is not None)
-    ctx.input_dtype = inputs[0].dtype
-    ctx.num_inputs, ctx.spent = len(inputs), False
-
-
-def _fused_loss_backward(ctx, grad_loss, _stats, _row_clipped, _d_hidden, _d_weight, _d_bias):
-    if ctx.spent:
-        raise RuntimeError("rank_grpo_loss forms its gradients in the forward and scales them in place in the "
-                           "backward, so its graph runs backward once: call the loss again instead of "
-                           "retain_graph=True")
-    compiling = torch.compiler.is_compiling()
-    grads = []
-    for saved, needed in zip(ctx.saved_tensors, ctx.needs):
-        if not needed:
-            grads.append(None)
-        elif type(saved) is torch.Tensor and not compiling:
-            # Eager: in place, so the backward's peak holds no second (N, H) and (V, H) tensor; on a CPU, where
-            # reading the incoming gradient costs no device sync, a gradient of 1 (loss.backward()) skips the pass.
-            if not (saved.device.type == "cpu" and grad_loss.device.type == "cpu" and bool(grad_loss == 1)):
-                saved.mul_(grad_loss.to(saved.dtype))
-            grads.append(saved.to(ctx.input_dtype))  # fp16 inputs: fp32 gradients cast after the loss scale
-            ctx.spent = True
-        else:  # traced (torch.compile, opcheck): out of place, and the compiler plans the memory
-            grads.append((saved * grad_loss.to(saved.dtype)).to(ctx.input_dtype))
-    return (*grads, *([None] * (ctx.num_inputs - 3)))
-
-
-fused_loss.register_autograd(_fused_loss_backward, setup_context=_fused_loss_setup)
-
-
-# --- the recompute path: log-probs, and their gradients in the backward -------------------------------------------
-
-@torch.library.custom_op("rankgrpo::logprob_grads", mutates_args=())
-def logprob_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, temperature: float,
-                  logit_scale: float, softcap: Optional[float], lse: Tensor, grad_logp: Tensor,
-                  entropy: Optional[Tensor], grad_entropy: Optional[Tensor], budget: int, need_hidden: bool,
-                  need_weight: bool, need_bias: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    grads = lm_head.logprob_grads(backend, hidden, weight, bias, targets,
-                                  LogitTransform(temperature, logit_scale, softcap), lse, grad_logp, budget,
-                                  (need_hidden, need_weight, need_bias), entropy, grad_entropy)
-    return tuple(_empty_if_none(g, hidden) for g in grads)
-
-
-@logprob_grads.register_fake
-def _(hidden, weight, bias, targets, temperature, logit_scale, softcap, lse, grad_logp, entropy, grad_entropy,
-      budget, need_hidden, need_weight, need_bias, backend):
-    return (hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(_EMPTY),
-            weight.new_empty(weight.shape) if need_weight else hidden.new_empty(_EMPTY),
-            bias.new_empty(bias.shape) if need_bias and bias is not None else hidden.new_empty(_EMPTY))
-
-
-@torch.library.custom_op("rankgrpo::fused_logprobs", mutates_args=())
-def fused_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, mask: Optional[Tensor],
-                   temperature: float, logit_scale: float, softcap: Optional[float], budget: int,
-                   return_entropy: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    positions = None if mask is None else mask.nonzero().squeeze(1)  # the sizes: one host sync
-    logp, lse, entropy = lm_head.logprobs(backend, hidden, weight, bias, targets,
-                                          LogitTransform(temperature, logit_scale, softcap), budget,
-                                          return_entropy, positions)
-    return logp, lse, _empty_if_none(entropy, lse)
-
-
-@fused_logprobs.register_fake
-def _(hidden, weight, bias, targets, mask, temperature, logit_scale, softcap, budget, return_entropy, backend):
-    dtype = lm_head.accumulator_dtype(hidden.dtype)
-    N = hidden.shape[0]
-    return (hidden.new_empty((N,), dtype=dtype), hidden.new_empty((N,), dtype=dtype),
-            hidden.new_empty((N,) if return_entropy else _EMPTY, dtype=dtype))
-
-
-def _fused_logprobs_setup(ctx, inputs, output):
-    hidden, weight, bias, targets, mask, temperature, logit_scale, softcap, budget, return_entropy, backend = inputs
-    ctx.save_for_backward(hidden, weight, bias, targets, output[1], output[2] if return_entropy else None, mask)
-    ctx.settings = (temperature, logit_scale, softcap)
-    ctx.budget, ctx.backend, ctx.num_inputs = budget, backend, len(inputs)
-
-
-def _fused_logprobs_backward(ctx, grad_logp, _lse, grad_entropy):
-    hidden, weight, bias, targets, lse, entropy, mask = ctx.saved_tensors
-    need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-    need_bias = need_bias and bias is not None
-    if entropy is None:
-        grad_entropy = None
-    if mask is not None:  # the unlisted tokens' log-probs and entropies are the constant 0
-        grad_logp = torch.where(mask, grad_logp, 0)
-        grad_entropy = None if grad_entropy is None else torch.where(mask, grad_entropy, 0)
-    d_hidden, d_weight, d_bias = logprob_grads(hidden, weight, bias, targets, *ctx.settings, lse, grad_logp, entropy,
-                                               grad_entropy, ctx.budget, need_hidden, need_weight, need_bias,
-                                               ctx.backend)
-    return (d_hidden if need_hidden else None, d_weight if need_weight else None, d_bias if need_bias else None,
-            *([None] * (ctx.num_inputs - 3)))
-
-
-fused_logprobs.register_autograd(_fused_logprobs_backward, setup_context=_fused_logprobs_setup)
-
-
-# --- loss from log-probs -------------------------------------------------------------------------------------------
-
-@torch.library.custom_op("rankgrpo::loss_from_logps", mutates_args=())
-def loss_from_logps(logps: Tensor, old_logps: Optional[Tensor], ref_logps: Optional[Tensor], advantages: Tensor,
-                    policy_weights: Optional[Tensor], group: Tensor, mask: Tensor, normaliser: Tensor, tokens: Tensor,
-                    entropy: Optional[Tensor], epsilon_low: float, epsilon_high: float, delta: Optional[float],
-                    beta: float, loss_type: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    batch = TokenBatch(logps, old_logps, ref_logps, advantages, group, mask, normaliser, tokens, entropy,
-                       policy_weights)
-    loss, stats, grad_logp, row_clipped = backends.load(backend).segment_loss(
-        batch, LossConfig(epsilon_low, epsilon_high, delta, beta, loss_type))
-    return loss, stats, row_clipped, grad_logp
-
-
-@loss_from_logps.register_fake
-def _(logps, old_logps, ref_logps, advantages, policy_weights, group, mask, normaliser, tokens, entropy, epsilon_low,
-      epsilon_high, delta, beta, loss_type, backend):
-    return (*_fake_loss_outputs(logps, mask),
-            logps.new_empty(logps.shape, dtype=lm_head.accumulator_dtype(logps.dtype)))
-
-
-def _loss_from_logps_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[3])
-    ctx.logps_dtype, ctx.num_inputs = inputs[0].dtype, len(inputs)
-
-
-def _loss_from_logps_backward(ctx, grad_loss, _stats, _row_clipped, _grad_logp):
-    (grad_logp,) = ctx.saved_tensors
-    return ((grad_logp * grad_loss).to(ctx.logps_dtype), *([None] * (ctx.num_inputs - 1)))
-
-
-loss_from_logps.register_autograd(_loss_from_logps_backward, setup_context=_loss_from_logps_setup)
+OPS = Ops("rankgrpo")

@@ -1,4 +1,5 @@
-"""Per-rank rewards from hits, group advantages per rank, and the code form's token advantages.
+"""Per-rank values from reward outputs, per-rank rewards from hits, group advantages per rank, and the code form's
+token advantages.
 
     exp_inf:  r[i,k] = rel[i,k]
     exp:      r[i,k] = sum_{j>=k} rel[i,j] / gamma^(j-k)                (gamma > 1)
@@ -9,6 +10,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Sequence
 
 import torch
 
@@ -54,6 +57,37 @@ def rank_rewards(hits: torch.Tensor, kind: str = "exp_inf", gamma: float | None 
         discount = (1.0 / torch.log2(j + 2)).unsqueeze(0).expand(K, K)
     weights = torch.where(upper, discount, 0.0).to(rel.dtype)  # [k, j]
     return rel @ weights.T
+
+
+def per_rank_tensor(rows, rec_num: int, source: str = "hits") -> torch.Tensor:
+    """(B, N) float32 tensor from one sequence of N numbers per completion (lists, tuples, arrays or a (B, N)
+    tensor).
+
+    Raises ``ValueError`` naming the first bad completion: None instead of a list, a single number, a list of
+    another length than ``rec_num``, a None or NaN inside. There is no silent padding: a reward that cannot score a
+    rank should say 0.0 for it.
+    """
+    if hasattr(rows, "tolist"):  # a tensor or an array
+        rows = rows.tolist()
+    values = []
+    for i, row in enumerate(rows):
+        if row is None:
+            raise ValueError(f"{source} gave None for completion {i}; give {rec_num} per-rank values for every "
+                             "completion (0.0 for ranks it cannot score)")
+        if hasattr(row, "tolist"):
+            row = row.tolist()
+        if not isinstance(row, Sequence) or isinstance(row, str):
+            raise ValueError(f"{source} gave {row!r} for completion {i}; Rank-GRPO needs one list of rec_num={rec_num} "
+                             "per-rank values per completion, not one number")
+        if len(row) != rec_num:
+            raise ValueError(f"{source} gave {len(row)} values for completion {i}, expected rec_num={rec_num} "
+                             "(pad missing ranks with 0.0, cut extra items)")
+        for k, value in enumerate(row):
+            if not isinstance(value, numbers.Real) or math.isnan(value):
+                raise ValueError(f"{source} gave {value!r} at rank {k} of completion {i}; every per-rank value must "
+                                 "be a real number (not None or NaN)")
+        values.append([float(v) for v in row])
+    return torch.tensor(values, dtype=torch.float32).reshape(len(values), rec_num)
 
 
 def rank_advantages(

@@ -26,8 +26,8 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import torch  # noqa: E402
 
-from rankgrpo_kernels.kernels import row_pass, segment_loss  # noqa: E402
-from rankgrpo_kernels.kernels.tiles import ROW_PASS_CONFIGS  # noqa: E402
+from rankgrpo_kernels.backends.triton import row_pass_kernel as row_pass, segment_loss_kernel as segment_loss  # noqa: E402
+from rankgrpo_kernels.backends.triton.tiles import ROW_PASS_CONFIGS  # noqa: E402
 
 TRITON_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 

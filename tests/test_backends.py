@@ -22,9 +22,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from rankgrpo_kernels import RankGRPOLoss, backends, fused_logprobs, lm_head, ops, rank_grpo_loss
+from rankgrpo_kernels import RankGRPOLoss, backends, fused_logprobs, rank_grpo_loss
 from rankgrpo_kernels import rank_grpo_loss_from_logps
-from rankgrpo_kernels.contract import dense_groups
+from rankgrpo_kernels.contract import HeadSpec, LossSpec, TokenBatch, dense_groups
+from rankgrpo_kernels.head import plan
+from rankgrpo_kernels.ops import OPS
 from rankgrpo_kernels.reference import reference_logprobs, reference_loss
 from rankgrpo_kernels.settings import MIN_MEMORY_BUDGET
 
@@ -47,7 +49,7 @@ def _budget(path, backend, kwargs, V, H, dtype):
     chunks; ``recompute``: row 1 becomes one item longer than a chunk (its logits are recomputed)."""
     if path == "fused":
         return None
-    per_token = lm_head.bytes_per_token(backend, V, H, lm_head.gemm_dtype(torch.empty(0, dtype=dtype, device=DEVICE)),
+    per_token = plan.bytes_per_token(backend, V, H, plan.gemm_dtype(torch.empty(0, dtype=dtype, device=DEVICE)),
                                         True, kwargs.get("entropy_coef", 0.0) != 0.0)
     if path == "recompute":
         kwargs["item_ids"][1] = 0
@@ -207,7 +209,7 @@ def test_fused_logprobs_values_and_gradients(backend, dtype, return_entropy):
 def test_bf16_inputs_get_fp32_logits(backend):
     """bf16 inputs with |z| around 16-30: the log-probs stay within 1e-3 of the float64 maths on the same inputs
     (bf16 logits would be off by up to 0.06 there, half a bf16 ulp at |z| in [16, 32))."""
-    if backends.REGISTRY[backend].refusal(DEVICE, torch.bfloat16) is not None:
+    if backends.refusal(backend, DEVICE, torch.bfloat16) is not None:
         pytest.skip(f"{backend} does not take bf16 here")
     B, T, H, V = 2, 8, 64, 300
     hidden, weight, _, targets = random_head(B, T, H, V, torch.bfloat16, bias=False, scale=16.0, device=DEVICE)
@@ -488,19 +490,23 @@ def _op_inputs(device):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("budget,dtype", [(MIN_MEMORY_BUDGET, torch.float32), (2**24, torch.float32),
                                            (2**24, torch.float16)])
-@pytest.mark.parametrize("head", [(1.0, None, 0.0, False), (1.3, 2.0, 0.1, False), (1.0, None, 0.1, True)])
-def test_opcheck_fused_loss(backend, budget, dtype, head):
+@pytest.mark.parametrize("settings", [(1.0, None, 0.0, False), (1.3, 2.0, 0.1, False), (1.0, None, 0.1, True)])
+def test_opcheck_fused_loss(backend, budget, dtype, settings):
     """fp16 included: its saved gradients are fp32 (cast after the loss scale), and the fake must say so; with a
     logit scale, a softcap and the entropy bonus too, over all loss tokens or a masked part of them."""
-    logit_scale, softcap, entropy_coef, masked_bonus = head
+    logit_scale, softcap, entropy_coef, masked_bonus = settings
     b = _op_inputs(DEVICE)
     for name in ("hidden", "weight", "bias"):
         b[name] = b[name].detach().to(dtype).requires_grad_()
     entropy_mask = torch.rand(OP_B, OP_T, device=DEVICE) > 0.5 if masked_bonus else None
-    args = (b["hidden"], b["weight"], b["bias"], b["targets"], b["old_logps"], b["ref_logps"], b["advantages"],
-            b["policy_weights"], b["group"], b["mask"], b["normaliser"], b["tokens"], 0.2, 0.28, 1.5, 0.01, "bnpo", 0.9,
-            logit_scale, softcap, True, entropy_coef, entropy_mask, True, budget, True, True, True, backend)
-    torch.library.opcheck(ops.fused_loss, args)
+    batch = TokenBatch(None, b["old_logps"], b["ref_logps"], b["advantages"], b["group"], b["mask"], b["normaliser"],
+                       b["tokens"], policy_weights=b["policy_weights"], entropy_mask=entropy_mask)
+    spec = LossSpec(0.2, 0.28, 1.5, 0.01, "bnpo", entropy_coef=entropy_coef)
+    head = HeadSpec(0.9, logit_scale, softcap, budget, backend, True)
+    args = OPS.fused_loss_args.flatten(hidden=b["hidden"], weight=b["weight"], bias=b["bias"], targets=b["targets"],
+                                       batch=batch, spec=spec, head=head, compute_entropy=True, need_hidden=True,
+                                       need_weight=True, need_bias=True)
+    torch.library.opcheck(OPS.fused_loss_op, args)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -509,31 +515,36 @@ def test_opcheck_fused_loss(backend, budget, dtype, head):
 def test_opcheck_fused_logprobs(backend, return_entropy, masked):
     b = _op_inputs(DEVICE)
     mask = b["mask"].reshape(-1) if masked else None
-    args = (b["hidden"], b["weight"], None, b["targets"], mask, 1.0, 1.2, 3.0 if masked else None, MIN_MEMORY_BUDGET,
-            return_entropy, backend)
-    torch.library.opcheck(ops.fused_logprobs, args)
+    head = HeadSpec(1.0, 1.2, 3.0 if masked else None, MIN_MEMORY_BUDGET, backend)
+    args = OPS.fused_logprobs_args.flatten(hidden=b["hidden"], weight=b["weight"], bias=None, targets=b["targets"],
+                                           mask=mask, head=head, compute_entropy=return_entropy)
+    torch.library.opcheck(OPS.fused_logprobs_op, args)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_loss_from_logps(backend):
     b = _op_inputs(DEVICE)
-    args = (b["logps"].requires_grad_(), None, b["ref_logps"], b["advantages"], b["policy_weights"], b["group"],
-            b["mask"], b["normaliser"], b["tokens"], None, 0.2, 0.2, None, 0.04, "rank", backend)
-    torch.library.opcheck(ops.loss_from_logps, args)
+    batch = TokenBatch(b["logps"].requires_grad_(), None, b["ref_logps"], b["advantages"], b["group"], b["mask"],
+                       b["normaliser"], b["tokens"], policy_weights=b["policy_weights"])
+    args = OPS.loss_from_logps_args.flatten(batch=batch, spec=LossSpec(0.2, 0.2, None, 0.04, "rank"),
+                                            head=HeadSpec(backend=backend, memory_budget_bytes=MIN_MEMORY_BUDGET))
+    torch.library.opcheck(OPS.loss_from_logps_op, args)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("with_entropy", [False, True])
-def test_opcheck_logprob_grads(backend, with_entropy):
+@pytest.mark.parametrize("compute_entropy", [False, True])
+def test_opcheck_logprob_grads(backend, compute_entropy):
     b = _op_inputs(DEVICE)
     logp_all = (b["hidden"].detach() @ b["weight"].detach().T).log_softmax(-1)
     lse = torch.logsumexp(b["hidden"].detach() @ b["weight"].detach().T, -1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
-    grad_entropy = torch.randn(OP_B * OP_T, device=DEVICE) if with_entropy else None
-    args = (b["hidden"].detach(), b["weight"].detach(), None, b["targets"], 1.0, 1.0, None, lse,
-            torch.randn(OP_B * OP_T, device=DEVICE), entropy, grad_entropy, MIN_MEMORY_BUDGET, True, True, False,
-            backend)
-    torch.library.opcheck(ops.logprob_grads, args)
+    entropy = -(logp_all.exp() * logp_all).sum(-1) if compute_entropy else None
+    grad_entropy = torch.randn(OP_B * OP_T, device=DEVICE) if compute_entropy else None
+    args = OPS.logprob_grads_args.flatten(
+        hidden=b["hidden"].detach(), weight=b["weight"].detach(), bias=None, targets=b["targets"],
+        head=HeadSpec(memory_budget_bytes=MIN_MEMORY_BUDGET, backend=backend), lse=lse,
+        grad_logp=torch.randn(OP_B * OP_T, device=DEVICE), entropy=entropy, grad_entropy=grad_entropy,
+        need_hidden=True, need_weight=True, need_bias=False)
+    torch.library.opcheck(OPS.logprob_grads_op, args)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -26,7 +26,14 @@ def _load(name):
 
 @pytest.fixture(scope="module")
 def bench():
-    return _load("run")
+    return _load("run")  # puts benchmarks/ on the path: its modules import as child, batches, providers, ...
+
+
+@pytest.fixture(scope="module")
+def child(bench):
+    import child
+
+    return child
 
 
 def _report(tmp_path):
@@ -78,7 +85,7 @@ def test_tiny_cpu_run(bench, tmp_path, capsys):
 
 
 @pytest.mark.slow  # torch.compile and Liger's compiled loss: a minute on a cold inductor cache, seconds on a warm one
-def test_every_available_peer_is_checked_against_eager(bench, tmp_path, capsys):
+def test_every_available_peer_is_checked_against_eager(bench, child, tmp_path, capsys):
     peers = ("compile", "liger", "cce")
     # The realistic workload at beta 0: no old or reference log-probs (each peer's on-policy path).
     assert bench.main(["--device", "cpu", "--shapes", "32x1001@128", "--providers", ",".join(("eager",) + peers),
@@ -92,17 +99,17 @@ def test_every_available_peer_is_checked_against_eager(bench, tmp_path, capsys):
             continue
         row = rows[name]
         assert row["status"] == "ok", row
-        assert row["max_rel_error"] <= bench.TOLERANCE[torch.float32] and row["fwd_bwd_ms"] > 0
+        assert row["max_rel_error"] <= child.TOLERANCE[torch.float32] and row["fwd_bwd_ms"] > 0
         assert row["peak_mib"] > 0 and row["time_vs_eager"] > 0 and "breakdown" not in row
 
 
-def test_a_provider_that_disagrees_is_reported_wrong_and_not_timed(bench, tmp_path, monkeypatch):
+def test_a_provider_that_disagrees_is_reported_wrong_and_not_timed(bench, child, tmp_path, monkeypatch):
     """In this process: the parent's yardstick, then one provider's job as its own process would run it."""
     import providers
 
     shape = bench.parse_shape("16x503@64")
     cpu = torch.device("cpu")
-    bench.save_references(shape, torch.float32, cpu, tmp_path, token_level=True)
+    child.save_references(shape, torch.float32, cpu, tmp_path, token_level=True)
     assert {p.name for p in tmp_path.iterdir()} == {"eager.pt", "token_level.pt"}
 
     def off_by_one_percent(batch):
@@ -110,16 +117,16 @@ def test_a_provider_that_disagrees_is_reported_wrong_and_not_timed(bench, tmp_pa
         return lambda: 1.01 * eager()
 
     monkeypatch.setitem(providers.PROVIDERS, "scaled", providers.Provider("eager x 1.01", off_by_one_percent))
-    row = bench.provider_row("scaled", shape, torch.float32, cpu, 2, tmp_path)
+    row = child.provider_row("scaled", shape, torch.float32, cpu, 2, tmp_path)
     assert row["status"].startswith("wrong: relative error 1.0") and "fwd_bwd_ms" not in row
     assert "peak_mib" not in row and row["max_rel_error"] == pytest.approx(0.01, rel=1e-3)
-    row = bench.provider_row("torch", shape, torch.float32, cpu, 2, tmp_path, want_breakdown=True, want_fwd=True)
+    row = child.provider_row("torch", shape, torch.float32, cpu, 2, tmp_path, want_breakdown=True, want_fwd=True)
     assert row["status"] == "ok" and row["fwd_ms"] > 0 and row["breakdown"]["gemm_calls"] == 3
 
 
-def test_a_failing_process_is_reported(bench, tmp_path):
+def test_a_failing_process_is_reported(bench, child, tmp_path):
     shape = bench.parse_shape("16x503@64")
-    out = bench.in_child("no-such-provider", shape, torch.float32, torch.device("cpu"), 1, tmp_path)
+    out = child.in_child("no-such-provider", shape, torch.float32, torch.device("cpu"), 1, tmp_path)
     assert out["error"].startswith("exit 1: ") and "no-such-provider" in out["error"]
 
 
@@ -221,15 +228,17 @@ def test_realistic_workload_is_built_as_the_trainer_builds_it(workload):
 
 
 def test_every_setting_builds_a_batch(bench, workload):
+    import batches
+
     shape, cpu = bench.parse_shape("16x503@256"), torch.device("cpu")
     for name, setting in workload.SETTINGS.items():
-        batch = bench.make_realistic_batch(shape, bench.REALISTIC, name, torch.float32, cpu)
+        batch = batches.REALISTIC.batch(shape, name, torch.float32, cpu)
         assert batch.setting == name and batch.settings == setting.loss_settings()
         assert batch.settings["loss_type"] == "bnpo" and batch.settings["epsilon_low"] == 0.06
         inputs = batch.loss_inputs
         assert (inputs["old_logps"] is not None) == setting.old_logps
         assert (inputs["ref_logps"] is not None) == setting.ref_logps
-        stats = workload.clip_stats(batch.logps, inputs, setting)
+        stats = batches.clip_stats(batch.logps, inputs, setting)
         if name == "offpolicy":
             assert stats["clip_fraction"] > 0.2 and stats["clip_ratio_region"] > 0
         else:
@@ -238,7 +247,7 @@ def test_every_setting_builds_a_batch(bench, workload):
     assert workload.SETTINGS["beta0"].beta == 0 and workload.SETTINGS["beta1e-3"].beta == 1e-3
 
 
-def test_tiny_realistic_run(bench, tmp_path, capsys):
+def test_tiny_realistic_run(bench, child, tmp_path, capsys):
     """The default workload end to end at one setting: its GEMM rows, both ratios, the shares and TRL's peer."""
     assert bench.main(["--device", "cpu", "--shapes", "32x1001@256", "--providers", "eager,torch,trl",
                        "--settings", "offpolicy", "--reps", "1", "--no-segmentation", "--no-breakdown",
@@ -261,31 +270,47 @@ def test_tiny_realistic_run(bench, tmp_path, capsys):
             assert row["status"] == "skipped: package trl not installed"
             continue
         assert row["status"] == "ok", row
-        assert row["max_rel_error"] <= bench.TOLERANCE[torch.float32] and row["positions"] == shares["positions"]
+        assert row["max_rel_error"] <= child.TOLERANCE[torch.float32] and row["positions"] == shares["positions"]
         assert row["vs_three_gemm_loss_tokens"] > row["vs_three_gemm"] > 0
         assert row["gemm_tokens"] == needed["gemm_tokens"] and row["time_vs_eager"] > 0
 
 
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl not installed")
-def test_trl_peer_matches_eager_with_reference_log_probs(bench, tmp_path):
+def test_trl_peer_matches_eager_with_reference_log_probs(bench, child, tmp_path):
     """In this process: TRL's ChunkedLogProbFunction + our loss at beta 1e-3 (old and reference log-probs)."""
+    from batches import REALISTIC
+
     shape, cpu = bench.parse_shape("16x503@256"), torch.device("cpu")
-    bench.save_references(shape, torch.float32, cpu, tmp_path, False, bench.REALISTIC, "beta1e-3")
-    row = bench.provider_row("trl", shape, torch.float32, cpu, 1, tmp_path, work=bench.REALISTIC, setting="beta1e-3")
+    child.save_references(shape, torch.float32, cpu, tmp_path, False, REALISTIC, "beta1e-3")
+    row = child.provider_row("trl", shape, torch.float32, cpu, 1, tmp_path, work=REALISTIC, setting="beta1e-3")
     assert row["status"] == "ok" and row["max_rel_error"] < 1e-4 and row["setting"] == "beta1e-3"
 
 
-def test_trl_refusal_says_why(monkeypatch):
+def test_trl_refusal_says_why(bench, monkeypatch):
     import importlib.metadata
 
     import providers
 
-    refuse = providers.PROVIDERS["trl"].refuse
+    refuse, cpu = providers.PROVIDERS["trl"].refuse, torch.device("cpu")
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else real(name, *a))
-    assert refuse("cpu", torch.float32) == "package trl not installed"
+    assert refuse(cpu, torch.float32) == "package trl not installed"
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.21.0")
-    assert "needs trl >= 1.16" in refuse("cpu", torch.float32)
+    assert "needs trl >= 1.16" in refuse(cpu, torch.float32)
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.16.0")
-    assert refuse("cpu", torch.float32) is None
+    assert refuse(cpu, torch.float32) is None
+
+
+def test_ours_run_where_the_backend_registry_says(bench):
+    """Every registered backend is benchmarked, and each of ours refuses exactly as the registry does."""
+    import providers
+
+    from rankgrpo_kernels import backends
+
+    ours = [p for p in providers.PROVIDERS.values() if p.backend is not None]
+    assert {p.backend for p in ours} == set(backends.names())
+    for device in (torch.device("cpu"), torch.device("cuda")):
+        for dtype in (torch.float64, torch.float32, torch.bfloat16):
+            for provider in ours:
+                assert provider.refuse(device, dtype) == backends.refusal(provider.backend, device, dtype)

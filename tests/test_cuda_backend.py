@@ -14,11 +14,12 @@ import importlib
 import pytest
 import torch
 
-from rankgrpo_kernels.backends import torch_backend
-from rankgrpo_kernels.backends.torch_backend import segment_loss as torch_segment_loss
-from rankgrpo_kernels.contract import LossConfig, TokenBatch, dense_groups
+from rankgrpo_kernels.backends import torch as torch_backend
+from rankgrpo_kernels.contract import LossSpec, TokenBatch, dense_groups
 
-from .helpers import random_loss_batch
+from .helpers import launcher_form, random_loss_batch
+
+TORCH_ROW_PASS, TORCH_GRAD_PASS = launcher_form(torch_backend)
 
 gpu = pytest.mark.gpu
 TOL = {torch.float32: dict(rtol=2e-5, atol=2e-6), torch.bfloat16: dict(rtol=1e-2, atol=1e-3),
@@ -27,13 +28,13 @@ TOL = {torch.float32: dict(rtol=2e-5, atol=2e-6), torch.bfloat16: dict(rtol=1e-2
 
 @pytest.fixture(scope="module")
 def cuda_backend():
-    return importlib.import_module("rankgrpo_kernels.backends.cuda_backend")
+    return importlib.import_module("rankgrpo_kernels.backends.cuda")
 
 
 @pytest.mark.skipif(torch.version.cuda is not None, reason="checks the error of a CPU-only torch")
 def test_cpu_only_torch_gives_the_fix():
     with pytest.raises(ImportError, match="CUDA build of torch.*backend='triton' or 'torch'"):
-        importlib.import_module("rankgrpo_kernels.backends.cuda_backend")
+        importlib.import_module("rankgrpo_kernels.backends.cuda")
 
 
 def _row_pass_case(V, C=37):
@@ -52,10 +53,10 @@ def _row_pass_case(V, C=37):
 def test_row_pass_matches_torch(cuda_backend, grad_dtype, V, with_lse, softcap):
     logits, bias, targets = _row_pass_case(V)
     kw = dict(logit_scale=1.25, softcap=softcap)
-    lse = torch_backend.row_pass(logits.clone(), bias, targets, 1 / 0.7, None, None, False, **kw)[1]
+    lse = TORCH_ROW_PASS(logits.clone(), bias, targets, 1 / 0.7, None, None, False, **kw)[1]
     lse = lse if with_lse else None
-    want = torch_backend.row_pass(logits.clone(), bias, targets, 1 / 0.7, lse, grad_dtype, not with_lse, **kw)
-    got = cuda_backend.row_pass(logits, bias, targets, 1 / 0.7, lse, grad_dtype, not with_lse, **kw)
+    want = TORCH_ROW_PASS(logits.clone(), bias, targets, 1 / 0.7, lse, grad_dtype, not with_lse, **kw)
+    got = launcher_form(cuda_backend)[0](logits, bias, targets, 1 / 0.7, lse, grad_dtype, not with_lse, **kw)
     for x, y in zip(got[:3], want[:3]):
         if y is not None:
             torch.testing.assert_close(x, y, **TOL[torch.float32])
@@ -74,9 +75,9 @@ def test_grad_pass_matches_torch(cuda_backend, grad_dtype, V, softcap):
     gen = torch.Generator(device="cuda").manual_seed(2)
     g, e = (torch.randn(logits.shape[0], device="cuda", generator=gen) for _ in range(2))
     g[:3], e[:3] = 0.0, 0.0
-    _, lse, entropy, _ = torch_backend.row_pass(logits.clone(), bias, targets, 1 / 0.7, None, None, True, **kw)
-    want = torch_backend.grad_pass(logits.clone(), bias, targets, 1 / 0.7, lse, entropy, g, e, torch.float32, **kw)
-    got = cuda_backend.grad_pass(logits, bias, targets, 1 / 0.7, lse, entropy, g, e, grad_dtype, **kw)
+    _, lse, entropy, _ = TORCH_ROW_PASS(logits.clone(), bias, targets, 1 / 0.7, None, None, True, **kw)
+    want = TORCH_GRAD_PASS(logits.clone(), bias, targets, 1 / 0.7, lse, entropy, g, e, torch.float32, **kw)
+    got = launcher_form(cuda_backend)[1](logits, bias, targets, 1 / 0.7, lse, entropy, g, e, grad_dtype, **kw)
     assert got.data_ptr() == logits.data_ptr() and got.dtype == grad_dtype
     assert torch.equal(got[:3].float(), torch.zeros(3, got.shape[1], device="cuda"))
     torch.testing.assert_close(got.float(), want, **{**TOL[grad_dtype], "atol": max(TOL[grad_dtype]["atol"], 4e-6)})
@@ -100,9 +101,9 @@ def test_segment_loss_matches_torch(cuda_backend, loss_type, old, ref, delta):
                         ref_logps=batch["ref_logps"] if ref else None, advantages=batch["advantages"],
                         group=dense_groups(batch["item_ids"], mask), mask=mask, normaliser=normaliser,
                         tokens=mask.sum().clamp(min=1).float(), entropy=-batch["logps"].abs())
-    cfg = LossConfig(epsilon_low=0.1, epsilon_high=0.2, delta=delta, beta=0.04 if ref else 0.0, loss_type=loss_type)
-    loss, stats, grad, row_clipped = cuda_backend.segment_loss(tokens, cfg)
-    want_loss, want_stats, want_grad, want_row_clipped = torch_segment_loss(tokens, cfg)
+    spec = LossSpec(epsilon_low=0.1, epsilon_high=0.2, delta=delta, beta=0.04 if ref else 0.0, loss_type=loss_type)
+    loss, stats, grad, row_clipped = cuda_backend.segment_loss(tokens, spec=spec)
+    want_loss, want_stats, want_grad, want_row_clipped = torch_backend.segment_loss(tokens, spec=spec)
     torch.testing.assert_close(row_clipped, want_row_clipped, rtol=0, atol=0)  # token counts
     torch.testing.assert_close(loss, want_loss, **TOL[torch.float32])
     torch.testing.assert_close(stats, want_stats, **TOL[torch.float32])

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rankgrpo_kernels import fused_logprobs, rank_grpo_loss
-from rankgrpo_kernels.kernels.tiles import interpreting
+from rankgrpo_kernels.backends.triton.tiles import interpreting
 from rankgrpo_kernels.reference import reference_logprobs, reference_loss
 
 from .helpers import random_loss_batch

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rankgrpo_kernels import gemms
+from rankgrpo_kernels.head import gemms
 
 REAL_MM, REAL_ADDMM = torch.mm, torch.addmm
 

@@ -19,7 +19,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rankgrpo_kernels import backends, fused_logprobs, gemms, lm_head, rank_grpo_loss
+from rankgrpo_kernels import backends, fused_logprobs, rank_grpo_loss
+from rankgrpo_kernels.head import gemms, plan
 from rankgrpo_kernels.reference import reference_logprobs, reference_loss
 
 from .helpers import random_head
@@ -111,7 +112,7 @@ def test_skipping_matches_reference(monkeypatch, backend, dtype, loss_type, sett
     listed = _listed(kwargs, skip)
     with torch.no_grad():  # what a skipped token holds must not matter
         hidden[~listed] = float("nan")
-    per_token = lm_head.bytes_per_token(backend, V, H, lm_head.gemm_dtype(hidden), True)
+    per_token = plan.bytes_per_token(backend, V, H, plan.gemm_dtype(hidden), True)
     budget = None if chunks == "one" else max(2**16, 7 * per_token)  # 7 tokens: rows split between chunks
     rows = GemmRows(monkeypatch)
     ours, stats = rank_grpo_loss(hidden, weight, targets, bias=bias, backend=backend, memory_budget_bytes=budget,
@@ -182,7 +183,7 @@ def test_a_long_completion_stays_on_the_fused_path(monkeypatch):
     hidden, weight, bias, targets = random_head(1, 240, H, vocab, torch.float64, device=DEVICE)
     item_ids = (torch.arange(240, device=DEVICE) // 10)[None]
     advantages = torch.randn(1, 24, dtype=torch.float64, device=DEVICE).gather(1, item_ids)
-    budget = 25 * lm_head.bytes_per_token("torch", vocab, H, torch.float64, True)
+    budget = 25 * plan.bytes_per_token("torch", vocab, H, torch.float64, True)
     rows = GemmRows(monkeypatch, vocab)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -244,7 +245,7 @@ def skipping_batches(draw):
                   ref_logps=logps + 0.2 if beta else None, beta=beta, epsilon_low=0.06, epsilon_high=0.08,
                   loss_type=draw(st.sampled_from(["grpo", "bnpo", "dr_grpo", "dapo", "rank"])),
                   num_items_in_batch=2 * rows * length, rec_num=items)
-    per_token = lm_head.bytes_per_token("torch", 40, 6, torch.float64, True)
+    per_token = plan.bytes_per_token("torch", 40, 6, torch.float64, True)
     budget = draw(st.sampled_from([None, 2**16, 2**16 + per_token * draw(st.integers(1, 30))]))
     return hidden, weight, bias, targets, kwargs, budget
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rankgrpo_kernels.contract import LOSS_TYPES, LossConfig
+from rankgrpo_kernels.contract import LOSS_TYPES, LossSpec
 from rankgrpo_kernels.inputs import raise_on_bad_values, token_batch
 
 
@@ -36,9 +36,8 @@ def test_token_batch_has_no_host_sync(no_syncs, loss_type, advantages):
            "rank": torch.randn(B, 4, generator=gen)}[advantages]
     num_items = torch.full((), 17.0) if loss_type == "dapo" and advantages == "token" else 17
     batch, checks = token_batch(
-        B, T, item_ids.device, LossConfig(loss_type=loss_type), item_ids=item_ids, advantages=adv,
+        B, T, item_ids.device, LossSpec(loss_type=loss_type, rec_num=4), item_ids=item_ids, advantages=adv,
         completion_mask=torch.ones(B, T, dtype=torch.bool), old_logps=torch.randn(B, T, generator=gen),
-        ref_logps=None, advantage_level="rank" if advantages == "rank" else "auto", max_completion_length=None,
-        num_items_in_batch=num_items, rec_num=4)
+        ref_logps=None, advantage_level="rank" if advantages == "rank" else "auto", num_items_in_batch=num_items)
     raise_on_bad_values(checks)  # skipped: RANKGRPO_VALIDATE=0
     assert batch.normaliser.dim() == 0 and batch.normaliser.dtype == torch.float32

@@ -1,5 +1,5 @@
 """The CUDA sources travel with the package: the sdist holds ``csrc/``, a wheel built from that sdist holds them
-under ``rankgrpo_kernels/csrc/``, and ``cuda_backend`` finds them there before a source checkout's ``csrc/``.
+under ``rankgrpo_kernels/csrc/``, and ``backends/cuda/loader.py`` finds them there before a source checkout's ``csrc/``.
 
 The build runs on a copy of the files an sdist needs (never in the repository, whose ``build/`` others may be
 using), without build isolation and without the CUDA extension (``RANKGRPO_BUILD_CUDA=0``): a few seconds.
@@ -20,8 +20,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted(p.name for pattern in ("*.cu", "*.cuh", "*.h", "*.cpp") for p in (ROOT / "csrc").glob(pattern))
-FAKE_EXTENSION = "rankgrpo_kernels._cuda"  # cuda_backend imports the prebuilt extension first; a stand-in
-BACKEND = "rankgrpo_kernels.backends.cuda_backend"
+FAKE_EXTENSION = "rankgrpo_kernels.backends.cuda._C"  # the prebuilt extension is imported first; a stand-in
+BACKEND = "rankgrpo_kernels.backends.cuda"
+LOADER = f"{BACKEND}.loader"
 
 
 def _run(cmd, cwd):
@@ -38,9 +39,9 @@ def built(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("packaging")
     tree = tmp / "tree"
     tree.mkdir()
-    for name in ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md"):
+    for name in ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE", "CHANGELOG.md"):
         shutil.copy2(ROOT / name, tree / name)
-    ignore = shutil.ignore_patterns("__pycache__", "*.so", "_cuda*")
+    ignore = shutil.ignore_patterns("__pycache__", "*.so", "_C*")
     shutil.copytree(ROOT / "rankgrpo_kernels", tree / "rankgrpo_kernels", ignore=ignore)
     shutil.copytree(ROOT / "csrc", tree / "csrc")
     _run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp / "sdist")], tree)
@@ -77,7 +78,7 @@ def test_installed_wheel_finds_its_own_sources(built):
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(site)
     script = (f"import sys, types; sys.modules[{FAKE_EXTENSION!r}] = types.ModuleType('_cuda'); "
-              f"import {BACKEND} as b; print(b.CSRC)")
+              f"import {LOADER} as b; print(b.CSRC)")
     out = subprocess.run([sys.executable, "-c", script], cwd=tmp, capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, PYTHONPATH=str(site)))
     assert out.returncode == 0, out.stderr[-3000:]
@@ -85,36 +86,38 @@ def test_installed_wheel_finds_its_own_sources(built):
 
 
 @pytest.fixture
-def cuda_backend(monkeypatch):
-    """cuda_backend imported in this process with a stand-in extension; sys.modules restored afterwards (without a
-    CUDA torch the real import must keep raising for test_cuda_backend.py)."""
+def cuda_loader(monkeypatch):
+    """The CUDA backend's loader imported in this process with a stand-in extension; sys.modules and the package
+    attribute restored afterwards (without a CUDA torch the real import must keep raising for
+    test_cuda_backend.py)."""
     import types
 
     import rankgrpo_kernels.backends as package
 
-    saved = sys.modules.pop(BACKEND, None)
-    had_attr, attr = hasattr(package, "cuda_backend"), getattr(package, "cuda_backend", None)
-    monkeypatch.setitem(sys.modules, FAKE_EXTENSION, types.ModuleType("_cuda"))
+    saved = {name: sys.modules.pop(name, None) for name in (BACKEND, LOADER)}
+    had_attr, attr = hasattr(package, "cuda"), getattr(package, "cuda", None)
+    monkeypatch.setitem(sys.modules, FAKE_EXTENSION, types.ModuleType("_C"))
     try:
-        yield importlib.import_module(BACKEND)
+        yield importlib.import_module(LOADER)
     finally:
-        sys.modules.pop(BACKEND, None)
-        if saved is not None:
-            sys.modules[BACKEND] = saved
+        for name, module in saved.items():
+            sys.modules.pop(name, None)
+            if module is not None:
+                sys.modules[name] = module
         if had_attr:
-            package.cuda_backend = attr
-        elif hasattr(package, "cuda_backend"):
-            delattr(package, "cuda_backend")
+            package.cuda = attr
+        elif hasattr(package, "cuda"):
+            delattr(package, "cuda")
 
 
-def test_package_sources_come_before_the_checkout(cuda_backend, tmp_path):
+def test_package_sources_come_before_the_checkout(cuda_loader, tmp_path):
     package, checkout, empty = tmp_path / "package", tmp_path / "checkout", tmp_path / "empty"
     for folder in (package, checkout, empty):
         folder.mkdir()
     for folder in (package, checkout):
         (folder / "binding.cpp").write_text("")
-    assert cuda_backend.find_csrc((package, checkout)) == package
-    assert cuda_backend.find_csrc((empty, checkout)) == checkout
-    assert cuda_backend.find_csrc((empty, tmp_path / "missing")) == empty  # named in the error message
+    assert cuda_loader.find_csrc((package, checkout)) == package
+    assert cuda_loader.find_csrc((empty, checkout)) == checkout
+    assert cuda_loader.find_csrc((empty, tmp_path / "missing")) == empty  # named in the error message
     # In this checkout (no copy inside the package) the top-level csrc/ is the one found.
-    assert cuda_backend.CSRC == ROOT / "csrc"
+    assert cuda_loader.CSRC == ROOT / "csrc"

@@ -19,9 +19,13 @@ import torch
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-from rankgrpo_kernels.backends import torch_backend  # noqa: E402
-from rankgrpo_kernels.kernels.row_pass import _tanh_and_slope, grad_pass, grad_view, row_pass  # noqa: E402
-from rankgrpo_kernels.kernels.tiles import RowPassConfig, interpreting, row_pass_config  # noqa: E402
+from rankgrpo_kernels.backends import torch as torch_backend  # noqa: E402
+from rankgrpo_kernels.backends.triton.row_pass_kernel import _tanh_and_slope, grad_pass, grad_view, row_pass  # noqa: E402
+from rankgrpo_kernels.backends.triton.tiles import RowPassConfig, interpreting, row_pass_config  # noqa: E402
+
+from .helpers import launcher_form  # noqa: E402
+
+TORCH_ROW_PASS, TORCH_GRAD_PASS = launcher_form(torch_backend)
 
 DEVICE = "cpu" if interpreting() else "cuda"
 if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -109,9 +113,9 @@ def assert_grad_close(grad, d_ref, dtype, atol=None):
         assert bool((err <= bound).all()), (err - bound).max()
 
 
-def _run(buf, bias, targets, inv_t, grad_dtype, cfg, lse_in=None, want_entropy=True, **transform_kw):
+def _run(buf, bias, targets, inv_t, grad_dtype, cfg, lse_in=None, compute_entropy=True, **transform_kw):
     logits = buf[:, :V]
-    return row_pass(logits, bias, targets, inv_t, lse_in, grad_dtype, want_entropy, cfg=cfg, **transform_kw)
+    return row_pass(logits, bias, targets, inv_t, lse_in, grad_dtype, compute_entropy, cfg=cfg, **transform_kw)
 
 
 # (logit_scale, softcap): none, Cohere's scale, Gemma-2's softcap (binding at |u| ~ 3-10 here), both.
@@ -248,7 +252,7 @@ def test_int32_targets_and_no_entropy(path):
     buf = _buffer()
     targets = torch.tensor(TARGETS, device=DEVICE)
     a = _run(buf.clone(), None, targets, 1.0, torch.float16, PATHS[path])
-    b = _run(buf.clone(), None, targets.int(), 1.0, torch.float16, PATHS[path], want_entropy=False)
+    b = _run(buf.clone(), None, targets.int(), 1.0, torch.float16, PATHS[path], compute_entropy=False)
     assert b[2] is None
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(a[3], b[3])
 
@@ -471,7 +475,7 @@ def test_torch_backend_row_pass(dtype, transform, given_lse):
     lse_in = reference(buf[:, :V], bias, targets, 1 / 0.7, **kw)[1].to(dtype) if given_lse else None
     expect = reference(buf[:, :V], bias, targets, 1 / 0.7, lse_in=lse_in, **kw)
     logits = buf[:, :V].to(dtype)
-    logp, lse, entropy, grad = torch_backend.row_pass(logits, bias, targets, 1 / 0.7, lse_in, dtype, True, **kw)
+    logp, lse, entropy, grad = TORCH_ROW_PASS(logits, bias, targets, 1 / 0.7, lse_in, dtype, True, **kw)
     tol = F32 if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
     outputs = (logp, lse) if given_lse else (logp, lse, entropy)  # no entropy with a given lse here
     for got, want in zip(outputs, expect):
@@ -492,39 +496,16 @@ def test_torch_backend_grad_pass(dtype, transform):
     g, e = torch.randn(C, generator=gen, dtype=dtype), torch.randn(C, generator=gen, dtype=dtype)
     g[[1, 4]], e[[1, 4]] = 0.0, 0.0
     logits = buf[:, :V].to(dtype)
-    _, lse, entropy, _ = torch_backend.row_pass(logits.clone(), bias, targets, 1 / 0.7, None, None, True, **kw)
+    _, lse, entropy, _ = TORCH_ROW_PASS(logits.clone(), bias, targets, 1 / 0.7, None, None, True, **kw)
     want = autograd_reference(logits, bias, targets, 1 / 0.7, g, e, **kw)
-    d = torch_backend.grad_pass(logits, bias, targets, 1 / 0.7, lse, entropy, g, e, dtype, **kw)
+    d = TORCH_GRAD_PASS(logits, bias, targets, 1 / 0.7, lse, entropy, g, e, dtype, **kw)
     assert d.data_ptr() == logits.data_ptr() and not d.isnan().any()
     torch.testing.assert_close(d.double(), want, **(dict(rtol=1e-4, atol=4e-6) if dtype == torch.float32
                                                     else dict(rtol=1e-10, atol=1e-12)))
     assert torch.equal(d[[1, 4]], torch.zeros(2, V, dtype=dtype))
-    half = torch_backend.grad_pass(buf[:, :V].clone(), bias, targets, 1 / 0.7, lse.float(), entropy.float(),
+    half = TORCH_GRAD_PASS(buf[:, :V].clone(), bias, targets, 1 / 0.7, lse.float(), entropy.float(),
                                    g.float(), e.float(), torch.bfloat16, **kw)
     assert half.dtype == torch.bfloat16
-
-
-def _cuda_ext():
-    return importlib.import_module("rankgrpo_kernels.backends.cuda_backend")._ext
-
-
-def _cuda_row_pass(logits, bias, targets, inv_t, lse_in, grad_dtype, want_entropy, *, logit_scale=1.0,
-                   softcap=None):
-    """The CUDA binding (csrc/row_pass.cu) behind the Triton launcher's interface."""
-    rows = logits.shape[0]
-    logp, lse = torch.empty(rows, device=logits.device), torch.empty(rows, device=logits.device)
-    entropy = torch.empty(rows, device=logits.device) if want_entropy else None
-    grad = grad_view(logits, grad_dtype) if grad_dtype is not None else None
-    _cuda_ext().row_pass(logits, bias, targets, inv_t, logit_scale, softcap, lse_in, logp, lse, entropy, grad,
-                         torch.cuda.current_stream().cuda_stream)
-    return logp, lse_in if lse_in is not None else lse, entropy, grad
-
-
-def _cuda_grad_pass(logits, bias, targets, inv_t, lse, entropy, g, e, grad_dtype, *, logit_scale=1.0, softcap=None):
-    grad = grad_view(logits, grad_dtype)
-    _cuda_ext().grad_pass(logits, bias, targets, inv_t, logit_scale, softcap, lse, entropy, g, e, grad,
-                          torch.cuda.current_stream().cuda_stream)
-    return grad
 
 
 # (V, row stride): Triton holds 16384 columns whole (8192 with a softcap) and walks 20000; CUDA's cached kernel
@@ -550,7 +531,7 @@ def _gpu_case(width, rows=37):
 def _gpu_impls(impl):
     if DEVICE != "cuda" or (impl == "cuda" and torch.version.cuda is None):
         pytest.skip("needs a CUDA GPU (and a CUDA build of torch for the extension)")
-    return (row_pass, grad_pass) if impl == "triton" else (_cuda_row_pass, _cuda_grad_pass)
+    return (row_pass, grad_pass) if impl == "triton" else launcher_form(importlib.import_module("rankgrpo_kernels.backends.cuda"))
 
 
 @pytest.mark.gpu

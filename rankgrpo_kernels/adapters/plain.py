@@ -15,48 +15,15 @@ log-probs are those of ``softmax(logits / T)``, the policy that drew the samples
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ..functional import fused_logprobs, rank_grpo_loss
-from ..rewards import rank_advantages, rank_rewards, token_advantages
+from ..rewards import per_rank_tensor, rank_advantages, rank_rewards, token_advantages
 from ..segments import Segments, line_table, segment_items
 from .hf_model import call_head, completion_hidden_states, logit_transform, output_head
-
-
-def per_rank_tensor(rows, rec_num: int, source: str = "hits") -> torch.Tensor:
-    """(B, N) float32 tensor from one sequence of N numbers per completion (lists, tuples, arrays or a (B, N)
-    tensor).
-
-    Raises ``ValueError`` naming the first bad completion: None instead of a list, a single number, a list of
-    another length than ``rec_num``, a None or NaN inside. There is no silent padding: a reward that cannot score a
-    rank should say 0.0 for it.
-    """
-    if hasattr(rows, "tolist"):  # a tensor or an array
-        rows = rows.tolist()
-    values = []
-    for i, row in enumerate(rows):
-        if row is None:
-            raise ValueError(f"{source} gave None for completion {i}; give {rec_num} per-rank values for every "
-                             "completion (0.0 for ranks it cannot score)")
-        if hasattr(row, "tolist"):
-            row = row.tolist()
-        if not isinstance(row, Sequence) or isinstance(row, str):
-            raise ValueError(f"{source} gave {row!r} for completion {i}; Rank-GRPO needs one list of rec_num={rec_num} "
-                             "per-rank values per completion, not one number")
-        if len(row) != rec_num:
-            raise ValueError(f"{source} gave {len(row)} values for completion {i}, expected rec_num={rec_num} "
-                             "(pad missing ranks with 0.0, cut extra items)")
-        for k, value in enumerate(row):
-            if not isinstance(value, numbers.Real) or math.isnan(value):
-                raise ValueError(f"{source} gave {value!r} at rank {k} of completion {i}; every per-rank value must "
-                                 "be a real number (not None or NaN)")
-        values.append([float(v) for v in row])
-    return torch.tensor(values, dtype=torch.float32).reshape(len(values), rec_num)
 
 
 def trim_completions(sequences: torch.Tensor, prompt_length: int, eos_token_id: int | Sequence[int]) -> list[list[int]]:

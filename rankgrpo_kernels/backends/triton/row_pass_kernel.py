@@ -304,7 +304,7 @@ def _row_vector(name, what, x, C):
     return x.contiguous()
 
 
-def row_pass(logits, bias, targets, inv_temperature, lse_in, grad_dtype, want_entropy, *, logit_scale=1.0,
+def row_pass(logits, bias, targets, inv_temperature, lse_in, grad_dtype, compute_entropy, *, logit_scale=1.0,
              softcap=None, cfg: RowPassConfig = None):
     """logits (C, V) fp32 (unit column stride, row stride S >= V) -> (logp, lse, entropy or None, D or None).
 
@@ -321,7 +321,7 @@ def row_pass(logits, bias, targets, inv_temperature, lse_in, grad_dtype, want_en
     f32 = dict(dtype=torch.float32, device=logits.device)
     logp = torch.empty(C, **f32)
     lse = lse_in if lse_in is not None else torch.empty(C, **f32)
-    entropy = torch.empty(C, **f32) if want_entropy else None
+    entropy = torch.empty(C, **f32) if compute_entropy else None
     grad = grad_view(logits, grad_dtype) if grad_dtype is not None else None
     if C == 0:
         return logp, lse, entropy, grad
@@ -331,10 +331,10 @@ def row_pass(logits, bias, targets, inv_temperature, lse_in, grad_dtype, want_en
     block, warps = single_block_launch(V, cfg, has_softcap) if single else (cfg.block_v, cfg.num_warps)
     _row_pass_kernel[(C,)](
         logits, bias if bias is not None else logits, targets.contiguous(), lse, logp, lse,
-        entropy if want_entropy else logp, grad if grad is not None else logits,
+        entropy if compute_entropy else logp, grad if grad is not None else logits,
         V, logits.stride(0), grad.stride(0) if grad is not None else 0, float(in_scale), float(out_scale),
         HAS_BIAS=bias is not None, HAS_SOFTCAP=has_softcap, HAS_LSE=lse_in is not None,
-        WANT_ENTROPY=bool(want_entropy), WRITE_GRAD=grad is not None, SINGLE=single, BLOCK_V=block,
+        WANT_ENTROPY=bool(compute_entropy), WRITE_GRAD=grad is not None, SINGLE=single, BLOCK_V=block,
         num_warps=warps, num_stages=1,
     )
     return logp, lse, entropy, grad

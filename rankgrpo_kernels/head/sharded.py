@@ -11,7 +11,7 @@ Three all-reduces combine them:
 
 The O(N) segment loss then runs identically on every rank. In the backward each rank forms ``D`` for its rows with
 the global ``lse`` (and, for the entropy's gradient, the global entropy), keeps ``d_weight`` and ``d_bias`` local
-and all-reduces ``d_hidden``. Since this lives at the level of the log-probs (``lm_head``'s recompute path), it
+and all-reduces ``d_hidden``. Since this lives at the level of the log-probs (``recompute.py``), it
 works for every backend.
 
 Equivalent PyTorch (on one rank holding the whole head)::
@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from . import lm_head
+from ..contract import HeadSpec
+from .recompute import logprob_grads, logprobs
 
 
 def shard_range(weight: torch.Tensor, group) -> tuple[int, int]:
@@ -74,14 +75,12 @@ class ShardedLogprobs(torch.autograd.Function):
     to list them); the others get 0."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, listed, vocab_start, transform, budget, backend,
-                return_entropy, group):
+    def forward(ctx, hidden, weight, bias, targets, listed, vocab_start, head: HeadSpec, compute_entropy, group):
         local_targets = targets - vocab_start  # outside [0, V_r): another rank's row
         owned = (local_targets >= 0) & (local_targets < weight.shape[0])
         if weight.shape[0]:
             positions = None if listed is None else listed.nonzero().squeeze(1)
-            logp_r, lse_r, entropy_r = lm_head.logprobs(backend, hidden, weight, bias, local_targets,
-                                                        transform, budget, return_entropy, positions)
+            logp_r, lse_r, entropy_r = logprobs(hidden, weight, bias, local_targets, head, compute_entropy, positions)
         else:  # an empty shard holds no probability mass
             lse_r = torch.full(targets.shape, float("-inf"), dtype=torch.promote_types(hidden.dtype, torch.float32),
                                device=hidden.device)
@@ -91,7 +90,7 @@ class ShardedLogprobs(torch.autograd.Function):
         lse_max = _all_reduce(lse_r.clone(), dist.ReduceOp.MAX, group)
         lse = lse_max + torch.log(_all_reduce(torch.exp(lse_r - lse_max), dist.ReduceOp.SUM, group))
         entropy = None
-        if return_entropy:
+        if compute_entropy:
             share = torch.exp(lse_r - lse)  # this shard's probability mass
             mean_logit = torch.where(share > 0, share * (lse_r - entropy_r), 0)
             entropy = lse - _all_reduce(mean_logit, dist.ReduceOp.SUM, group)
@@ -100,13 +99,13 @@ class ShardedLogprobs(torch.autograd.Function):
             logp = torch.where(listed, logp, 0)
             entropy = torch.where(listed, entropy, 0) if entropy is not None else None
         ctx.save_for_backward(hidden, weight, bias, local_targets, lse, entropy, listed)
-        ctx.settings = (transform, budget, backend, group)
+        ctx.head, ctx.group = head, group
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, local_targets, lse, entropy, listed = ctx.saved_tensors
-        transform, budget, backend, group = ctx.settings
+        group = ctx.group
         if entropy is None:
             grad_entropy = None
         if listed is not None:  # the unlisted tokens' log-probs and entropies are the constant 0
@@ -114,9 +113,8 @@ class ShardedLogprobs(torch.autograd.Function):
             grad_entropy = None if grad_entropy is None else torch.where(listed, grad_entropy, 0)
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias is not None)
         if weight.shape[0]:  # the global lse and entropy: this shard's columns of the whole row's gradient
-            d_hidden, d_weight, d_bias = lm_head.logprob_grads(backend, hidden, weight, bias, local_targets,
-                                                               transform, lse, grad_logp, budget, needs, entropy,
-                                                               grad_entropy)
+            d_hidden, d_weight, d_bias = logprob_grads(hidden, weight, bias, local_targets, ctx.head, lse, grad_logp,
+                                                       needs, entropy, grad_entropy)
         else:
             d_hidden = torch.zeros_like(hidden) if needs[0] else None
             d_weight = torch.zeros_like(weight) if needs[1] else None
@@ -125,12 +123,10 @@ class ShardedLogprobs(torch.autograd.Function):
             summed = _all_reduce(d_hidden.to(torch.promote_types(d_hidden.dtype, torch.float32)),
                                  dist.ReduceOp.SUM, group)
             d_hidden = summed.to(hidden.dtype)
-        return d_hidden, d_weight, d_bias, None, None, None, None, None, None, None, None
+        return d_hidden, d_weight, d_bias, None, None, None, None, None, None
 
 
-def sharded_logprobs(hidden2d, weight, bias, targets, listed, vocab_start, transform, budget, backend,
-                     return_entropy, group):
-    """Log-probs (N,) and entropies (N,) or None over a vocabulary-parallel head, both differentiable;
-    ``transform`` a ``contract.LogitTransform``; see the module docstring."""
-    return ShardedLogprobs.apply(hidden2d, weight, bias, targets, listed, vocab_start, transform, budget, backend,
-                                 return_entropy, group)
+def sharded_logprobs(hidden2d, weight, bias, targets, listed, vocab_start, head: HeadSpec, compute_entropy, group):
+    """Log-probs (N,) and entropies (N,) or None over a vocabulary-parallel head, both differentiable; ``head``
+    resolved (a backend name, an int budget); see the module docstring."""
+    return ShardedLogprobs.apply(hidden2d, weight, bias, targets, listed, vocab_start, head, compute_entropy, group)

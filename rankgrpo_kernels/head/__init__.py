@@ -1,0 +1,11 @@
+"""The LM head in bounded chunks: vendor GEMMs around a backend's row pass and segment loss, one job per file.
+
+plan.py       dtypes, the logits scratch (padded rows), chunk sizes, the tokens that enter the GEMMs
+gemms.py      the GEMMs with a wider output than their operands (fp32 output for half operands)
+grads.py      the gradient GEMMs of a chunk, and what every chunk of a call shares (``HeadPass``)
+fused.py      the fused loss: loss and gradients in one forward, with the entropy bonus
+recompute.py  log-probs, and their gradients recomputed in the backward
+sharded.py    the vocabulary-parallel head over the recompute path
+
+Only ``ops.py`` (and the argument checks, for ``sharded.check_not_sharded_parameter``) call into it.
+"""

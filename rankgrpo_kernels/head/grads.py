@@ -1,0 +1,109 @@
+"""The gradient GEMMs of a chunk, and what every chunk of a head call shares.
+
+With D (C, V) from a backend's row pass (``D = onehot - p``, times ``S'(u)``) and the per-token row scale
+``scale = g s / T`` (C,)::
+
+    d_hidden[rows] = scale (D W)          GEMM with fp32 output, one row scale and cast, scattered to its rows
+    d_weight      += D^T (scale h)        GEMM accumulating in fp32 in place (beta = 1)
+    d_bias        += scale^T D            GEMV accumulating in place
+
+GEMMs through ``gemms.py`` (fp32 output for half operands on CUDA, IEEE fp32 for fp32). No atomics: results are
+bit-identical from run to run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+from ..contract import HeadSpec
+from . import gemms
+from .plan import LogitsBuffer
+
+
+@dataclass
+class HeadPass:
+    """What every chunk of one head call shares: the backend module, the head spec, the GEMM operand of the
+    weight, the bias, the logits scratch, the chunk size ``cap``, the (cap, H) accumulator scratch of d_hidden
+    (or None) and the dtype of D (the GEMM operand dtype, or None without gradients)."""
+
+    impl: ModuleType
+    head: HeadSpec
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    logits: LogitsBuffer
+    cap: int
+    product: torch.Tensor | None = None
+    grad_dtype: torch.dtype | None = None
+
+    def logits_of(self, h: torch.Tensor) -> torch.Tensor:
+        """Z = h W^T (C, V) into the scratch, C <= cap."""
+        return gemms.mm_into(h, self.weight.T, self.logits.rows(h.shape[0]))
+
+    def row_pass(self, z, y, **kwargs):
+        return self.impl.row_pass(z, bias=self.bias, targets=y, head=self.head, **kwargs)
+
+
+def grad_buffers(tokens, listed, weight, bias, needs, dtype, acc):
+    """d_hidden (tokens, H) in ``dtype`` (zeros unless every token is listed), d_weight and d_bias in ``acc``
+    (uninitialised when a chunk will write them, zeros when no token is listed); None where not needed."""
+    need_h, need_w, need_b = needs
+    device = weight.device
+    d_hidden = None
+    if need_h:
+        d_hidden = (torch.empty if listed == tokens else torch.zeros)(tokens, weight.shape[1], dtype=dtype,
+                                                                      device=device)
+    new = torch.empty if listed else torch.zeros
+    d_weight = new(weight.shape, dtype=acc, device=device) if need_w else None
+    d_bias = new(weight.shape[0], dtype=acc, device=device) if need_b and bias is not None else None
+    return d_hidden, d_weight, d_bias
+
+
+def accumulate_grads(d_logits, scale, h, weight, grads, first, rows_out, product):
+    """With D (C, V) and ``scale`` (C,): ``d_hidden[rows_out] = scale (D W)``, ``d_weight += D^T (scale h)``,
+    ``d_bias += scale^T D``; ``first`` writes the sums instead of adding to them. ``product`` is (>= C, H) scratch
+    in the accumulator dtype."""
+    d_hidden, d_weight, d_bias = grads
+    if d_hidden is not None:
+        rows = gemms.mm_into(d_logits, weight, product[: d_logits.shape[0]])
+        rows.mul_(scale[:, None].to(rows.dtype))
+        d_hidden.index_copy_(0, rows_out, rows.to(d_hidden.dtype))
+    if d_weight is None and d_bias is None:
+        return
+    factor = operand_factor(scale, d_logits.dtype)
+    accumulate = dict(beta=0.0 if first else 1.0, alpha=1.0 / factor)
+    if d_weight is not None:
+        # where, not a product: a token outside the loss may hold a NaN hidden state, and its D row is 0.
+        scaled = torch.where(scale[:, None] != 0, h * (scale[:, None] * factor), 0).to(d_logits.dtype)
+        gemms.addmm_into(d_weight, d_logits.T, scaled, **accumulate)
+    if d_bias is not None:
+        gemms.addmm_into(d_bias[None], (scale[None] * factor).to(d_logits.dtype), d_logits, **accumulate)
+
+
+def operand_factor(scale, dtype) -> float:
+    """A power of two that brings ``scale = g / T`` near 1 before it enters an fp16 GEMM operand, whose normal range
+    stops at 6e-5 (bnpo over 16k tokens puts g near there); the GEMM's alpha takes it out again. One host sync per
+    chunk, for fp16 only; 1 for other dtypes (bf16 has fp32's range)."""
+    if dtype != torch.float16:
+        return 1.0
+    peak = float(scale.abs().amax()) if scale.numel() else 0.0
+    return 2.0 ** -math.floor(math.log2(peak)) if 0.0 < peak < math.inf else 1.0
+
+
+def entropy_gradient_pass(run: HeadPass, z, y, lse, entropy, g, e):
+    """``D'`` of a loss with an entropy term over the untouched logits ``z`` (a statistics-only row pass), and the
+    row scale of its gradient GEMMs. fp16 operands get ``g`` and ``e`` times a power of two (``operand_factor``)
+    that the row scale takes out again: ``D'`` holds ``g``, and ``g / T`` sits near fp16's subnormals."""
+    factor = operand_factor(torch.maximum(g.abs(), e.abs()), run.grad_dtype)
+    d_logits = run.impl.grad_pass(z, bias=run.bias, targets=y, head=run.head, lse=lse, entropy=entropy,
+                                  g=g * factor, e=e * factor, grad_dtype=run.grad_dtype)
+    return d_logits, torch.full_like(g, run.head.row_scale / factor)
+
+
+def finish_grads(grads, dtype):
+    d_hidden, d_weight, d_bias = grads
+    return (d_hidden, d_weight.to(dtype) if d_weight is not None else None,
+            d_bias.to(dtype) if d_bias is not None else None)

@@ -1,1 +1,0 @@
-"""Triton kernels, one kernel (or kernel pair) and its launcher per file; no autograd here."""
