@@ -8,8 +8,8 @@ phase (a run cut short still leaves what it measured).
 Phases, in order, each in its own process (its own process group, killed at its timeout; recorded as "timeout" and
 the next one runs), none started with less than ``MIN_PHASE_S`` left of ``--deadline``:
 
-gpu_tests         ``pytest -m gpu`` (tests/test_gpu.py and the other GPU-marked tests, less tests/gpu/)
-native_kernels    tests/test_backends.py, test_row_pass_kernels.py, test_segment_kernels.py natively on CUDA (no
+gpu_tests         ``pytest -m gpu`` (tests/gpu/test_gpu.py and the other GPU-marked tests, less the diagnostics)
+native_kernels    tests/backends/: test_backends.py, test_row_pass_kernels.py, test_segment_kernels.py natively (no
                   Triton interpreter: conftest picks it only without a GPU)
 torch_probe       whether this torch takes the in-place ``out_dtype=`` GEMMs, and TF32 under ``ieee_fp32``
 timings           per part at Qwen2.5-0.5B's head (bf16): the three GEMMs per chunk size in TFLOP/s, the row pass in
@@ -132,11 +132,11 @@ def _pytest_phase(name, dry_run, timeout, env):
     (its ``result``: what the test measured, written to the file named by ``RESULT_ENV``)."""
     env = dict(env)
     if name == "gpu_tests":  # the dry run collects the GPU module only: collecting all tests takes 10 s
-        cmd = _pytest_cmd([TESTS / "test_gpu.py"] if dry_run else [TESTS, f"--ignore={TESTS / 'gpu'}"], dry_run,
-                          marker="gpu")
+        diagnostics = [f"--ignore={TESTS / 'gpu' / f'test_{d}.py'}" for d in DIAGNOSTICS]
+        cmd = _pytest_cmd([TESTS / "gpu" / "test_gpu.py"] if dry_run else [TESTS, *diagnostics], dry_run, marker="gpu")
     elif name == "native_kernels":
-        cmd = _pytest_cmd([TESTS / f for f in ("test_backends.py", "test_row_pass_kernels.py",
-                                               "test_segment_kernels.py")], dry_run)
+        cmd = _pytest_cmd([TESTS / "backends" / f for f in ("test_backends.py", "test_row_pass_kernels.py",
+                                                             "test_segment_kernels.py")], dry_run)
         if not dry_run:
             env.pop("TRITON_INTERPRET", None)  # natively: conftest leaves it unset on a GPU
     else:

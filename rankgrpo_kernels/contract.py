@@ -5,9 +5,9 @@ the kernels and the spec can never disagree on a constant. Nothing here computes
 
 Settings travel as two frozen specs, validated once when built: ``LossSpec`` (the objective) and ``HeadSpec`` (how
 the LM head's logits are formed and computed). They cross every internal boundary whole; the custom ops take their
-fields as arguments (``op_fields`` lists them, ``ops.py`` derives each op's schema from it and rebuilds the specs by
-field name). A new loss option is one ``LossSpec`` field, its maths in ``reference.py`` and its use in each
-backend's ``segment_loss``; a new per-token input is one ``TokenBatch`` field.
+fields as arguments (``boundary.py`` derives each op's schema from the fields and rebuilds the specs by name). A new
+loss option is one ``LossSpec`` field, its maths in ``reference.py`` and its use in each backend's
+``segment_loss``; a new per-token input is one ``TokenBatch`` field.
 """
 
 from __future__ import annotations
@@ -93,8 +93,8 @@ class HeadSpec:
     temperature``: the row pass writes D times ``S'(u)`` and the gradient GEMMs scale its rows by ``row_scale``
     (times ``g``). ``memory_budget_bytes``: the logits scratch of one call (None: ``RANKGRPO_MEMORY_BUDGET`` or the
     device default, ``settings.py``); ``backend``: ``"auto"`` or a registered backend; ``skip_zero_advantage``:
-    leave the items whose every advantage is 0 out of the GEMMs when nothing else reads them. ``resolve`` fixes
-    ``"auto"`` and the budget for the tensors of a call, before the custom ops."""
+    leave the items whose every advantage is 0 out of the GEMMs when nothing else reads them.
+    ``inputs.resolve_head`` fixes ``"auto"`` and the budget for the tensors of a call, before the custom ops."""
 
     temperature: float = 1.0
     logit_scale: float = 1.0
@@ -156,31 +156,6 @@ class TokenBatch:
                      for f in dataclasses.fields(self) if f.name not in ("normaliser", "tokens")}
         per_token["group"] = torch.where(per_token["mask"], per_token["group"] - start * T, -1)
         return TokenBatch(**per_token, normaliser=self.normaliser, tokens=self.tokens)
-
-
-# --- the op boundary: each spec's fields as custom-op arguments ----------------------------------------------------
-
-# The schema type of each field annotation of the dataclasses above (``from __future__ import annotations`` keeps
-# them as strings).
-_SCHEMA_TYPES = {"float": "float", "float | None": "float?", "int": "int", "int | None": "int?", "bool": "bool",
-                 "str": "str", "torch.Tensor": "Tensor", "torch.Tensor | None": "Tensor?"}
-
-
-def op_fields(cls) -> list[tuple[str, str]]:
-    """(name, schema type) of each field of the dataclass ``cls`` (its subclasses' fields included), in order."""
-    fields = []
-    for field in dataclasses.fields(cls):
-        annotation = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
-        if annotation not in _SCHEMA_TYPES:
-            raise TypeError(f"{cls.__name__}.{field.name}: annotation {annotation!r} has no custom-op schema type "
-                            f"(one of {tuple(_SCHEMA_TYPES)})")
-        fields.append((field.name, _SCHEMA_TYPES[annotation]))
-    return fields
-
-
-def flatten(spec) -> tuple:
-    """The field values of a dataclass instance, in ``op_fields`` order."""
-    return tuple(getattr(spec, field.name) for field in dataclasses.fields(spec))
 
 
 def dense_groups(item_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

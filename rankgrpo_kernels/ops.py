@@ -1,7 +1,7 @@
 """``torch.library`` custom ops over the head and the backends, with fake implementations and autograd, so that
 ``torch.compile(fullgraph=True)`` traces through the loss and ``torch.library.opcheck`` can test it.
 
-Each op's argument list is derived from dataclass fields (``Boundary``): a few plain arguments, then the fields of
+Each op's argument list is derived from dataclass fields (``boundary.py``): a few plain arguments, then the fields of
 ``TokenBatch``, ``LossSpec`` and ``HeadSpec`` (resolved: a backend name and an int budget) in declaration order.
 The Python wrappers of ``Ops`` flatten the specs once; each implementation and autograd hook rebuilds them once, by
 field name. A new spec field therefore reaches the head and every backend without any change here.
@@ -25,46 +25,14 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .contract import STAT_NAMES, HeadSpec, LossSpec, TokenBatch, flatten, op_fields
+from .boundary import Boundary
+from .contract import STAT_NAMES, HeadSpec, LossSpec, TokenBatch
 from .head import fused, recompute, sharded
 from .head.plan import accumulator_dtype, saved_grad_dtype
 
 _EMPTY = (0,)
 NEEDS = (("need_hidden", "bool"), ("need_weight", "bool"), ("need_bias", "bool"))
 HEAD_TENSORS = (("hidden", "Tensor"), ("weight", "Tensor"), ("bias", "Tensor?"), ("targets", "Tensor"))
-
-
-class Boundary:
-    """The argument list of one custom op: ``leading`` plain (name, schema type) pairs, then the fields of each
-    ``specs`` (key, dataclass) in turn, then ``trailing`` pairs. Names are unique across all of them."""
-
-    def __init__(self, leading, specs, trailing=()):
-        self.leading, self.specs, self.trailing = tuple(leading), tuple(specs), tuple(trailing)
-        self.fields = {key: op_fields(cls) for key, cls in self.specs}
-        self.arguments = [*self.leading, *(f for key, _ in self.specs for f in self.fields[key]), *self.trailing]
-        self.names = [name for name, _ in self.arguments]
-        if len(set(self.names)) != len(self.names):
-            raise TypeError(f"custom-op arguments must have unique names, got {self.names}")
-
-    def schema(self, returns: str) -> str:
-        return "(" + ", ".join(f"{kind} {name}" for name, kind in self.arguments) + ") -> " + returns
-
-    def flatten(self, **values) -> tuple:
-        """The op's positional arguments from plain values and spec instances, all by name."""
-        out = [values[name] for name, _ in self.leading]
-        for key, cls in self.specs:
-            if not isinstance(values[key], cls):
-                raise TypeError(f"{key} must be a {cls.__name__}, got {type(values[key]).__name__}")
-            out.extend(flatten(values[key]))
-        return (*out, *(values[name] for name, _ in self.trailing))
-
-    def rebuild(self, args) -> dict:
-        """Plain values by name, and each spec rebuilt from its fields by name."""
-        named = dict(zip(self.names, args))
-        out = {name: named[name] for name, _ in (*self.leading, *self.trailing)}
-        for key, cls in self.specs:
-            out[key] = cls(**{name: named[name] for name, _ in self.fields[key]})
-        return out
 
 
 def _empty_if_none(x, like: Tensor) -> Tensor:

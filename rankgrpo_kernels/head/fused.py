@@ -93,8 +93,7 @@ def loss_and_grads(hidden, weight, bias, targets, batch: TokenBatch, spec: LossS
     grad_dtype = h_op.dtype if any(needs) else None
     bonus = spec.entropy_coef != 0.0
     compute_entropy = compute_entropy or bonus
-    budget = head.memory_budget_bytes
-    cap = tokens_per_chunk(head.backend, V, H, h_op.dtype, grad_dtype is not None, budget, bonus)
+    cap = tokens_per_chunk(head.backend, V, H, h_op.dtype, grad_dtype is not None, head.memory_budget_bytes, bonus)
     plan = token_plan(batch, head.skip_zero_advantage and skips_zero_advantage_items(spec, batch), cap)
     # the entropy bonus's gradient pass reads the logits the statistics pass must leave as they are
     keep_logits = bonus and grad_dtype is not None and backends.REGISTRY[head.backend].stats_pass_overwrites
@@ -102,8 +101,8 @@ def loss_and_grads(hidden, weight, bias, targets, batch: TokenBatch, spec: LossS
     largest = max((c1 - c0 for c0, c1, _, _ in plan.chunks), default=0)
     if largest > cap:
         warnings.warn(f"rank_grpo_loss: the fp32 logits of an item of {largest} tokens x {V} vocabulary exceed "
-                      f"memory_budget_bytes={budget}; recomputing the logits of the items longer than "
-                      f"{cap} tokens for their gradients (a fourth GEMM for them): raise the budget "
+                      f"memory_budget_bytes={head.memory_budget_bytes}; recomputing the logits of the items longer "
+                      f"than {cap} tokens for their gradients (a fourth GEMM for them): raise the budget "
                       "(RANKGRPO_MEMORY_BUDGET) to avoid it", stacklevel=2)
     width = min(largest, cap)
     run = HeadPass(backends.load(head.backend), head, w_op, bias, LogitsBuffer(width, V, acc, hidden.device), cap,

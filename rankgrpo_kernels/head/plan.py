@@ -80,9 +80,10 @@ def bytes_per_token(backend: str, vocab, hidden_size, dtype, needs_grad, entropy
     return vocab * per_logit + per_row
 
 
-def tokens_per_chunk(backend: str, vocab, hidden_size, dtype, needs_grad, budget_bytes, entropy_bonus=False) -> int:
+def tokens_per_chunk(backend: str, vocab, hidden_size, dtype, needs_grad, memory_budget_bytes,
+                     entropy_bonus=False) -> int:
     """Tokens per chunk within the budget: at least one token's whole vocabulary row."""
-    return max(1, budget_bytes // bytes_per_token(backend, vocab, hidden_size, dtype, needs_grad, entropy_bonus))
+    return max(1, memory_budget_bytes // bytes_per_token(backend, vocab, hidden_size, dtype, needs_grad, entropy_bonus))
 
 
 @dataclass

@@ -18,6 +18,7 @@ from verl.workers.utils import losses
 
 from rankgrpo_kernels import rank_advantages, segment_items, token_advantages
 from rankgrpo_kernels.adapters import verl as adapter
+from rankgrpo_kernels.adapters.verl import config as adapter_config
 from rankgrpo_kernels.reference import reference_loss_from_logps
 
 from . import batch
@@ -186,7 +187,7 @@ def test_advantage_estimator_gives_rank_advantages(tok):
 
 def test_missing_setup_is_an_error_that_names_install(tok, monkeypatch):
     """No install() settings and a config without them: the hook says how to set them up, not KeyError."""
-    monkeypatch.setattr(adapter, "_SETTINGS", {})
+    monkeypatch.setattr(adapter_config, "_SETTINGS", {})
     b = verl_batch(tok, seed=6)
     packed = adapter.pack_rank_values(rank_advantages(batch.hits(b.g).double(), batch.G), b.mask.shape[1])
     data, output = loss_data(b, packed, torch.randint(0, len(tok), (b.mask.shape[0], PROMPT), generator=b.g))
@@ -199,7 +200,7 @@ def test_missing_setup_is_an_error_that_names_install(tok, monkeypatch):
 
 
 def test_advantage_estimator_needs_no_settings(tok, monkeypatch):
-    monkeypatch.setattr(adapter, "_SETTINGS", {})
+    monkeypatch.setattr(adapter_config, "_SETTINGS", {})
     rewards = batch.hits(torch.Generator().manual_seed(7))
     uids = np.repeat(np.array([f"p{p}" for p in range(batch.PROMPTS)], dtype=object), batch.G)
     adv, _ = core_algos.get_adv_estimator_fn(adapter.NAME)(
@@ -261,11 +262,11 @@ def test_settings_from_verls_config(tok, verl_run_config, monkeypatch, form):
         expected, _ = adapter.rank_grpo_ppo_loss(config("token-mean", low=0.06, high=0.08), output, data)
     finally:
         adapter.install(tok, batch.N)
-    monkeypatch.setattr(adapter, "_SETTINGS", {})
+    monkeypatch.setattr(adapter_config, "_SETTINGS", {})
     loss, _ = adapter.rank_grpo_ppo_loss(actor, output, data)
     value = lambda x: x.value if hasattr(x, "value") else x  # noqa: E731
     torch.testing.assert_close(value(loss), value(expected), rtol=1e-12, atol=0)
-    monkeypatch.setattr(adapter, "_SETTINGS", {})
+    monkeypatch.setattr(adapter_config, "_SETTINGS", {})
     adapter.install(rec_num=batch.N + 1)  # a setting given both ways must agree
     with pytest.raises(ValueError, match=r"rec_num is 3 in verl's config .* install\(\) was given 4"):
         adapter.rank_grpo_ppo_loss(actor, output, data)

@@ -73,9 +73,8 @@ Modules: ``config`` (the settings, the supported TRL and FSDP versions), ``train
 (the entropy bonus and its controller), ``metrics`` (what is logged).
 """
 
-from ..hf_model import full_head_tensor  # the trainer reads it here (tests wrap it to see the head's type)
 from .config import FSDP1_MESSAGE, SUPPORTED_TRL, TRL_IS_MODES, RankGRPOConfig, check_fsdp_plugin, check_trl_version
 from .trainer import RankGRPOTrainer
 
 __all__ = ["FSDP1_MESSAGE", "SUPPORTED_TRL", "TRL_IS_MODES", "RankGRPOConfig", "RankGRPOTrainer", "check_fsdp_plugin",
-           "check_trl_version", "full_head_tensor"]
+           "check_trl_version"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import sys
 
 import torch
 from trl import GRPOTrainer
@@ -11,7 +10,9 @@ from trl.trainer.utils import is_async_callable, maybe_gather_lm_head_ctx
 
 from ...functional import fused_logprobs, rank_grpo_loss
 from ...segments import Segments, line_table, segment_items
-from ..hf_model import call_head, completion_hidden_states, head_rows, logit_transform, output_head, run_inside_forward
+from ..hf_model import (
+    call_head, completion_hidden_states, full_head_tensor, head_rows, logit_transform, output_head, run_inside_forward,
+)
 from .config import RankGRPOConfig, check_fsdp_plugin
 from .corrections import item_sampling_weights, policy_weights, split_is_mode
 from .entropy import adapt_entropy_coef, bonus_coef, bonus_entropy
@@ -25,8 +26,6 @@ def _head_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     model's forward (``run_inside_forward``), where the frameworks' hooks are armed."""
     hidden = completion_hidden_states(model, input_ids, attention_mask, num_tokens)
     weight, bias = output_head(model)
-    # Read from the package at call time: tests/trl_multiprocess_run.py wraps it there to see the head's type.
-    full_head_tensor = sys.modules[__package__].full_head_tensor
     with maybe_gather_lm_head_ctx(weight, bias):  # a null context unless ZeRO-3 partitions the head
         return call_head(head, hidden, full_head_tensor(weight), full_head_tensor(bias))
 

@@ -1,0 +1,316 @@
+"""The benchmark runs end to end on tiny CPU shapes: one process per provider, each checked against eager before it
+is timed, the GEMM rows, the breakdown of ours, the JSON fields, the plot and the README summary; the realistic
+workload's generator (shares, advantages from the library's functions, the three settings), the dense workload, and
+TRL's chunked log-probs as a peer."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load("run")  # puts benchmarks/ on the path: its modules import as child, batches, providers, ...
+
+
+@pytest.fixture(scope="module")
+def child(bench):
+    import child
+
+    return child
+
+
+def _report(tmp_path):
+    (json_file,) = tmp_path.glob("bench_*.json")
+    return json.loads(json_file.read_text())
+
+
+def test_tiny_cpu_run(bench, tmp_path, capsys):
+    """The dense workload: today's batch and table (no setting column, the 3 and 4 GEMMs rows)."""
+    assert bench.main(["--device", "cpu", "--workload", "dense", "--shapes", "64x4001@256", "--providers",
+                       "eager,torch,torch-recompute,cuda", "--reps", "2", "--breakdown", "--out", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert "| custom-64x4001@256 | torch |" in table and "| custom-64x4001@256 | 3 GEMMs |" in table
+    assert "skipped: " in table and "Segmentation of 64 rows" in table and "| GEMM calls |" in table
+    assert "| shape | provider | fwd+bwd ms (p20-p80) | x 3 GEMM | time vs eager |" in table
+    report = _report(tmp_path)
+    assert report["workload"]["kind"] == "dense" and report["workloads"] is None
+    assert set(report["workload"]["settings"]) == {"released"}
+    env = report["environment"]
+    for field in ("date", "command", "git_sha", "torch", "device", "python", "liger_kernel", "cut_cross_entropy",
+                  "wall_seconds"):
+        assert field in env
+    rows = {r["provider"]: r for r in report["results"]}
+    assert rows["cuda"]["status"].startswith("skipped")
+    for name in ("eager", "torch", "torch-recompute"):
+        row = rows[name]
+        assert row["status"] == "ok", row
+        for key in ("fwd_bwd_ms", "tokens_per_s", "peak_mib", "time_vs_eager", "memory_vs_eager", "vs_three_gemm",
+                    "vs_four_gemm", "three_gemm_ms", "first_call_ms"):
+            assert row[key] > 0, (name, key)
+        assert len(row["fwd_bwd_runs_ms"]) == 2 and row["max_rel_error"] < 1e-3
+    assert rows["eager"]["time_vs_eager"] == 1.0 and rows["eager"]["max_rel_error"] == 0.0
+    assert "breakdown" not in rows["eager"]  # eager is not ours
+    assert all("setting" not in r for r in report["results"]) and rows["eager"]["positions"] == 256
+    # The GEMM floor measured in the same run, in its own rows.
+    three, four = rows["3 GEMMs"], rows["4 GEMMs"]
+    assert three["status"] == four["status"] == "ok" and three["vs_three_gemm"] == 1.0
+    assert four["fwd_bwd_ms"] > three["fwd_bwd_ms"] and set(three["gemm_ms"]) == {"logits", "d_hidden", "d_weight"}
+    # Where ours spends its time: the logits once on the fused path (3 GEMMs), recomputed on the other (4).
+    for name, gemms in (("torch", 3), ("torch-recompute", 4)):
+        split = rows[name]["breakdown"]
+        assert split["backend"] == "torch" and split["gemm_calls"] == gemms, split
+        parts = [split[k] for k in ("gemm_ms", "row_pass_ms", "segment_loss_ms", "rest_ms")]
+        assert all(p >= 0 for p in parts) and split["gemm_ms"] > 0 and split["row_pass_ms"] > 0
+        assert sum(parts) == pytest.approx(split["wall_ms"], rel=0.05)
+    assert report["segmentation"]["speedup"] > 1
+    if "matplotlib" in sys.modules or importlib.util.find_spec("matplotlib"):
+        assert list(tmp_path.glob("bench_*.png"))
+
+
+@pytest.mark.slow  # torch.compile and Liger's compiled loss: a minute on a cold inductor cache, seconds on a warm one
+def test_every_available_peer_is_checked_against_eager(bench, child, tmp_path, capsys):
+    peers = ("compile", "liger", "cce")
+    # The realistic workload at beta 0: no old or reference log-probs (each peer's on-policy path).
+    assert bench.main(["--device", "cpu", "--shapes", "32x1001@128", "--providers", ",".join(("eager",) + peers),
+                       "--settings", "beta0", "--reps", "1", "--no-segmentation", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    rows = {r["provider"]: r for r in _report(tmp_path)["results"]}
+    package = {"compile": "torch", "liger": "liger_kernel", "cce": "cut_cross_entropy"}
+    for name in peers:
+        if importlib.util.find_spec(package[name]) is None:
+            assert rows[name]["status"] == f"skipped: package {package[name]} not installed"
+            continue
+        row = rows[name]
+        assert row["status"] == "ok", row
+        assert row["max_rel_error"] <= child.TOLERANCE[torch.float32] and row["fwd_bwd_ms"] > 0
+        assert row["peak_mib"] > 0 and row["time_vs_eager"] > 0 and "breakdown" not in row
+
+
+def test_a_provider_that_disagrees_is_reported_wrong_and_not_timed(bench, child, tmp_path, monkeypatch):
+    """In this process: the parent's yardstick, then one provider's job as its own process would run it."""
+    import providers
+
+    shape = bench.parse_shape("16x503@64")
+    cpu = torch.device("cpu")
+    child.save_references(shape, torch.float32, cpu, tmp_path, token_level=True)
+    assert {p.name for p in tmp_path.iterdir()} == {"eager.pt", "token_level.pt"}
+
+    def off_by_one_percent(batch):
+        eager = providers.PROVIDERS["eager"].build(batch)
+        return lambda: 1.01 * eager()
+
+    monkeypatch.setitem(providers.PROVIDERS, "scaled", providers.Provider("eager x 1.01", off_by_one_percent))
+    row = child.provider_row("scaled", shape, torch.float32, cpu, 2, tmp_path)
+    assert row["status"].startswith("wrong: relative error 1.0") and "fwd_bwd_ms" not in row
+    assert "peak_mib" not in row and row["max_rel_error"] == pytest.approx(0.01, rel=1e-3)
+    row = child.provider_row("torch", shape, torch.float32, cpu, 2, tmp_path, want_breakdown=True, want_fwd=True)
+    assert row["status"] == "ok" and row["fwd_ms"] > 0 and row["breakdown"]["gemm_calls"] == 3
+
+
+def test_a_failing_process_is_reported(bench, child, tmp_path):
+    shape = bench.parse_shape("16x503@64")
+    out = child.in_child("no-such-provider", shape, torch.float32, torch.device("cpu"), 1, tmp_path)
+    assert out["error"].startswith("exit 1: ") and "no-such-provider" in out["error"]
+
+
+def test_gpu_check_names_only_known_providers_and_shapes(bench):
+    gpu_check = _load("gpu_check")
+    names = gpu_check.PROVIDERS.split(",") + gpu_check.REALISTIC_PROVIDERS.split(",")
+    assert set(names) <= set(bench.PROVIDERS)
+    for required in ("eager", "triton", "cuda", "triton-recompute", "trl", "liger", "cce"):
+        assert required in names
+    assert bench.parse_shape(gpu_check.REALISTIC_SHAPE).vocab == 151936
+    shapes = [bench.parse_shape(s) for s in gpu_check.GPU_SHAPES.split(",")]
+    assert [(s.hidden, s.vocab, s.tokens) for s in shapes] == [(896, 151936, 16384), (3072, 128256, 16384)]
+
+
+def test_summary_comes_from_the_json(tmp_path):
+    summarize = _load("summarize")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{summarize.BEGIN}\nold\n{summarize.END}\nend\n")
+    results = tmp_path / "results"
+    results.mkdir()
+    assert "No GPU results" in summarize.update(readme, results)
+    split = dict(backend="torch", wall_ms=20.0, gemm_ms=12.0, row_pass_ms=5.0, segment_loss_ms=1.0, rest_ms=2.0,
+                 gemm_calls=3, clock="cpu")
+    rows = [dict(shape="s@1", provider="3 GEMMs", status="ok", fwd_bwd_ms=10.0, vs_three_gemm=1.0, time_vs_eager=0.2),
+            dict(shape="s@1", provider="triton", status="ok", fwd_bwd_ms=12.5, peak_mib=64.0, time_vs_eager=0.4,
+                 memory_vs_eager=0.01, vs_three_gemm=1.2),
+            dict(shape="s@1", provider="torch", status="ok", fwd_bwd_ms=20.0, peak_mib=128.0, time_vs_eager=0.8,
+                 memory_vs_eager=0.02, vs_three_gemm=2.0, three_gemm_ms=10.0, breakdown=split),
+            dict(shape="s@1", provider="liger", status="wrong: relative error 3.0e-01 > 5e-02")]
+    env = dict(gpu="NVIDIA H100", device="cuda", date="2026-11-26", torch="2.13.0", triton="3.9.0", git_sha="abc",
+               command="python benchmarks/gpu_check.py", liger_kernel="0.8.5", cut_cross_entropy="25.1.1")
+    (results / "r.json").write_text(json.dumps(dict(environment=env, dtype="bfloat16", results=rows)))
+    text = summarize.update(readme, results)
+    assert "| shape | provider | fwd+bwd ms | x 3 GEMM | time vs eager | extra peak MiB | memory vs eager |" in text
+    assert "| s@1 | triton | 12.5 | 1.20 | 0.40 | 64 | 0.010 |" in text
+    assert "| s@1 | 3 GEMMs | 10.0 | 1.00 | 0.20 |  |  |" in text
+    assert "| s@1 | liger | wrong: relative error 3.0e-01 > 5e-02 |" in text
+    assert "| s@1 | torch | 20.0 | 12.0 (60%) | 5.0 (25%) | 1.0 (5%) | 2.0 (10%) | 3 | 10.0 |" in text
+    assert "NVIDIA H100" in text and "liger-kernel 0.8.5" in text
+    assert text.startswith("intro\n") and text.endswith("end\n") and "old" not in text
+    # A realistic report: the setting column, the ratio to the GEMMs over the loss tokens, the workload's shares.
+    rows = [dict(shape="s@1", setting="beta0", provider="torch", status="ok", fwd_bwd_ms=20.0, peak_mib=8.0,
+                 vs_three_gemm=2.0, vs_three_gemm_loss_tokens=20.0, time_vs_eager=0.5, memory_vs_eager=0.1)]
+    shares = dict(prompts=1, generations=8, rows=8, row_length=250, positions=2000, completion_tokens=1600,
+                  padding_share=0.2, zero_advantage_share=0.9, gradient_share_beta0=0.1, zero_advantage_rank_share=0.95,
+                  hits_per_list=0.6, items_emitted_mean=19.2, early_stop_share=0.1, overflow_share=0.1,
+                  settings={"beta0": dict(gemm_tokens=200, clip_fraction=0.0, clip_ratio_region=0.0, ratio_mean=1.0)})
+    (results / "r.json").write_text(json.dumps(dict(environment=env, dtype="bfloat16", results=rows,
+                                                    workload=dict(kind="realistic"), workloads={"s@1": shares})))
+    text = summarize.update(readme, results)
+    assert "| s@1 | beta0 | torch | 20.0 | 2.00 | 20.00 | 0.50 | 8 | 0.100 |" in text
+    assert "| s@1 | 1 x 8 | 8 x 250 | 2000 | 1600 | 20.0% | 90.0% | 10.0% |" in text and "workload realistic" in text
+    assert "| s@1 | beta0 | 200 | 10.0% |" in text
+
+
+# --- the realistic workload -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def workload(bench):
+    import workload  # run.py put benchmarks/ on the path
+
+    return workload
+
+
+def test_realistic_workload_is_built_as_the_trainer_builds_it(workload):
+    from rankgrpo_kernels import line_table, rank_advantages, rank_rewards, segment_items, token_advantages
+
+    layout = workload.make_layout(vocab=503, prompts=3, seed=0)
+    B, T = layout.target_ids.shape
+    assert B == 3 * workload.GENERATIONS
+    mask = layout.completion_mask
+    lengths = mask.sum(1)
+    assert int(lengths.max()) == T and bool((mask == (torch.arange(T) < lengths[:, None])).all())  # right-padded
+    tok = workload.BenchTokenizer(503)
+    assert bool((layout.target_ids[~mask] == tok.pad_token_id).all())
+    assert bool((layout.target_ids.gather(1, (lengths - 1)[:, None]) == tok.eos_token_id).all())  # EOS in the mask
+    # Items from the library's segmentation, advantages from its reward functions, as RankGRPOTrainer does.
+    segments = segment_items(layout.target_ids, mask, line_table(tok, 503), workload.REC_NUM,
+                             eos_token_id=tok.eos_token_id, skip_blank_lines=True)
+    assert torch.equal(layout.item_ids, segments.item_ids)
+    advantages = rank_advantages(rank_rewards(layout.hits, "exp_inf"), workload.GENERATIONS, scale="group")
+    assert torch.equal(layout.rank_advantages, advantages)
+    assert torch.equal(layout.advantages, token_advantages(advantages, segments, length_shaping=True))
+    emitted = segments.items_emitted
+    assert bool((emitted < workload.REC_NUM).any()) or bool(segments.overflow_mask.any())
+    stats = workload.layout_stats(layout)
+    assert 0 < stats["padding_share"] < 0.5 and 0.5 < stats["zero_advantage_share"] < 1
+    assert 0 < stats["gradient_share_beta0"] < 1 - stats["padding_share"]
+    assert stats["positions"] == B * T and stats["completion_tokens"] == int(mask.sum())
+    # Ranks that no completion of a group hit have advantage exactly 0 for the whole group.
+    grouped = layout.hits.view(3, workload.GENERATIONS, -1)
+    missed = (grouped == 0).all(1).repeat_interleave(workload.GENERATIONS, 0)
+    assert bool(missed.any()) and bool((layout.rank_advantages[missed] == 0).all())
+    # Tokens that enter a GEMM: fewer at beta = 0 (items with advantage 0 everywhere drop out).
+    loss_tokens = int((mask & (layout.item_ids >= 0)).sum())
+    counts = {n: workload.gemm_tokens(layout, s) for n, s in workload.SETTINGS.items()}
+    assert counts["beta1e-3"] == loss_tokens and 0 < counts["beta0"] == counts["offpolicy"] < loss_tokens
+    assert counts["beta0"] == stats["gradient_tokens_beta0"]
+
+
+def test_every_setting_builds_a_batch(bench, workload):
+    import batches
+
+    shape, cpu = bench.parse_shape("16x503@256"), torch.device("cpu")
+    for name, setting in workload.SETTINGS.items():
+        batch = batches.REALISTIC.batch(shape, name, torch.float32, cpu)
+        assert batch.setting == name and batch.settings == setting.loss_settings()
+        assert batch.settings["loss_type"] == "bnpo" and batch.settings["epsilon_low"] == 0.06
+        inputs = batch.loss_inputs
+        assert (inputs["old_logps"] is not None) == setting.old_logps
+        assert (inputs["ref_logps"] is not None) == setting.ref_logps
+        stats = batches.clip_stats(batch.logps, inputs, setting)
+        if name == "offpolicy":
+            assert stats["clip_fraction"] > 0.2 and stats["clip_ratio_region"] > 0
+        else:
+            assert stats["clip_fraction"] < 0.05
+        assert ("kl" in stats) == setting.ref_logps
+    assert workload.SETTINGS["beta0"].beta == 0 and workload.SETTINGS["beta1e-3"].beta == 1e-3
+
+
+def test_tiny_realistic_run(bench, child, tmp_path, capsys):
+    """The default workload end to end at one setting: its GEMM rows, both ratios, the shares and TRL's peer."""
+    assert bench.main(["--device", "cpu", "--shapes", "32x1001@256", "--providers", "eager,torch,trl",
+                       "--settings", "offpolicy", "--reps", "1", "--no-segmentation", "--no-breakdown",
+                       "--out", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert "| custom-32x1001@256 | offpolicy | 3 GEMMs (loss tokens) |" in table
+    assert "| x 3 GEMM | x 3 GEMM (loss tokens) |" in table and "| padding share | zero-advantage share |" in table
+    report = _report(tmp_path)
+    assert report["workload"]["kind"] == "realistic" and set(report["workload"]["settings"]) == {"offpolicy"}
+    shares = report["workloads"]["custom-32x1001@256"]
+    assert shares["padding_share"] > 0 and shares["zero_advantage_share"] > 0 and shares["prompts"] == 1
+    assert shares["settings"]["offpolicy"]["clip_fraction"] > 0.2
+    rows = {r["provider"]: r for r in report["results"]}
+    assert all(r["setting"] == "offpolicy" for r in rows.values())
+    every, needed = rows["3 GEMMs (all positions)"], rows["3 GEMMs (loss tokens)"]
+    assert every["gemm_tokens"] == shares["positions"] and needed["gemm_tokens"] == shares["gradient_tokens_beta0"]
+    for name in ("eager", "torch", "trl"):
+        row = rows[name]
+        if name == "trl" and importlib.util.find_spec("trl") is None:
+            assert row["status"] == "skipped: package trl not installed"
+            continue
+        assert row["status"] == "ok", row
+        assert row["max_rel_error"] <= child.TOLERANCE[torch.float32] and row["positions"] == shares["positions"]
+        assert row["vs_three_gemm_loss_tokens"] > row["vs_three_gemm"] > 0
+        assert row["gemm_tokens"] == needed["gemm_tokens"] and row["time_vs_eager"] > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl not installed")
+def test_trl_peer_matches_eager_with_reference_log_probs(bench, child, tmp_path):
+    """In this process: TRL's ChunkedLogProbFunction + our loss at beta 1e-3 (old and reference log-probs)."""
+    from batches import REALISTIC
+
+    shape, cpu = bench.parse_shape("16x503@256"), torch.device("cpu")
+    child.save_references(shape, torch.float32, cpu, tmp_path, False, REALISTIC, "beta1e-3")
+    row = child.provider_row("trl", shape, torch.float32, cpu, 1, tmp_path, work=REALISTIC, setting="beta1e-3")
+    assert row["status"] == "ok" and row["max_rel_error"] < 1e-4 and row["setting"] == "beta1e-3"
+
+
+def test_trl_refusal_says_why(bench, monkeypatch):
+    import importlib.metadata
+
+    import providers
+
+    refuse, cpu = providers.PROVIDERS["trl"].refuse, torch.device("cpu")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else real(name, *a))
+    assert refuse(cpu, torch.float32) == "package trl not installed"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.21.0")
+    assert "needs trl >= 1.16" in refuse(cpu, torch.float32)
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.16.0")
+    assert refuse(cpu, torch.float32) is None
+
+
+def test_ours_run_where_the_backend_registry_says(bench):
+    """Every registered backend is benchmarked, and each of ours refuses exactly as the registry does."""
+    import providers
+
+    from rankgrpo_kernels import backends
+
+    ours = [p for p in providers.PROVIDERS.values() if p.backend is not None]
+    assert {p.backend for p in ours} == set(backends.names())
+    for device in (torch.device("cpu"), torch.device("cuda")):
+        for dtype in (torch.float64, torch.float32, torch.bfloat16):
+            for provider in ours:
+                assert provider.refuse(device, dtype) == backends.refusal(provider.backend, device, dtype)
