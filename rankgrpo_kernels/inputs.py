@@ -7,11 +7,10 @@ range) are collected as 0-dim flags and read with one host sync (``raise_on_bad_
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
-
-import dataclasses
 
 from . import backends
 from .contract import HeadSpec, LossSpec, TokenBatch, dense_groups
@@ -127,7 +126,7 @@ def token_batch(B, T, device, spec: LossSpec, *, item_ids, advantages, completio
     scale = normaliser(spec, mask, dtype, num_items_in_batch=num_items_in_batch, per_rank=per_rank)
 
     checks = [("advantages must be finite on tokens in the loss", (~torch.isfinite(per_token) & mask).any())]
-    if logps is not None:  # a non-finite log-prob would otherwise reach the loss (see README, "Non-finite inputs")
+    if logps is not None:  # a non-finite log-prob would otherwise reach the loss (docs/design.md, "Non-finite inputs")
         checks.append(("logps must be finite on tokens in the loss", (~torch.isfinite(logps) & mask).any()))
     for name, x in (("old_logps", old_logps), ("ref_logps", ref_logps)):
         if x is not None:

@@ -51,10 +51,11 @@ class RankGRPOLoss(nn.Module):
                               loss=loss, head=head, **batch)
 
     def from_logps(self, logps: torch.Tensor, *, item_ids, advantages, **batch):
-        """The same loss from per-token log-probs (B, T) (``rank_grpo_loss_from_logps``; the head's backend)."""
+        """The same loss from per-token log-probs (B, T) (``rank_grpo_loss_from_logps``; the head's backend). An
+        ``entropy_coef`` is refused there: the bonus needs the entropies' gradient, which only the fused head has."""
         loss, head = self._specs(batch)
         return rank_grpo_loss_from_logps(logps, item_ids=item_ids, advantages=advantages, backend=head.backend,
-                                         loss=dataclasses.replace(loss, entropy_coef=0.0), **batch)
+                                         loss=loss, **batch)
 
     def extra_repr(self) -> str:
         return f"loss={self.loss}, head={self.head}"

@@ -12,7 +12,7 @@ Products and sums in the output's precision (fp32 accumulation for half operands
     out.copy_(a.to(out.dtype) @ b.to(out.dtype))
     total.copy_(beta * total + alpha * (a.to(total.dtype) @ b.to(total.dtype)))      # beta = 0: no beta * total
 
-Half operands with an fp32 output go through ``out_dtype=`` (CUDA only; a CPU has no such GEMM, so ``lm_head``
+Half operands with an fp32 output go through ``out_dtype=`` (CUDA only; a CPU has no such GEMM, so the head
 upcasts there first). torch 2.8 and 2.9 take ``torch.mm(a, b, out_dtype=torch.float32)`` but refuse the in-place
 ``torch.addmm(total, a, b, out_dtype=torch.float32, out=total)`` ("self and mat2 must have the same dtype",
 pytorch#154086; relaxed in 2.10, pytorch#167931). So the first mixed-dtype call of each kind (mm or addmm, operand

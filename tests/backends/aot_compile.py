@@ -2,7 +2,7 @@
 registers, shared memory, spills (``ptxas -v`` with the ptxas Triton itself uses, and cuobjdump's local memory)
 and whether it loads with vector instructions.
 
-Run by tests/test_triton_aot.py in a fresh process, since TRITON_INTERPRET=1 replaces the kernels' JIT objects.
+Run by tests/backends/test_triton_aot.py in a fresh process, since TRITON_INTERPRET=1 replaces the kernels' JIT objects.
 """
 
 from __future__ import annotations

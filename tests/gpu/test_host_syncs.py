@@ -1,6 +1,6 @@
 """Host syncs of one ``rank_grpo_loss`` forward and backward at Qwen2.5-0.5B's head with ``RANKGRPO_VALIDATE=0``,
 counted as the warnings of ``torch.cuda.set_sync_debug_mode("warn")`` after a warm-up call (JIT compiles, the GEMM
-probe, caches). On a CPU ``tests/test_host_syncs.py`` checks the input layer alone."""
+probe, caches). On a CPU ``tests/head/test_host_syncs.py`` checks the input layer alone."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Registers and spills of the Triton kernels as JIT-compiled on this device, after a fused loss and the row pass's
-variants at Qwen2.5-0.5B's head (``tests/test_triton_aot.py`` reports the ahead-of-time compile for sm_90a and sm_80
-in CI)."""
+variants at Qwen2.5-0.5B's head (``tests/backends/test_triton_aot.py`` reports the ahead-of-time compile for sm_90a
+and sm_80 in CI)."""
 
 from __future__ import annotations
 

@@ -54,8 +54,8 @@ load precedes its store, so every fp32 column a store overwrites has been loaded
 earlier one) and is never read again; rows are disjoint. On a GPU the threads of a program do not run in lockstep,
 so a barrier separates each block's loads (all threads) from its stores: a thread that runs ahead cannot overwrite
 a column that a lagging thread has yet to load. Prefetching later blocks early stays safe (they start at c0 + B).
-The target logit is loaded before the first barrier. ``tests/test_row_pass_kernels.py`` checks the result in place
-(walking the blocks in decreasing order instead fails it).
+The target logit is loaded before the first barrier. ``tests/backends/test_row_pass_kernels.py`` checks the result
+in place (walking the blocks in decreasing order instead fails it).
 
 Equivalent PyTorch::
 

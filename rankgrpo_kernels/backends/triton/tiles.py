@@ -1,6 +1,6 @@
 """Fixed launch settings of the Triton kernels, in one dataclass per kernel (no autotuning, so results stay
 reproducible). Each was chosen from the compiled sm_90a and sm_80 code: every value stays in registers
-(``tests/test_triton_aot.py`` fails on any spill).
+(``tests/backends/test_triton_aot.py`` fails on any spill).
 
 The row pass (``row_pass_kernel.py``: one program per row of fp32 logits, no matrix units; the GEMMs are
 cuBLAS's) has an
