@@ -1,7 +1,8 @@
 """The Rank-GRPO maths in plain, readable torch: the spec every backend is tested against.
 
 Nothing here is fast and nothing is clever. Gradients come from autograd, groups from ``torch.unique``, and the
-eager baseline holds the full (tokens x vocab) logits. Every function runs in float64.
+eager baseline holds the full (tokens x vocab) logits. Every function computes in the dtype of its inputs (the
+logits in at least float32): give it float64 inputs for the spec's precision, as the tests do.
 
 Notation (see ``docs/rank-grpo-math.md``): ``l_t`` log-prob of token t under the policy, ``o_t`` under the
 behaviour (old) policy, ``r_t`` under the reference policy, ``a_t`` the token's advantage, ``M_t`` the loss mask.
