@@ -1,10 +1,11 @@
 """Build script. Metadata lives in pyproject.toml.
 
-The optional CUDA extension ``rankgrpo_kernels.backends.cuda._C`` (``csrc/``: the kernels of ``backend="cuda"``)
-is built only when torch is importable at build time, is a CUDA build, and a CUDA toolchain (nvcc under
-``CUDA_HOME``) is found. pip's build isolation hides the installed torch, so prebuilding takes ``pip install --no-build-isolation .``; every
-other install is the plain pure-Python one, and ``backend="cuda"`` then compiles ``csrc/`` just in time on first
-use. ``RANKGRPO_BUILD_CUDA=0`` skips the extension, ``RANKGRPO_BUILD_CUDA=1`` makes a missing prerequisite an error.
+The optional CUDA extension ``rankgrpo_kernels.backends.cuda._C`` (``csrc/``: the kernels of ``backend="cuda"``) is
+built only when torch is importable at build time, is a CUDA build, and a CUDA toolchain (nvcc under ``CUDA_HOME``)
+is found. pip's build isolation hides the installed torch, so prebuilding takes ``pip install --no-build-isolation
+.``; every other install is the plain pure-Python one, and ``backend="cuda"`` then compiles ``csrc/`` just in time
+on first use. ``RANKGRPO_BUILD_CUDA=0`` skips the extension, ``RANKGRPO_BUILD_CUDA=1`` makes a missing prerequisite
+an error.
 
 The sources of that JIT build travel in every wheel: ``build_py`` copies ``csrc/*.cu, *.cuh, *.h, *.cpp`` into
 ``rankgrpo_kernels/csrc/`` of the build (the repository's top-level ``csrc/`` stays the only copy in git), where

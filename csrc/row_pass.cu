@@ -14,7 +14,8 @@
 // kernel with D' = [g (onehot(y) - p) - e p (z - lse + H)] S'(u) (the caller scales rows by s / T); the row pass's
 // write is its case g = 1, e = 0. Without a softcap z = (logits + b) (s / T): one multiply, as with s = 1 before.
 // tanhf gives S, and S' = 4 q / (1 + q)^2 with q = exp(-2 |u / c|) (no cancellation of 1 - tanh^2 near |tanh| = 1).
-// A NaN or +inf logit makes the row's lse, logp and D NaN (or inf). Mirrors rankgrpo_kernels/kernels/row_pass.py.
+// A NaN or +inf logit makes the row's lse, logp and D NaN (or inf).
+// Mirrors rankgrpo_kernels/backends/triton/row_pass_kernel.py.
 //
 // One block per row; every sum runs in a fixed order (thread-strided partials, warp butterflies, warps in order
 // through shared memory): deterministic, no atomics. Bytes moved per logit (g = grad itemsize, 0 without D; the

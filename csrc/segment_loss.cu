@@ -1,6 +1,7 @@
 // The Rank-GRPO segment loss with its analytic gradient g_t = dL/dl_t: one block per row, O(T) per row of T tokens
 // (plus O(items)), every sum in a fixed order (deterministic, no atomics, no host sync).
-// Mirrors rankgrpo_kernels/kernels/segment_loss.py (ties, delta, the LOG_RATIO_LIMIT clamp, loss types, KL).
+// Mirrors rankgrpo_kernels/backends/triton/segment_loss_kernel.py (ties, delta, the LOG_RATIO_LIMIT clamp, loss
+// types, KL).
 //
 // Row i has T tokens; group[t] is the token's row-relative item id in [0, num_bins) or -1 outside the loss.
 // With c_t the loss type's weight (grpo 1/(normaliser M_i), M_i the row's loss tokens; bnpo, dr_grpo, dapo
@@ -21,7 +22,7 @@
 // block barriers. Each bin is thus summed chunk by chunk, warp by warp, lane by lane: a fixed order. Per chunk the
 // work is a load per token, at most 32 shared-memory adds per lane and kWarps barriers: O(T) per row.
 //
-// Equivalent PyTorch: rankgrpo_kernels.backends.torch_backend.segment_loss(batch, cfg).
+// Equivalent PyTorch: rankgrpo_kernels.backends.torch.segment_loss(batch, spec=spec).
 #include "common.cuh"
 
 namespace rankgrpo {

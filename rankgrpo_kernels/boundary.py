@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 
-# The schema type of each field annotation of the dataclasses above (``from __future__ import annotations`` keeps
+# The schema type of each field annotation of the specs (``contract.py``; ``from __future__ import annotations`` keeps
 # them as strings).
 _SCHEMA_TYPES = {"float": "float", "float | None": "float?", "int": "int", "int | None": "int?", "bool": "bool",
                  "str": "str", "torch.Tensor": "Tensor", "torch.Tensor | None": "Tensor?"}
 
 
 def op_fields(cls) -> list[tuple[str, str]]:
-    """(name, schema type) of each field of the dataclass ``cls`` (its subclasses' fields included), in order."""
+    """(name, schema type) of each field of the dataclass ``cls`` (its base classes' fields included), in order."""
     fields = []
     for field in dataclasses.fields(cls):
         annotation = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")

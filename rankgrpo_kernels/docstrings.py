@@ -43,8 +43,8 @@ LOSS_DOC = """
             importance-sampling correction (vLLM's sampler against the trainer), an off-policy or entropy mask.
         rec_num: N of the paper form (default K of per-rank advantages; required with per-token advantages).
         entropy: optional (B, T) per-token entropies, only averaged into the statistics.
-        loss, head: the settings as specs (``LossSpec``, ``HeadSpec``) instead of keywords; the keywords they hold
-            must then stay at their defaults.
+        loss: the loss settings as a ``LossSpec`` instead of keywords (``rank_grpo_loss`` also takes ``head``, a
+            ``HeadSpec``); the keywords a given spec holds must then stay at their defaults.
 """
 
 NON_FINITE_DOC = """

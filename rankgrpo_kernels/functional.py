@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from . import backends
 from .contract import HeadSpec, LossSpec, stats_dict
 from .docstrings import LOSS_DOC, NON_FINITE_DOC, doc
 from .head.sharded import shard_range, sharded_logprobs
@@ -86,7 +87,7 @@ def rank_grpo_loss_from_logps(
         num_items_in_batch=num_items_in_batch, entropy=entropy, logps=logps, policy_weights=policy_weights,
     )
     raise_on_bad_values(checks)
-    head = resolve_head(HeadSpec(backend=backend), logps.device, logps.dtype)
+    head = HeadSpec(backend=backends.choose(backend, logps.device, logps.dtype))  # no logits here: no budget
     total, stats, row_clipped, _ = OPS.loss_from_logps(batch, spec, head)
     return total, stats_dict(stats.detach(), row_clipped, batch.mask, ref_logps is not None, entropy is not None)
 
@@ -216,8 +217,9 @@ def fused_logprobs(
     recomputes the logits of the tokens with a non-zero gradient (``head/recompute.py``). Use it under
     ``torch.no_grad()`` for old and reference log-probs. ``mask`` (B, T) bool/int (e.g. the completion mask):
     only its tokens enter the GEMMs, the others get log-prob and entropy 0 and no gradient (their targets may be
-    anything); listing them costs one host sync. Shapes, dtypes, ``backend``, ``memory_budget_bytes`` and
-    ``process_group`` (a vocabulary-parallel head) as in ``rank_grpo_loss``.
+    anything); listing them costs one host sync. Shapes, dtypes, ``backend``, ``memory_budget_bytes``,
+    ``process_group`` (a vocabulary-parallel head) and ``head`` (the head's settings as a ``HeadSpec``) as in
+    ``rank_grpo_loss``.
     """
     head = spec_from(HeadSpec, head, "head", temperature=temperature, logit_scale=logit_scale,
                      logit_softcap=logit_softcap, memory_budget_bytes=memory_budget_bytes, backend=backend)

@@ -30,6 +30,8 @@ def check_tensor(x, name, shape=None, kind="float", device=None, optional=False)
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if kind == "int" and (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool):
         raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
+    if kind == "mask" and (x.dtype.is_floating_point or x.dtype.is_complex):
+        raise TypeError(f"{name} must be a bool or integer tensor (a mask), got {x.dtype}")
     if shape is not None and tuple(x.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
     if device is not None and x.device != device:
@@ -114,7 +116,7 @@ def token_batch(B, T, device, spec: LossSpec, *, item_ids, advantages, completio
     check_tensor(ref_logps, "ref_logps", (B, T), "float", device, optional=True)
     check_tensor(entropy, "entropy", (B, T), "float", device, optional=True)
     check_tensor(policy_weights, "policy_weights", (B, T), "float", device, optional=True)
-    check_tensor(entropy_mask, "entropy_mask", (B, T), None, device, optional=True)
+    check_tensor(entropy_mask, "entropy_mask", (B, T), "mask", device, optional=True)
     if spec.beta != 0.0 and ref_logps is None:
         raise ValueError(f"beta={spec.beta} needs ref_logps (or set beta=0.0)")
 

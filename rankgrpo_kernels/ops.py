@@ -21,6 +21,8 @@ Gradients that are not needed come back as empty tensors.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
@@ -231,7 +233,8 @@ class Ops:
         logp, entropy = sharded.sharded_logprobs(hidden, weight, bias, targets, batch.mask.reshape(-1), vocab_start,
                                                  head, compute_entropy, group)
         B, T = batch.mask.shape
-        batch.logps, batch.entropy = logp.view(B, T), None if entropy is None else entropy.view(B, T)
+        batch = dataclasses.replace(batch, logps=logp.view(B, T),
+                                    entropy=None if entropy is None else entropy.view(B, T))
         loss, stats, row_clipped, _ = self.loss_from_logps(batch, spec, head)
         if spec.entropy_coef != 0.0:
             weights, count = fused.entropy_bonus_weights(batch, loss.dtype)

@@ -7,5 +7,6 @@ fused.py      the fused loss: loss and gradients in one forward, with the entrop
 recompute.py  log-probs, and their gradients recomputed in the backward
 sharded.py    the vocabulary-parallel head over the recompute path
 
-Only ``ops.py`` (and the argument checks, for ``sharded.check_not_sharded_parameter``) call into it.
+``ops.py`` runs it; the public functions and the argument checks use ``sharded.py``'s collectives
+(``shard_range``, ``sharded_logprobs``, ``check_not_sharded_parameter``) for a vocabulary-parallel head.
 """

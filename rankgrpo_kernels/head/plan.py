@@ -2,7 +2,7 @@
 GEMMs.
 
 Cost follows the gradient (``token_plan``). Only the tokens the loss needs enter a GEMM: those in the loss
-(``batch.mask``), less, when nothing else reads them (``beta = 0``, no ``ref_logps``, no entropy asked), the tokens
+(``batch.mask``), less, when nothing else reads them (``beta = 0``, no ``ref_logps``, no entropy bonus), the tokens
 of items whose every advantage is 0, which carry no loss and no gradient. They are listed once per call, in row
 order, with one device-to-host copy that also fixes the chunks: runs of at most ``tokens_per_chunk`` listed tokens
 that never split an item.

@@ -86,3 +86,18 @@ def test_the_module_holds_the_specs_and_a_call_may_override_a_field():
         RankGRPOLoss(clip=0.2)
     with pytest.raises(ValueError, match=r"loss= holds \['beta'\]"):
         RankGRPOLoss(loss=LossSpec(), beta=0.1)
+
+
+def test_a_float_entropy_mask_is_refused():
+    hidden, weight, targets, _, kwargs = _inputs()
+    with pytest.raises(TypeError, match="entropy_mask must be a bool or integer tensor"):
+        rank_grpo_loss(hidden, weight, targets, entropy_coef=0.1, entropy_mask=torch.full((3, 7), 0.5), **kwargs)
+
+
+def test_the_loss_from_log_probs_reads_no_memory_budget(monkeypatch):
+    """No logits there: a budget set for the head (even one the head would refuse) does not concern it."""
+    _, _, _, logps, kwargs = _inputs()
+    want, _ = rank_grpo_loss_from_logps(logps, beta=1e-3, **kwargs)
+    monkeypatch.setenv("RANKGRPO_MEMORY_BUDGET", "1000")
+    got, _ = rank_grpo_loss_from_logps(logps, beta=1e-3, **kwargs)
+    assert torch.equal(got, want)

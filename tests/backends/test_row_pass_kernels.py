@@ -1,5 +1,5 @@
-"""The Triton row pass (``rankgrpo_kernels/kernels/row_pass.py``) against a float64 torch formula of its contract,
-run by Triton's interpreter on the CPU (natively on a GPU).
+"""The Triton row pass (``rankgrpo_kernels/backends/triton/row_pass_kernel.py``) against a float64 torch formula of
+its contract, run by Triton's interpreter on the CPU (natively on a GPU).
 
 Tolerances: logp, lse and entropy are fp32 sums in another order than the float64 formula: 1e-5 relative. ``D``
 written in fp32 carries the same ~1e-6 relative error of ``exp(z - lse)``. Written in bf16 / fp16, ``D`` is that

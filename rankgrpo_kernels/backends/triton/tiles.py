@@ -2,11 +2,10 @@
 reproducible). Each was chosen from the compiled sm_90a and sm_80 code: every value stays in registers
 (``tests/backends/test_triton_aot.py`` fails on any spill).
 
-The row pass (``row_pass_kernel.py``: one program per row of fp32 logits, no matrix units; the GEMMs are
-cuBLAS's) has an
-entry per gradient dtype, ``RowPassConfig``: rows up to ``single_block`` = 16384 columns are held whole in registers
-by 32 warps (16 floats a thread, 41-63 registers: one 1024-thread program per SM), longer rows are walked 2048
-columns at a time by 8 warps (~55 registers: several programs per SM hide the latency of the loads). Hopper and
+The row pass (``row_pass_kernel.py``: one program per row of fp32 logits, no matrix units; the GEMMs are cuBLAS's)
+has an entry per gradient dtype, ``RowPassConfig``: rows up to ``single_block`` = 16384 columns are held whole in
+registers by 32 warps (16 floats a thread, 41-63 registers: one 1024-thread program per SM), longer rows are walked
+2048 columns at a time by 8 warps (~55 registers: several programs per SM hide the latency of the loads). Hopper and
 Ampere share them today. With a softcap the slope S'(u) is held next to each probability, so rows are held whole up
 to 8192 columns (16 floats a thread again). Under ``TRITON_INTERPRET=1`` (CPU) wide blocks keep the numpy
 interpreter fast.
