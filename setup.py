@@ -5,13 +5,16 @@ built only when torch is importable at build time, is a CUDA build, and a CUDA t
 is found. pip's build isolation hides the installed torch, so prebuilding takes ``pip install --no-build-isolation
 .``; every other install is the plain pure-Python one, and ``backend="cuda"`` then compiles ``csrc/`` just in time
 on first use. ``RANKGRPO_BUILD_CUDA=0`` skips the extension, ``RANKGRPO_BUILD_CUDA=1`` makes a missing prerequisite
-an error.
+an error. The extension is compiled for every architecture of ``rankgrpo_kernels/backends/cuda/archs.py`` this nvcc
+supports (sm_80, sm_90a, sm_100a, sm_120 and PTX of the newest: a portable wheel, built with or without a GPU), unless
+``TORCH_CUDA_ARCH_LIST`` names others; that file is loaded by path (the package itself needs torch at import).
 
 The sources of that JIT build travel in every wheel: ``build_py`` copies ``csrc/*.cu, *.cuh, *.h, *.cpp`` into
 ``rankgrpo_kernels/csrc/`` of the build (the repository's top-level ``csrc/`` stays the only copy in git), where
 ``backends/cuda/loader.py`` looks first. The sdist carries ``csrc/`` through MANIFEST.in.
 """
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -41,6 +44,15 @@ class BuildPyWithSources(build_py):
         return [*super().get_outputs(include_bytecode), *(str(target / p.name) for p in csrc_files())]
 
 
+def load_archs():
+    """``rankgrpo_kernels/backends/cuda/archs.py`` as a module of its own, without importing the package."""
+    path = Path(__file__).resolve().parent / "rankgrpo_kernels" / "backends" / "cuda" / "archs.py"
+    spec = importlib.util.spec_from_file_location("rankgrpo_cuda_archs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def cuda_build_options() -> dict:
     """``setup()`` keywords that build the extension, or {} (with the reason printed) when it cannot be built."""
     mode = os.environ.get("RANKGRPO_BUILD_CUDA", "auto")
@@ -58,8 +70,10 @@ def cuda_build_options() -> dict:
             missing = "no CUDA toolkit found (install nvcc and set CUDA_HOME)"
         else:
             sources = [str(CSRC / "binding.cpp"), *map(str, sorted(CSRC.glob("*.cu")))]
+            nvcc = str(Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc")
+            nvcc_flags = ["-O3", *load_archs().arch_flags(nvcc, portable=True)]
             extension = cpp_extension.CUDAExtension("rankgrpo_kernels.backends.cuda._C", sources,
-                                                    extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
+                                                    extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags})
             return {"ext_modules": [extension], "cmdclass": {"build_ext": cpp_extension.BuildExtension}}
     if mode == "1":
         raise RuntimeError(f"RANKGRPO_BUILD_CUDA=1 but the CUDA extension cannot be built: {missing}")

@@ -1,38 +1,40 @@
-"""One job of a run in a fresh process (``run.py --child JOB``), so that allocator state, thread pools and compile
-caches in memory do not leak from one provider into the next: the eager yardstick of a shape and setting, the GEMM
-floors, or one provider checked against the yardstick, then measured. ``in_child`` is the parent's side: it starts
-the process and reads back the JSON object the job prints last."""
+"""One worker process of a run (``run.py --child NAME``), alive for one shape and every loss setting of it: the eager
+yardstick (``reference``), the GEMM floors (``gemm``) or one provider. A fresh interpreter each, so that allocator
+state, thread pools and compile caches in memory do not leak from one provider into the next.
+
+``setup`` does all that is not timed, while every other worker of the shape waits: the yardsticks saved to disk; the
+floor's buffers; a provider's batch per setting, its first call (the warm-up, and the ``1st call`` column: any
+compilation), its check against the yardstick and its peak memory, then (after every setting) the breakdown of ours
+and the forward alone. ``visit`` then times one run of a job, once per round (``rounds.py``): a setting for a
+provider, a token count for the floor. ``rounds.serve`` carries the commands over the worker's stdin and stdout."""
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import subprocess
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import workload as wl
-from batches import DENSE, Work, clip_stats
+from batches import Work, clip_stats
 from measure import (
-    MALLOC_ENV,
+    GemmFloor,
     allocate_as_usual,
     breakdown,
     fwd_bwd,
     fwd_only,
-    gemm_seconds,
     peak_memory_here,
-    percentile,
     synchronize,
     timings,
+    visit_seconds,
 )
 from providers import PROVIDERS, Unavailable, token_level_inputs
+from rounds import serve
+from shapes import HeadShape
 
 from rankgrpo_kernels.reference import reference_loss
 
-RUN_PY = Path(__file__).resolve().parent / "run.py"
 TOLERANCE = {torch.float32: 2e-3, torch.float64: 1e-9, torch.bfloat16: 5e-2, torch.float16: 2e-2}
 
 
@@ -47,102 +49,141 @@ def relative_error(got, want) -> float:
                for g, w in zip(got, want))
 
 
-def reference_files(ref_dir) -> dict:
-    return dict(eager=Path(ref_dir) / "eager.pt", token_level=Path(ref_dir) / "token_level.pt")
+@dataclass(frozen=True)
+class Job:
+    """What every worker of a shape builds alike (from ``run.py``'s flags): the shape, dtype, device and workload,
+    the folder of the yardsticks, and what a provider measures besides its visits."""
+
+    shape: HeadShape
+    dtype: torch.dtype
+    device: torch.device
+    work: Work
+    ref_dir: Path
+    reps: int = 1  # forward-alone runs (``fwd``)
+    breakdown: bool = False
+    fwd: bool = False
+    token_level: bool = False  # the yardstick also on the token-level inputs (a provider needs it)
+
+    def yardstick(self, setting, token_level=False) -> Path:
+        return self.ref_dir / setting / ("token_level.pt" if token_level else "eager.pt")
+
+    def batch(self, setting):
+        return self.work.batch(self.shape, setting if self.work.realistic else None, self.dtype, self.device)
 
 
-def save_references(shape, dtype, device, ref_dir, token_level, work: Work = DENSE, setting=None) -> dict:
-    """The yardsticks of one shape and setting: eager on the batch, and on its token-level form if a provider needs
-    it. On the realistic workload also the setting's clip statistics (``batches.clip_stats``)."""
-    batch = work.batch(shape, setting, dtype, device)
-    files = reference_files(ref_dir)
-    torch.save([x.cpu() for x in eager_result(batch, batch.loss_inputs)], files["eager"])
-    if token_level:
-        torch.save([x.cpu() for x in eager_result(batch, token_level_inputs(batch))], files["token_level"])
-    out = {"saved": [str(p) for p in files.values() if p.exists()]}
-    if work.realistic:
-        out["setting_stats"] = clip_stats(batch.logps, batch.loss_inputs, work.setting(setting))
-    return out
+class Reference:
+    """The eager loss and gradients of every setting, saved for the providers' checks (and, on the realistic
+    workload, each setting's clip statistics, ``batches.clip_stats``)."""
+
+    def __init__(self, job: Job):
+        self.job = job
+
+    def setup(self) -> dict:
+        stats = {}
+        for setting in self.job.work.setting_names():
+            batch = self.job.batch(setting)
+            self.job.yardstick(setting).parent.mkdir(parents=True, exist_ok=True)
+            torch.save([x.cpu() for x in eager_result(batch, batch.loss_inputs)], self.job.yardstick(setting))
+            if self.job.token_level:
+                torch.save([x.cpu() for x in eager_result(batch, token_level_inputs(batch))],
+                           self.job.yardstick(setting, token_level=True))
+            if self.job.work.realistic:
+                stats[setting] = clip_stats(batch.logps, batch.loss_inputs, self.job.work.setting(setting))
+        return dict(settings=stats)
 
 
-def realistic_gemms(shape, work, dtype, device, reps) -> dict:
-    """The realistic workload's GEMM floors: over all B x T positions, and per setting over the tokens its loss
-    needs in a GEMM (``workload.gemm_tokens``); also the workload's shares (``workload.layout_stats``)."""
-    layout = work.layout(shape)
-    stats = wl.layout_stats(layout)
-    counts = {name: wl.gemm_tokens(layout, work.setting(name)) for name in work.setting_names()}
-    timed = {n: gemm_seconds(n, shape.hidden, shape.vocab, dtype, device, reps)
-             for n in sorted({stats["positions"], *counts.values()}, reverse=True)}
-    return dict(all=timed[stats["positions"]], loss_tokens={name: timed[n] for name, n in counts.items()},
-                gemm_tokens=counts, layout=stats)
+class Floor:
+    """The GEMM floors: over all positions and, on the realistic workload, over each setting's GEMM tokens
+    (``workload.gemm_tokens``); a visit's job is the token count."""
+
+    def __init__(self, job: Job):
+        self.job = job
+        self.gemms = None
+
+    def setup(self) -> dict:
+        job, shape = self.job, self.job.shape
+        out = dict(positions=shape.tokens)
+        if job.work.realistic:
+            layout = job.work.layout(shape)
+            stats = wl.layout_stats(layout)
+            counts = {name: wl.gemm_tokens(layout, job.work.setting(name)) for name in job.work.setting_names()}
+            out = dict(positions=stats["positions"], gemm_tokens=counts, layout=stats)
+        self.gemms = GemmFloor(out["positions"], shape.hidden, shape.vocab, job.dtype, job.device)
+        return out
+
+    def visit(self, job: str) -> dict:
+        return self.gemms.visit(max(1, int(job)))
 
 
-def provider_row(name, shape, dtype, device, reps, ref_dir, want_breakdown=False, want_fwd=False,
-                 work: Work = DENSE, setting=None) -> dict:
-    """Check one provider against the saved yardstick, then time it and measure its memory (one process)."""
-    provider = PROVIDERS[name]
-    row = dict(provider=name, **shape.fields(work.setting(setting).name if work.realistic else None))
-    batch = work.batch(shape, setting, dtype, device)
-    row["positions"] = batch.target_ids.numel()
-    try:
-        loss_fn = provider.build(batch)
-    except Unavailable as exc:
-        return dict(row, status=f"skipped: {exc}")
-    synchronize(device)
-    t0 = time.perf_counter()
-    got = fwd_bwd(loss_fn, batch)  # the warm-up (and any compilation)
-    synchronize(device)
-    row["first_call_ms"] = 1e3 * (time.perf_counter() - t0)
-    want = torch.load(reference_files(ref_dir)["token_level" if provider.token_level else "eager"],
-                      map_location=device)
-    error = relative_error(got, want)
-    del got, want
-    row["max_rel_error"] = error
-    if not error <= TOLERANCE[dtype]:
-        return dict(row, status=f"wrong: relative error {error:.2e} > {TOLERANCE[dtype]:.0e}")
-    row["peak_mib"] = peak_memory_here(loss_fn, batch, device) / 2**20
-    if device.type == "cpu":
-        allocate_as_usual()
-    both = timings(lambda: fwd_bwd(loss_fn, batch), reps, device, warm_up=False)  # warm: the check and memory runs
-    median = statistics.median(both)
-    row.update(status="ok", fwd_bwd_ms=1e3 * median, fwd_bwd_p20_ms=1e3 * percentile(both, 0.2),
-               fwd_bwd_p80_ms=1e3 * percentile(both, 0.8), fwd_bwd_runs_ms=[1e3 * t for t in both],
-               tokens_per_s=row["positions"] / median)
-    if want_fwd:
-        row["fwd_ms"] = 1e3 * statistics.median(timings(lambda: fwd_only(loss_fn, batch), reps, device))
-    if want_breakdown and provider.backend is not None:
+class Provider:
+    """One provider at every setting: checked against the yardstick and measured in ``setup``; a visit's job is the
+    setting."""
+
+    def __init__(self, name: str, job: Job):
+        self.name, self.job, self.provider = name, job, PROVIDERS[name]
+        self.ready = {}  # setting -> (loss_fn, batch) of the settings that passed the check
+
+    def _check(self, setting) -> dict:
+        """Build, first call, check and peak memory at one setting (with glibc as ``MALLOC_ENV`` left it)."""
+        job = self.job
+        row = dict(provider=self.name, ours=self.provider.backend is not None,
+                   **job.shape.fields(setting if job.work.realistic else None))
+        batch = job.batch(setting)
+        row["positions"] = batch.target_ids.numel()
         try:
-            row["breakdown"] = breakdown(loss_fn, batch, provider.backend, device)
-        except Exception as exc:  # the figures above stand without it
-            row["breakdown"] = dict(error=f"{type(exc).__name__}: {exc}")
-    return row
+            loss_fn = self.provider.build(batch)
+        except Unavailable as exc:
+            return dict(row, status=f"skipped: {exc}")
+        synchronize(job.device)
+        t0 = time.perf_counter()
+        got = fwd_bwd(loss_fn, batch)  # the warm-up (and any compilation)
+        synchronize(job.device)
+        row["first_call_ms"] = 1e3 * (time.perf_counter() - t0)
+        want = torch.load(job.yardstick(setting, self.provider.token_level), map_location=job.device)
+        error = relative_error(got, want)
+        del got, want
+        row["max_rel_error"] = error
+        if not error <= TOLERANCE[job.dtype]:
+            return dict(row, status=f"wrong: relative error {error:.2e} > {TOLERANCE[job.dtype]:.0e}")
+        row["peak_mib"] = peak_memory_here(loss_fn, batch, job.device) / 2**20
+        self.ready[setting] = (loss_fn, batch)
+        return dict(row, status="ok")
+
+    def setup(self) -> dict:
+        job = self.job
+        rows = {setting: self._check(setting) for setting in job.work.setting_names()}
+        if job.device.type == "cpu":
+            allocate_as_usual()
+        for setting, (loss_fn, batch) in self.ready.items():
+            if job.fwd:
+                rows[setting]["fwd_ms"] = 1e3 * statistics.median(
+                    timings(lambda: fwd_only(loss_fn, batch), job.reps, job.device))
+            if job.breakdown and self.provider.backend is not None:
+                try:
+                    rows[setting]["breakdown"] = breakdown(loss_fn, batch, self.provider.backend, job.device)
+                except Exception as exc:  # the figures above stand without it
+                    rows[setting]["breakdown"] = dict(error=f"{type(exc).__name__}: {exc}")
+        if job.device.type == "cuda":
+            torch.cuda.empty_cache()  # idle, the worker holds its live tensors alone (``measure.visit_seconds``)
+        return dict(rows=rows)
+
+    def visit(self, job: str) -> dict:
+        loss_fn, batch = self.ready[job]
+        return visit_seconds(dict(seconds=lambda: fwd_bwd(loss_fn, batch)), self.job.device)
 
 
-def child_main(args, shape, dtype, device, work: Work) -> dict:
-    """The job ``args.child`` names, from ``run.py``'s parsed flags."""
-    if args.child == "reference":
-        return save_references(shape, dtype, device, args.ref_dir, args.token_level, work, args.setting)
-    if args.child == "gemm":
-        if work.realistic:
-            return realistic_gemms(shape, work, dtype, device, args.reps)
-        return gemm_seconds(shape.tokens, shape.hidden, shape.vocab, dtype, device, args.reps)
-    return provider_row(args.child, shape, dtype, device, args.reps, args.ref_dir, bool(args.breakdown), args.fwd,
-                        work, args.setting)
+def worker(name: str, job: Job):
+    """The worker ``run.py --child NAME`` serves."""
+    if name == "reference":
+        return Reference(job)
+    if name == "gemm":
+        return Floor(job)
+    if name not in PROVIDERS:
+        raise SystemExit(f"unknown worker {name!r}")
+    return Provider(name, job)
 
 
-def in_child(job, shape, dtype, device, reps, ref_dir, options=(), timeout=None) -> dict:
-    """Run ``job`` (a provider, ``reference`` or ``gemm``) for one shape in a fresh process; its last stdout line is
-    a JSON object. A process that fails gives ``{"error": ...}`` with the end of its stderr."""
-    cmd = [sys.executable, str(RUN_PY), "--child", job, "--shapes", shape.spec,
-           "--dtype", str(dtype).split(".")[-1], "--device", str(device), "--reps", str(reps),
-           "--ref-dir", str(ref_dir), *options]
-    env = dict(os.environ, **(MALLOC_ENV if device.type == "cpu" else {}))
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    lines = done.stdout.strip().splitlines()
-    if done.returncode == 0 and lines:
-        return json.loads(lines[-1])
-    tail = [line for line in done.stderr.strip().splitlines() if line.strip()][-3:]
-    return {"error": f"exit {done.returncode}: " + " | ".join(tail)[-400:]}
+def child_main(name: str, job: Job):
+    """Serve ``setup`` and ``visit`` of worker ``name`` until the controller closes the pipe."""
+    served = worker(name, job)
+    serve({command: getattr(served, command) for command in ("setup", "visit") if hasattr(served, command)})

@@ -17,6 +17,7 @@ from rankgrpo_kernels import backends
 # glibc, in every process of a CPU run until its memory is measured: blocks over 64 KiB come from mmap and go back to
 # the system when freed, and the heap is trimmed on every free, so the resident set follows live memory.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+VISIT_RUNS, VISIT_S = 10, 0.6  # a visit of the rounds: up to this many tries of each call while under this many s
 
 
 # --- time -----------------------------------------------------------------------------------------------------------
@@ -36,44 +37,70 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
+def seconds(fn, device) -> float:
+    """Seconds of one call of ``fn`` (CUDA events on a GPU)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def timings(fn, reps, device, warm_up=True) -> list[float]:
     """Seconds per call, after one warm-up call unless ``fn`` just ran."""
     if warm_up:
         fn()
-    out = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+    return [seconds(fn, device) for _ in range(reps)]
+
+
+def visit_seconds(calls: dict, device) -> dict:
+    """Seconds of each of ``calls`` (name -> function) in a round's visit (``rounds.py``): the calls in turn, again
+    and again, up to ``VISIT_RUNS`` times each and as often as fits in ``VISIT_S`` (at least once), and of each the
+    fastest. Other processes only ever slow a call down, so the fastest is the least disturbed, and taking turns
+    spreads each call's tries over the whole visit. On a GPU one untimed turn first and the allocator's cache emptied
+    after: an idle worker holds its live tensors alone, so every worker of a shape fits on the device at once, and
+    the timed calls find the cache as warm as back-to-back calls do. On the CPU glibc returns large blocks to the
+    system anyway."""
+    if device.type == "cuda":
+        for fn in calls.values():
             fn()
-            end.record()
-            torch.cuda.synchronize()
-            out.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
-    return out
+    runs = {name: [] for name in calls}
+    spent = 0.0
+    while spent < VISIT_S and len(runs[next(iter(runs))]) < VISIT_RUNS:
+        for name, fn in calls.items():
+            runs[name].append(seconds(fn, device))
+            spent += runs[name][-1]
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {name: min(times) for name, times in runs.items()}
 
 
-def percentile(values, q):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def gemm_seconds(tokens, hidden, vocab, dtype, device, reps) -> dict:
-    """Times of the LM head's GEMMs over ``tokens`` rows: logits ``h W^T`` alone, and with d_hidden ``dZ W`` and
+class GemmFloor:
+    """The LM head's GEMMs over the first ``n`` of up to ``tokens`` rows: logits ``h W^T``, d_hidden ``dZ W`` and
     d_weight ``dZ^T h`` (three: the floor of any exact method; four adds the logits' recomputation of a small-memory
-    backward). Into preallocated outputs: the products alone, without allocating or first touching their memory."""
-    tokens = max(1, int(tokens))
-    h = torch.randn(tokens, hidden, device=device, dtype=dtype)
-    w = torch.randn(vocab, hidden, device=device, dtype=dtype)
-    z = torch.randn(tokens, vocab, device=device, dtype=dtype)
-    z_out, h_out, w_out = torch.empty_like(z), torch.empty_like(h), torch.empty_like(w)
-    logits, d_hidden, d_weight = (statistics.median(timings(fn, reps, device)) for fn in (
-        lambda: torch.mm(h, w.T, out=z_out), lambda: torch.mm(z, w, out=h_out), lambda: torch.mm(z.T, h, out=w_out)))
-    three = logits + d_hidden + d_weight
-    return dict(tokens=tokens, logits=logits, d_hidden=d_hidden, d_weight=d_weight, three=three, four=three + logits)
+    backward). Into outputs allocated once at the largest ``n``: the products alone, without allocating or first
+    touching their memory, and one set of buffers for every floor of a shape."""
+
+    def __init__(self, tokens, hidden, vocab, dtype, device):
+        self.device = device
+        self.h = torch.randn(tokens, hidden, device=device, dtype=dtype)
+        self.w = torch.randn(vocab, hidden, device=device, dtype=dtype)
+        self.z = torch.randn(tokens, vocab, device=device, dtype=dtype)
+        self.outputs = [torch.empty_like(x) for x in (self.z, self.h, self.w)]
+
+    def visit(self, n: int) -> dict:
+        """One visit: seconds of each GEMM over ``n`` rows, and their sum (``seconds``)."""
+        h, z, w = self.h[:n], self.z[:n], self.w
+        z_out, h_out, w_out = self.outputs
+        out = visit_seconds(dict(logits=lambda: torch.mm(h, w.T, out=z_out[:n]),
+                                 d_hidden=lambda: torch.mm(z, w, out=h_out[:n]),
+                                 d_weight=lambda: torch.mm(z.T, h, out=w_out)), self.device)
+        return dict(out, tokens=n, seconds=sum(out.values()))
 
 
 # --- memory ---------------------------------------------------------------------------------------------------------

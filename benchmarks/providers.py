@@ -4,9 +4,10 @@ A provider is a ``Provider(note, build, ...)``: ``build(batch) -> loss_fn`` or r
 ``loss_fn()`` returns the scalar loss from ``batch.hidden`` and ``batch.weight`` with the loss settings of the batch's
 workload (``batch.settings``: eps, beta, loss type; ``batch.loss_inputs`` hold ``None`` for the old or reference
 log-probs a setting goes without; ``batches.Batch``). ``refuse(device, dtype)`` says why it cannot run here (None if
-it can), without a batch: ``run.py`` asks before starting a process for it; for ours it is the backend registry's
+it can), without a batch: the sweep asks before starting a process for it; for ours it is the backend registry's
 ``backends.refusal``. ``backend`` names our backend for ``--breakdown``; ``token_level`` providers are checked
-against the eager loss on ``token_level_inputs`` (their maths is token-level GRPO).
+against the eager loss on ``token_level_inputs`` (their maths is token-level GRPO); ``label`` is the provider's name
+in the plot and the README (ours say "(ours)"; the key where it is empty).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Provider:
     refuse: Callable[[torch.device, torch.dtype], str | None] = lambda device, dtype: None
     backend: str | None = None  # ours: the backend whose row pass and segment loss --breakdown times
     token_level: bool = False
+    label: str = ""  # the name a reader sees in the plot and the README (ours say so)
 
 
 def _missing(package):
@@ -79,7 +81,9 @@ def _ours(note, backend, path=_fused) -> Provider:
     """Ours on ``backend``, which runs where the backend registry says it can."""
     def refuse(device, dtype):
         return backends.refusal(backend, device, dtype)
-    return Provider(note, lambda batch: path(batch, backend), refuse, backend=backend)
+    kind = "fused" if path is _fused else "recompute"
+    return Provider(note, lambda batch: path(batch, backend), refuse, backend=backend,
+                    label=f"rankgrpo {kind}, {backend} backend (ours)")
 
 
 # --- peers ----------------------------------------------------------------------------------------------------------
@@ -186,25 +190,28 @@ def _trl(batch):
 
 
 PROVIDERS = {
-    "eager": Provider("full logits -> log_softmax -> gather -> loss (the authors' trainer, TRL 0.21)", _eager),
+    "eager": Provider("full logits -> log_softmax -> gather -> loss (the authors' trainer, TRL 0.21)", _eager,
+                      label="eager (full logits, the authors' trainer)"),
     "torch": _ours("ours, fused path, torch backend: the tokens the loss needs, gradients in the forward over chunks "
                    "of whole items (3 GEMMs)", "torch"),
     "torch-recompute": _ours("ours, recompute path, torch backend: fused_logprobs (backward recomputes the logits: 4 "
                              "GEMMs) + rank_grpo_loss_from_logps, as OpenRLHF/verl run it", "torch", _recompute),
     "compile": Provider("torch.compile of the eager loss (compiled in the first call, which is not timed: its time is "
-                        "first_call_ms)", _compiled),
+                        "first_call_ms)", _compiled, label="torch.compile of eager"),
     "triton": _ours("ours, fused path, Triton row pass and segment loss around cuBLAS GEMMs", "triton"),
     "triton-recompute": _ours("ours, recompute path, Triton backend: fused_logprobs + rank_grpo_loss_from_logps "
                               "(what OpenRLHF/verl run)", "triton", _recompute),
     "cuda": _ours("ours, fused path, CUDA extension (csrc/: cuBLAS GEMMs + CUDA row pass and segment loss)", "cuda"),
     "liger": Provider("Liger-Kernel LigerFusedLinearGRPOLoss (torch, chunked; token-level ratio: different maths, "
                       "checked against eager with one item per token and one advantage per row)", _liger,
-                      lambda device, dtype: _missing("liger_kernel"), token_level=True),
+                      lambda device, dtype: _missing("liger_kernel"), token_level=True,
+                      label="Liger LigerFusedLinearGRPOLoss"),
     "cce": Provider("Cut Cross-Entropy log-probs (exact gradients; on a CPU its torch_compile impl, which holds the "
                     "full logits) + our rank_grpo_loss_from_logps", _cce,
-                    lambda device, dtype: _missing("cut_cross_entropy")),
+                    lambda device, dtype: _missing("cut_cross_entropy"), label="Cut Cross-Entropy + our loss"),
     "trl": Provider("TRL 1.16's fused LM head: trl.kernels.chunked_logprob.ChunkedLogProbFunction (exact log-probs "
                     "over 4096-token x 32768-column tiles, Triton fold on a GPU and torch on a CPU, backward "
                     "recomputes each tile: 4 GEMMs; on a GPU only the completion's positions, on a CPU all) + our "
-                    "rank_grpo_loss_from_logps", _trl, _refuse_trl),
+                    "rank_grpo_loss_from_logps", _trl, _refuse_trl,
+                    label="TRL 1.16 ChunkedLogProbFunction + our loss"),
 }

@@ -6,6 +6,8 @@ Plain JSON rows in, lines of markdown (or a PNG) out; no torch, so summarize.py 
 
 from __future__ import annotations
 
+from rounds import BUSY_LIMIT, SPREAD_LIMIT
+
 GEMM_ROWS = ("3 GEMMs", "4 GEMMs")
 GEMM_NOTE = ("the LM head's GEMMs alone at this shape, in the same run: logits h W^T, d_hidden dZ W, d_weight dZ^T h "
              "(the floor of any exact method); 4 adds the logits once more (recomputed in the backward)")
@@ -21,17 +23,28 @@ def fmt(x, spec):
     return "" if x is None else format(x, spec)
 
 
+def with_spread(row, key, spec=".2f") -> str:
+    """A row's ratio ``key`` and, where the rounds gave them, its 20th-80th percentiles: ``1.23 (1.20-1.27)``."""
+    if row.get(key) is None:
+        return ""
+    if row.get(f"{key}_p20") is None:
+        return format(row[key], spec)
+    return f"{row[key]:{spec}} ({row[f'{key}_p20']:{spec}}-{row[f'{key}_p80']:{spec}})"
+
+
 def results_table(rows, detail=True) -> list[str]:
     """One line per row: time, its ratios to the three GEMMs and to eager, extra peak memory and its ratio to
-    eager's. ``detail`` adds the spread, the first call, the forward alone (when timed) and the check's error.
+    eager's. ``detail`` adds the spreads over the rounds (20th-80th percentiles of the time and of each ratio taken
+    within a round), the first call, the forward alone (when timed) and the check's error.
     Rows of the realistic workload (with a ``setting``) add the setting and the ratio to the three GEMMs over the
     loss tokens only."""
     with_fwd = detail and any("fwd_ms" in r for r in rows)
     with_setting = any("setting" in r for r in rows)
+    spread = " (p20-p80)" if detail else ""
     head = ["shape"] + (["setting"] if with_setting else []) + [
-        "provider", "fwd+bwd ms" + (" (p20-p80)" if detail else ""), "x 3 GEMM"]
-    head += ["x 3 GEMM (loss tokens)"] if with_setting else []
-    head += ["time vs eager", "extra peak MiB", "memory vs eager"]
+        "provider", f"fwd+bwd ms{spread}", f"x 3 GEMM{spread}"]
+    head += [f"x 3 GEMM (loss tokens){spread}"] if with_setting else []
+    head += [f"time vs eager{spread}", "extra peak MiB", "memory vs eager"]
     if detail:
         head += ["1st call s"] + (["fwd ms"] if with_fwd else []) + ["max rel err", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -43,10 +56,11 @@ def results_table(rows, detail=True) -> list[str]:
                 time_cell += f" ({r['fwd_bwd_p20_ms']:.1f}-{r['fwd_bwd_p80_ms']:.1f})"
         else:
             time_cell = "" if detail else r["status"]
+        ratio = with_spread if detail else (lambda row, key: fmt(row.get(key), ".2f"))
         cells = [r["shape"]] + ([r.get("setting", "")] if with_setting else []) + [
-            r["provider"], time_cell, fmt(r.get("vs_three_gemm"), ".2f")]
-        cells += [fmt(r.get("vs_three_gemm_loss_tokens"), ".2f")] if with_setting else []
-        cells += [fmt(r.get("time_vs_eager"), ".2f"), fmt(r.get("peak_mib"), ".1f" if detail else ".0f"),
+            r["provider"], time_cell, ratio(r, "vs_three_gemm")]
+        cells += [ratio(r, "vs_three_gemm_loss_tokens")] if with_setting else []
+        cells += [ratio(r, "time_vs_eager"), fmt(r.get("peak_mib"), ".1f" if detail else ".0f"),
                   fmt(r.get("memory_vs_eager"), ".3f")]
         if detail:
             first = r.get("first_call_ms")
@@ -54,6 +68,36 @@ def results_table(rows, detail=True) -> list[str]:
             cells += [fmt(r.get("fwd_ms"), ".1f")] if with_fwd else []
             cells += [fmt(r.get("max_rel_error"), ".1e"), r["status"]]
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def trust_warnings(rows, rounds, cpu_count=None) -> list[str]:
+    """Warning lines where the rounds say a ratio is not to be trusted: its 20th-80th percentiles over the rounds
+    spread by more than ``SPREAD_LIMIT`` of its median, or other processes took more than ``BUSY_LIMIT`` of the CPUs
+    during a shape's rounds (``rounds``: ``run.py``'s record per shape). No lines for a run without rounds."""
+    wide = []
+    for r in rows:
+        spreads = [(r[f"{k}_p80"] - r[f"{k}_p20"]) / r[k] for k in ("vs_three_gemm", "vs_three_gemm_loss_tokens")
+                   if r.get(f"{k}_p20") is not None and r[k]]
+        if spreads and max(spreads) > SPREAD_LIMIT:
+            wide.append((max(spreads), " ".join(x for x in (r["shape"], r.get("setting"), r["provider"]) if x)))
+    lines = []
+    if wide:
+        wide.sort(reverse=True)
+        named = ", ".join(f"{where} ({100 * x:.0f}%)" for x, where in wide[:5])
+        more = f" and {len(wide) - 5} more rows" if len(wide) > 5 else ""
+        lines.append(f"WARNING: the ratio to the 3 GEMMs spreads by more than {100 * SPREAD_LIMIT:.0f}% of its median "
+                     f"(p20-p80 over the rounds) at {named}{more}: do not trust those medians to that precision "
+                     "(rerun on a quieter machine, or with more --reps)")
+    for key, record in (rounds or {}).items():
+        share = record.get("other_cpu_share")
+        if share is not None and share > BUSY_LIMIT:
+            loads = " -> ".join(f"{x:.1f}" for x in (record.get("load_average_before"),
+                                                      record.get("load_average_after")) if x is not None)
+            cpus = f" on {cpu_count} CPUs" if cpu_count else ""
+            lines.append(f"WARNING: other processes took {100 * share:.0f}% of the CPUs' time during the rounds of "
+                         f"{key} (load average {loads}{cpus}): the ratios hold only as far as that load was steady, "
+                         "and the times are slower than on a quiet machine")
     return lines
 
 
@@ -138,11 +182,29 @@ def scaled_notes(rows) -> list[str]:
     return sorted({f"{r['shape']}: scaled down, stands for {r['scaled_from']}" for r in rows if r.get("scaled_from")})
 
 
-def markdown(rows, segmentation, env, workloads, kind, provider_notes, setting_notes) -> str:
-    """What run.py prints: the device, the results table, its notes (shapes, providers and GEMM rows as they appear,
-    the settings), the workload's shares, the breakdown of ours and the segmentation's speed-up."""
+def rounds_line(env, rounds) -> str:
+    """How the rounds went: per shape, their number and seconds, the other processes' share of the CPUs and the
+    load average before and after."""
+    parts = []
+    for key, record in (rounds or {}).items():
+        share = record.get("other_cpu_share")
+        loads = " -> ".join(f"{x:.2f}" for x in (record.get("load_average_before"), record.get("load_average_after"))
+                            if x is not None)
+        parts.append(f"{key}: {record['rounds']} rounds in {record['seconds']:.0f} s"
+                     + (f", other processes {100 * share:.0f}% of the CPUs" if share is not None else "")
+                     + (f", load average {loads} on {env.get('cpu_count')} CPUs" if loads else ""))
+    return "Rounds: " + "; ".join(parts) if parts else ""
+
+
+def markdown(rows, segmentation, env, workloads, kind, provider_notes, setting_notes, rounds=None) -> str:
+    """What run.py prints: the device, the results table, warnings where the rounds say a ratio is not to be
+    trusted, how the rounds went, the table's notes (shapes, providers and GEMM rows as they appear, the settings),
+    the workload's shares, the breakdown of ours and the segmentation's speed-up."""
     lines = [f"Device: {env.get('gpu', env['cpu'])} ({env['device']}, {env['cpu_threads']} threads), "
              f"torch {env['torch']}, {env['date']}, workload {kind}", "", *results_table(rows)]
+    warnings = trust_warnings(rows, rounds, env.get("cpu_count"))
+    lines += [""] + warnings if warnings else []
+    lines += ["", rounds_line(env, rounds)] if rounds else []
     notes = scaled_notes(rows)
     for name in dict.fromkeys(r["provider"] for r in rows):
         if name in provider_notes:
@@ -164,9 +226,10 @@ def markdown(rows, segmentation, env, workloads, kind, provider_notes, setting_n
     return "\n".join(lines)
 
 
-def plot(rows, path):
-    """Bars of fwd+bwd time and extra peak memory per shape (and setting) and provider; None without matplotlib or
-    without a row that ran."""
+def plot(rows, path, labels=None):
+    """Bars of fwd+bwd time, with the 20th-80th percentiles over the rounds as error bars, and of extra peak memory,
+    per shape (and setting) and provider; ours hatched and named "(ours)" (``labels``: provider -> name), the legend
+    below the axes. None without matplotlib or without a row that ran."""
     try:
         import matplotlib
 
@@ -178,19 +241,29 @@ def plot(rows, path):
           for r in rows if r["status"] == "ok"]
     if not ok:
         return None
+    labels = labels or {}
     shapes = list(dict.fromkeys(r["shape"] for r in ok))
     providers = list(dict.fromkeys(r["provider"] for r in ok))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    colours = plt.get_cmap("tab20" if len(providers) > 10 else "tab10")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     width = 0.8 / len(providers)
     for i, p in enumerate(providers):
-        for ax, key in zip(axes, ("fwd_bwd_ms", "peak_mib")):
-            values = [next((r.get(key) or 0 for r in ok if r["shape"] == s and r["provider"] == p), 0) for s in shapes]
-            ax.bar([j + i * width for j in range(len(shapes))], values, width, label=p)
-    for ax, title in zip(axes, ("fwd+bwd time (ms)", "peak memory above inputs (MiB)")):
-        ax.set_title(title)
+        mine = [next((r for r in ok if r["shape"] == s and r["provider"] == p), {}) for s in shapes]
+        x = [j + i * width for j in range(len(shapes))]
+        style = dict(color=colours(i), hatch="//" if any(r.get("ours") for r in mine) else None, edgecolor="white")
+        times = [r.get("fwd_bwd_ms") or 0 for r in mine]
+        low = [t - (r.get("fwd_bwd_p20_ms") or t) for t, r in zip(times, mine)]
+        high = [(r.get("fwd_bwd_p80_ms") or t) - t for t, r in zip(times, mine)]
+        axes[0].bar(x, times, width, yerr=[low, high], capsize=2, error_kw=dict(lw=0.8), label=labels.get(p, p),
+                    **style)
+        axes[1].bar(x, [r.get("peak_mib") or 0 for r in mine], width, **style)
+    for ax, title in zip(axes, ("fwd+bwd time (ms; median, p20-p80 over the rounds)",
+                                "peak memory above inputs (MiB)")):
+        ax.set_title(title, fontsize=10)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes, rotation=15, fontsize=8)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    rows_of_legend = -(-len(providers) // 4)
+    fig.legend(loc="lower center", ncol=min(4, len(providers)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * rows_of_legend + 0.02, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

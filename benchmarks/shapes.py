@@ -53,16 +53,17 @@ CPU_SHAPES = [
 ]
 
 ALL_SHAPES = {s.key: s for s in GPU_SHAPES + CPU_SHAPES}
-# The realistic workload's GPU default: the two heads of the GPU check at ~16k padded positions.
-REALISTIC_GPU_SHAPES = [ALL_SHAPES["qwen2.5-0.5b@16384"], ALL_SHAPES["llama-3.2-3b@16384"]]
+# The GPU default: the two heads of the GPU check at ~16k positions.
+GPU_DEFAULT_SHAPES = [ALL_SHAPES["qwen2.5-0.5b@16384"], ALL_SHAPES["llama-3.2-3b@16384"]]
 
 
-def default_shapes(device_type: str, workload: str = "realistic") -> list[HeadShape]:
-    """The CPU default is the foundation head (N=4096, H=512, V=32000) for both workloads; on a GPU the realistic
-    workload runs the Qwen2.5-0.5B and Llama-3.2-3B heads at ~16k positions, the dense one every head at 4k and 16k."""
+def default_shapes(device_type: str, full: bool = False) -> list[HeadShape]:
+    """The default: on a CPU the scaled-down Qwen2.5-0.5B head at ~2k positions (a few minutes with every peer), on a
+    GPU the Qwen2.5-0.5B and Llama-3.2-3B heads at ~16k. ``full`` (the long sweep): on a CPU the foundation head
+    (N=4096, H=512, V=32000) too, on a GPU every model head at 4k and 16k."""
     if device_type != "cuda":
-        return CPU_SHAPES[:1]
-    return REALISTIC_GPU_SHAPES if workload == "realistic" else GPU_SHAPES
+        return CPU_SHAPES if full else CPU_SHAPES[1:]
+    return GPU_SHAPES if full else GPU_DEFAULT_SHAPES
 
 
 def parse_shape(text: str) -> HeadShape:

@@ -48,7 +48,11 @@ namespace {
 
 constexpr float kNegInf = -__builtin_huge_valf();
 constexpr int kStreamThreads = 256;
-constexpr int kStreamUnroll = 4;  // vectors per thread per tile: loads in flight between barriers
+// Vectors per thread per tile of the streaming walk: loads in flight between barriers. Two for fp32 rows with an
+// fp32 bias and fp32 D (32 bytes a vector, the most live values): at four sm_120's ptxas spilled 36 bytes. The
+// per-thread order of the columns does not depend on it (column t, t + 256, ...): the same sums, bit for bit.
+template <typename GradT, typename BiasT, int kVec>
+constexpr int kStreamUnroll = sizeof(GradT) == 4 && sizeof(BiasT) == 4 && kVec == 4 ? 2 : 4;
 constexpr int kCachedThreads = 1024;
 constexpr int kCachedItems = 4;  // float4 per thread held in registers (<= 64 registers at 1024 threads)
 constexpr int64_t kCachedColumns = int64_t{kCachedThreads} * kCachedItems * 4;  // 16384 (8192 with a softcap)
@@ -218,13 +222,13 @@ __device__ __forceinline__ void write_outputs(const Args& a, int64_t row, float 
   if (a.entropy != nullptr) a.entropy[row] = entropy;
 }
 
-// One tile of the streaming walk: kStreamUnroll vectors of kVec scaled logits x a thread (bias added, times
-// in_scale; not yet transformed), 0 past the last vector (the callers make those -inf).
-template <typename BiasT, int kVec>
+// One tile of the streaming walk: kUnroll vectors of kVec scaled logits x a thread (bias added, times in_scale;
+// not yet transformed), 0 past the last vector (the callers make those -inf).
+template <typename BiasT, int kUnroll, int kVec>
 __device__ __forceinline__ void load_tile(const Args& a, const float* row, int64_t base, int64_t vectors,
-                                          float (&x)[kStreamUnroll][kVec]) {
+                                          float (&x)[kUnroll][kVec]) {
 #pragma unroll
-  for (int k = 0; k < kStreamUnroll; ++k) {
+  for (int k = 0; k < kUnroll; ++k) {
     const int64_t i = base + k * kStreamThreads + threadIdx.x;
     if (i < vectors) {
       load_scaled<BiasT, kVec>(a, row, i * kVec, x[k]);
@@ -245,17 +249,18 @@ __global__ void __launch_bounds__(kStreamThreads) row_pass_stream_kernel(Args a)
   const float* logits_row = a.logits + row * a.row_stride;
   const RowStart start = row_start<BiasT>(a, row, logits_row);
   const int64_t vectors = a.cols / kVec, tail = vectors * kVec;
-  constexpr int64_t kTile = int64_t{kStreamThreads} * kStreamUnroll;
+  constexpr int kUnroll = kStreamUnroll<GradT, BiasT, kVec>;
+  constexpr int64_t kTile = int64_t{kStreamThreads} * kUnroll;
   const int t = threadIdx.x;
   float lse, entropy = 0.0f;
   float slope = 1.0f;  // S'(u) of the logit at hand (kept from the last one past the row's end: not stored)
   if (a.lse_in == nullptr) {  // pass 1: online statistics
     Online o{kNegInf, 0.0f, 0.0f};
     for (int64_t base = 0; base < vectors; base += kTile) {
-      float x[kStreamUnroll][kVec];
-      load_tile<BiasT, kVec>(a, logits_row, base, vectors, x);
+      float x[kUnroll][kVec];
+      load_tile<BiasT, kUnroll, kVec>(a, logits_row, base, vectors, x);
 #pragma unroll
-      for (int k = 0; k < kStreamUnroll; ++k) {
+      for (int k = 0; k < kUnroll; ++k) {
         const bool valid = base + k * kStreamThreads + t < vectors;
 #pragma unroll
         for (int j = 0; j < kVec; ++j) online_add(o, valid ? transform(a, x[k][j], slope) : kNegInf);
@@ -279,10 +284,10 @@ __global__ void __launch_bounds__(kStreamThreads) row_pass_stream_kernel(Args a)
     GradT* grad_row = a.grad != nullptr ? static_cast<GradT*>(a.grad) + row * a.grad_row_stride : nullptr;
     float neg_plogp = 0.0f;
     for (int64_t base = 0; base < vectors; base += kTile) {
-      float x[kStreamUnroll][kVec];
-      load_tile<BiasT, kVec>(a, logits_row, base, vectors, x);
+      float x[kUnroll][kVec];
+      load_tile<BiasT, kUnroll, kVec>(a, logits_row, base, vectors, x);
 #pragma unroll
-      for (int k = 0; k < kStreamUnroll; ++k) {
+      for (int k = 0; k < kUnroll; ++k) {
         const int64_t c0 = (base + k * kStreamThreads + t) * kVec;
         const bool valid = c0 < tail;
 #pragma unroll
@@ -297,7 +302,7 @@ __global__ void __launch_bounds__(kStreamThreads) row_pass_stream_kernel(Args a)
       if (a.grad != nullptr) {
         __syncthreads();  // every thread has loaded this tile before any thread overwrites it
 #pragma unroll
-        for (int k = 0; k < kStreamUnroll; ++k) {
+        for (int k = 0; k < kUnroll; ++k) {
           const int64_t i = base + k * kStreamThreads + t;
           if (i < vectors) store_grad<GradT, kVec>(grad_row, i * kVec, x[k]);
         }

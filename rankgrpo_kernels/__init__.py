@@ -2,13 +2,16 @@
 
 The loss (``rank_grpo_loss``, ``rank_grpo_loss_from_logps``, ``fused_logprobs``, ``RankGRPOLoss``; their settings as
 ``LossSpec`` and ``HeadSpec``), the segmentation
-of completions into ranked items (``segment_items``, ``split_items``) and the per-rank rewards and advantages.
+of completions into ranked items (``segment_items``, ``split_items``), the per-rank rewards and advantages, and
+``ObjectiveSpec`` (Rank-GRPO or the paper's baselines and ablations: per-rank or per-list advantages, the unit of the
+ratio).
 Framework adapters live in ``rankgrpo_kernels.adapters``, recommender rewards in ``rankgrpo_kernels.recommender``.
 """
 
 from .contract import HeadSpec, LossSpec
 from .functional import fused_logprobs, rank_grpo_loss, rank_grpo_loss_from_logps
 from .modules import RankGRPOLoss
+from .objective import ObjectiveSpec
 from .rewards import rank_advantages, rank_rewards, token_advantages
 from .segments import Segments, line_table, newline_counts, segment_items, split_items
 
@@ -21,6 +24,7 @@ __all__ = [
     "HeadSpec",
     "LossConfig",
     "LossSpec",
+    "ObjectiveSpec",
     "RankGRPOLoss",
     "Segments",
     "fused_logprobs",

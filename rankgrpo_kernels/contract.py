@@ -22,6 +22,9 @@ import torch
 # The log of every ratio (an item's mean log-ratio, r - l in the k3 KL) is clamped to at most this: e^20 ~ 4.9e8,
 # far beyond any ratio PPO clipping lets through, so finite inputs stay finite.
 LOG_RATIO_LIMIT = 20.0
+# The kernels scale the logits by float32 factors (1 / temperature times logit_scale or logit_softcap): one past this
+# would turn finite logits into inf - inf = NaN.
+FLOAT32_MAX = torch.finfo(torch.float32).max
 # Each loss type and the weighting of its policy terms in the compiled segment-loss kernels (0: 1 / (normaliser M_i)
 # with normaliser = B, 1: 1 / normaliser, 2: 1 / (normaliser n_k)); the normalisers are in ``inputs.normaliser``.
 WEIGHTING = {"grpo": 0, "bnpo": 1, "dr_grpo": 1, "dapo": 1, "rank": 2}
@@ -94,7 +97,9 @@ class HeadSpec:
     (times ``g``). ``memory_budget_bytes``: the logits scratch of one call (None: ``RANKGRPO_MEMORY_BUDGET`` or the
     device default, ``settings.py``); ``backend``: ``"auto"`` or a registered backend; ``skip_zero_advantage``:
     leave the items whose every advantage is 0 out of the GEMMs when nothing else reads them.
-    ``inputs.resolve_head`` fixes ``"auto"`` and the budget for the tensors of a call, before the custom ops."""
+    ``inputs.resolve_head`` fixes ``"auto"`` and the budget for the tensors of a call, before the custom ops.
+    The factors the kernels scale the logits by (``1 / temperature`` times ``logit_scale`` or ``logit_softcap``,
+    ``logit_scale / logit_softcap``) must be float32 numbers: a smaller temperature is refused."""
 
     temperature: float = 1.0
     logit_scale: float = 1.0
@@ -110,6 +115,13 @@ class HeadSpec:
             raise ValueError(f"logit_scale must be a finite number > 0, got {self.logit_scale!r}")
         if self.logit_softcap is not None and not (0.0 < _number(self, "logit_softcap") < math.inf):
             raise ValueError(f"logit_softcap must be None or a finite number > 0, got {self.logit_softcap!r}")
+        largest = max(1.0, self.logit_scale, self.logit_softcap or 0.0)
+        if largest / self.temperature > FLOAT32_MAX:
+            raise ValueError(f"temperature={self.temperature!r} is too small: max(1, logit_scale, logit_softcap) / "
+                             f"temperature = {largest!r} / {self.temperature!r} overflows float32")
+        if self.logit_softcap is not None and self.logit_scale / self.logit_softcap > FLOAT32_MAX:
+            raise ValueError(f"logit_scale / logit_softcap = {self.logit_scale!r} / {self.logit_softcap!r} "
+                             "overflows float32")
         if not isinstance(self.backend, str):
             raise ValueError(f"backend must be a str, got {self.backend!r}")
         object.__setattr__(self, "skip_zero_advantage", bool(self.skip_zero_advantage))
@@ -158,6 +170,26 @@ class TokenBatch:
         return TokenBatch(**per_token, normaliser=self.normaliser, tokens=self.tokens)
 
 
+def check_tensor(x, name, shape=None, kind="float", device=None, optional=False):
+    """Check type, dtype kind ('float' | 'int' | 'mask'), shape and device of one argument."""
+    if x is None:
+        if not optional:
+            raise ValueError(f"{name} is required")
+        return
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if kind == "float" and not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if kind == "int" and (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
+    if kind == "mask" and (x.dtype.is_floating_point or x.dtype.is_complex):
+        raise TypeError(f"{name} must be a bool or integer tensor (a mask), got {x.dtype}")
+    if shape is not None and tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+    if device is not None and x.device != device:
+        raise ValueError(f"{name} is on {x.device} but the other inputs are on {device}")
+
+
 def dense_groups(item_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Map each distinct item id of a row to a dense id in [row*T, row*T + T); -1 where ``mask`` is False.
 
@@ -174,13 +206,17 @@ def dense_groups(item_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def stats_dict(stats: torch.Tensor, row_clipped: torch.Tensor, mask: torch.Tensor, has_kl: bool,
-               has_entropy: bool) -> dict[str, torch.Tensor]:
+               has_entropy: bool, computed: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Name the entries of the statistics vector of ``segment_loss``, leaving out those that were not computed, and
     add the per-row clip fractions from its per-row clip counts (B, 2) and the loss mask (B, T) (0 for a row
-    without loss tokens)."""
-    named = dict(zip(STAT_NAMES, stats.unbind(0)))
+    without loss tokens), and ``computed_tokens``: ``computed``, the number of loss tokens whose log-probs were
+    computed (None: every loss token), over which ``ratio_mean`` and ``entropy`` are means; a mean of them over
+    micro-batches or processes weights each by it. All detached."""
+    named = dict(zip(STAT_NAMES, stats.detach().unbind(0)))
+    row_clipped = row_clipped.detach()
     fractions = row_clipped / mask.sum(1, keepdim=True).clamp(min=1).to(row_clipped.dtype)
     named.update(zip(ROW_STAT_NAMES, fractions.unbind(1)))
+    named["computed_tokens"] = (mask.sum() if computed is None else computed.detach()).to(stats.dtype)
     if not has_kl:
         del named["kl"]
     if not has_entropy:

@@ -3,12 +3,14 @@
 LOSS_DOC = """
     The loss (a 0-dim float32 tensor, float64 for float64 inputs) and a dict of detached 0-dim statistics:
     ``clip_ratio_low``, ``clip_ratio_high``, ``clip_ratio_region`` (fractions of loss tokens whose item ratio is
-    clipped; a token with advantage 0 is never clipped), ``ratio_mean`` (token mean of the item ratios over the
-    loss tokens whose log-probs are computed: all of them, except that ``rank_grpo_loss`` leaves out the items it
-    skips, see below; ``skip_zero_advantage=False`` computes them all), ``kl`` (mean k3 KL over the loss tokens,
-    only with ``ref_logps``), ``entropy`` (only when given or computed; over the same tokens as ``ratio_mean``),
-    and per row (B,) ``clip_ratio_low_per_row`` and ``clip_ratio_high_per_row``: the fractions of the row's loss
-    tokens that are clipped (0 for a row without loss tokens; TRL logs their minimum and maximum).
+    clipped; a token with advantage 0 is never clipped), ``ratio_mean`` (token mean of the item ratios over the loss
+    tokens whose log-probs are computed: all of them, except that ``rank_grpo_loss`` leaves out the items it skips, see
+    below; ``skip_zero_advantage=False`` computes them all), ``kl`` (mean k3 KL over the loss tokens, only with
+    ``ref_logps``), ``entropy`` (only when given or computed; over the same tokens as ``ratio_mean``),
+    ``computed_tokens`` (how many tokens those two average over; when loss tokens exist but every item was skipped it is
+    0, ``ratio_mean`` 1 and ``entropy`` NaN: not measured), and per row (B,) ``clip_ratio_low_per_row`` and
+    ``clip_ratio_high_per_row``: the fractions of the row's loss tokens that are clipped (0 for a row without loss
+    tokens; TRL logs their minimum and maximum).
 
     Maths, per row i and item k (a group of tokens with the same id ``>= 0``), with ``l`` the log-probs, ``o``
     ``old_logps`` (``l.detach()`` when None: on-policy, every ratio is 1) and ``M`` the mask::
@@ -48,12 +50,12 @@ LOSS_DOC = """
 """
 
 NON_FINITE_DOC = """
-    Non-finite inputs: a NaN or infinite log-prob of a token in the loss (from ``hidden``, ``weight`` or ``bias``)
-    makes the loss NaN or infinite, so every NaN guard on the loss fires; tokens outside the loss never reach the
-    loss or the gradients (their gradient rows are exactly 0, whatever they hold). Given log-probs, advantages and
-    ``old_logps``/``ref_logps`` are checked instead: a non-finite ``logps`` or advantage, or a NaN old/reference
-    log-prob, on a token in the loss is a ``ValueError`` (``RANKGRPO_VALIDATE=0`` skips the check and the loss is
-    NaN). Finite inputs never give a NaN.
+    Non-finite inputs: a NaN or infinite log-prob of a token in the loss (from ``hidden``, ``weight`` or ``bias``) makes
+    the loss NaN or infinite, so every NaN guard on the loss fires; tokens outside the loss never reach the loss or the
+    gradients (their gradient rows are exactly 0, whatever they hold). Given log-probs, advantages and
+    ``old_logps``/``ref_logps`` are checked instead: a non-finite ``logps``, advantage or old log-prob, or a NaN
+    reference log-prob, on a token in the loss is a ``ValueError`` (``RANKGRPO_VALIDATE=0`` skips the check and the loss
+    is NaN). Finite inputs never give a NaN.
 """
 
 

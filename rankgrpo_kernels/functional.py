@@ -89,7 +89,7 @@ def rank_grpo_loss_from_logps(
     raise_on_bad_values(checks)
     head = HeadSpec(backend=backends.choose(backend, logps.device, logps.dtype))  # no logits here: no budget
     total, stats, row_clipped, _ = OPS.loss_from_logps(batch, spec, head)
-    return total, stats_dict(stats.detach(), row_clipped, batch.mask, ref_logps is not None, entropy is not None)
+    return total, stats_dict(stats, row_clipped, batch.mask, ref_logps is not None, entropy is not None)
 
 
 @doc("""Fused Rank-GRPO loss from the last hidden states and the LM head, without a (tokens x vocab) logits tensor.
@@ -113,7 +113,8 @@ def rank_grpo_loss_from_logps(
     ``entropy_coef``: the entropy bonus ``loss -= entropy_coef * mean_t H_t`` over the loss tokens (TRL's, verl's
     and OpenRLHF's), with its gradient; ``entropy_mask`` (B, T) bool/int restricts that mean to the loss tokens it
     marks (TRL's ``top_entropy_quantile`` with its bonus: the high-entropy tokens). ``compute_entropy=True`` adds
-    the mean entropy over the tokens whose log-probs are computed to the statistics. ``backend``: ``"auto"`` (Triton
+    the mean entropy over the tokens whose log-probs are computed to the statistics (``computed_tokens`` says how
+    many; where every item is skipped it is NaN, not measured, and ``ratio_mean`` 1). ``backend``: ``"auto"`` (Triton
     for CUDA tensors where it imports, else torch), ``"torch"``, ``"triton"`` or ``"cuda"``: which implementation of
     the row pass and the segment loss runs around the vendor GEMMs. ``memory_budget_bytes`` bounds the logits
     scratch (default ``RANKGRPO_MEMORY_BUDGET``, else 64 MiB on a CPU and 1/32 of a GPU's memory; ``settings.py``).
@@ -182,15 +183,16 @@ def rank_grpo_loss(
     head = resolve_head(head, hidden.device, hidden.dtype)
     compute_entropy = bool(compute_entropy)
     if process_group is None:
-        total, stats, row_clipped, *_ = OPS.fused_loss(hidden2d, weight, bias, targets, batch, spec, head,
-                                                       compute_entropy=compute_entropy,
-                                                       needs=_needs_grads(hidden, weight, bias))
-    else:
+        total, stats, row_clipped, computed, *_ = OPS.fused_loss(hidden2d, weight, bias, targets, batch, spec, head,
+                                                                 compute_entropy=compute_entropy,
+                                                                 needs=_needs_grads(hidden, weight, bias))
+    else:  # every loss token's log-prob is computed
+        computed = None
         total, stats, row_clipped = OPS.sharded_loss(hidden2d, weight, bias, targets, batch, spec, head,
                                                      vocab_start=vocab_start, compute_entropy=compute_entropy,
                                                      group=process_group)
     has_entropy = compute_entropy or spec.entropy_coef != 0.0
-    return total, stats_dict(stats.detach(), row_clipped, batch.mask, ref_logps is not None, has_entropy)
+    return total, stats_dict(stats, row_clipped, batch.mask, ref_logps is not None, has_entropy, computed)
 
 
 def fused_logprobs(

@@ -20,16 +20,30 @@ Equivalent PyTorch for one item k of row i (``tokens = (item_ids[i] == k) & M[i]
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
-from .contract import dense_groups
+from .contract import check_tensor, dense_groups
 
 ITEM_IS_MODES = ("item_truncate", "item_mask")
 
 
+def _check_token_inputs(item_ids, mask, **float_tensors) -> tuple[int, int]:
+    """Named TypeErrors and ValueErrors for the (B, T) inputs of a helper, ``item_ids`` giving (B, T) and the
+    device: broadcasting would otherwise pair mismatched tensors silently or fail naming none of them."""
+    check_tensor(item_ids, "item_ids", None, "int")
+    if item_ids.dim() != 2:
+        raise ValueError(f"item_ids must be (B, T), got shape {tuple(item_ids.shape)}")
+    check_tensor(mask, "mask", item_ids.shape, "mask", item_ids.device)
+    for name, x in float_tensors.items():
+        check_tensor(x, name, item_ids.shape, "float", item_ids.device)
+    return item_ids.shape
+
+
 def item_means(values: torch.Tensor, item_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, T): the mean of ``values`` over the loss tokens of each token's item (0 outside the loss)."""
+    _check_token_inputs(item_ids, mask, values=values)
     in_loss = mask.bool() & (item_ids >= 0)
     B, T = item_ids.shape
     group = dense_groups(item_ids, in_loss).clamp(min=0).reshape(-1)
@@ -46,8 +60,13 @@ def item_importance_weights(old_logps: torch.Tensor, sampler_logps: torch.Tensor
     if mode not in ITEM_IS_MODES:
         raise ValueError(f"mode must be one of {ITEM_IS_MODES}, got {mode!r}")
     for name, bound in (("clip_min", clip_min), ("clip_max", clip_max)):
-        if bound is not None and not (0 <= bound < math.inf):
+        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, numbers.Real)
+                                  or not 0 <= bound < math.inf):
             raise ValueError(f"{name} must be None or a finite number >= 0, got {bound!r}")
+    if clip_min is not None and clip_max is not None and clip_min > clip_max:
+        raise ValueError(f"clip_min={clip_min!r} must not exceed clip_max={clip_max!r}: no weight would lie "
+                         "between them")
+    _check_token_inputs(item_ids, mask, old_logps=old_logps, sampler_logps=sampler_logps)
     in_loss = mask.bool() & (item_ids >= 0)
     dtype = torch.promote_types(old_logps.dtype, torch.float32)
     weights = torch.exp(item_means(old_logps.to(dtype) - sampler_logps.to(dtype), item_ids, mask))
@@ -64,7 +83,17 @@ def item_importance_weights(old_logps: torch.Tensor, sampler_logps: torch.Tensor
 def item_off_policy_mask(policy_logps: torch.Tensor, sampler_logps: torch.Tensor, advantages: torch.Tensor,
                          item_ids: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
     """(B, T) 0/1: TRL's off-policy sequence mask (DeepSeek-V3.2) per item: an item with a negative advantage
-    whose mean KL ``sampler - policy`` exceeds ``threshold`` is dropped; 1 outside the loss."""
+    whose mean KL ``sampler - policy`` exceeds ``threshold`` is dropped; 1 outside the loss. ``advantages`` per
+    token (B, T) or per row ((B,) or (B, 1), as the loss reads them)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or math.isnan(threshold):
+        raise ValueError(f"threshold must be a number, got {threshold!r}")
+    B, T = _check_token_inputs(item_ids, mask, policy_logps=policy_logps, sampler_logps=sampler_logps)
+    check_tensor(advantages, "advantages", None, "float", item_ids.device)
+    if tuple(advantages.shape) in ((B,), (B, 1)):  # one per row: along the rows even when B == T
+        advantages = advantages.reshape(B, 1)
+    elif tuple(advantages.shape) != (B, T):
+        raise ValueError(f"advantages must be (B, T) per token or (B,) or (B, 1) per row with B={B}, T={T}, got "
+                         f"{tuple(advantages.shape)}")
     in_loss = mask.bool() & (item_ids >= 0)
     dtype = torch.promote_types(policy_logps.dtype, torch.float32)
     kl = item_means(sampler_logps.to(dtype) - policy_logps.to(dtype), item_ids, mask)

@@ -13,29 +13,9 @@ import math
 import torch
 
 from . import backends
-from .contract import HeadSpec, LossSpec, TokenBatch, dense_groups
+from .contract import HeadSpec, LossSpec, TokenBatch, check_tensor, dense_groups
 from .head.sharded import check_not_sharded_parameter
 from .settings import memory_budget, validate_values
-
-
-def check_tensor(x, name, shape=None, kind="float", device=None, optional=False):
-    """Check type, dtype kind ('float' | 'int' | 'mask'), shape and device of one argument."""
-    if x is None:
-        if not optional:
-            raise ValueError(f"{name} is required")
-        return
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if kind == "float" and not x.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if kind == "int" and (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool):
-        raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
-    if kind == "mask" and (x.dtype.is_floating_point or x.dtype.is_complex):
-        raise TypeError(f"{name} must be a bool or integer tensor (a mask), got {x.dtype}")
-    if shape is not None and tuple(x.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
-    if device is not None and x.device != device:
-        raise ValueError(f"{name} is on {x.device} but the other inputs are on {device}")
 
 
 def raise_on_bad_values(checks):
@@ -130,9 +110,10 @@ def token_batch(B, T, device, spec: LossSpec, *, item_ids, advantages, completio
     checks = [("advantages must be finite on tokens in the loss", (~torch.isfinite(per_token) & mask).any())]
     if logps is not None:  # a non-finite log-prob would otherwise reach the loss (docs/design.md, "Non-finite inputs")
         checks.append(("logps must be finite on tokens in the loss", (~torch.isfinite(logps) & mask).any()))
-    for name, x in (("old_logps", old_logps), ("ref_logps", ref_logps)):
-        if x is not None:
-            checks.append((f"{name} contain NaN on tokens in the loss", (torch.isnan(x) & mask).any()))
+    if old_logps is not None:  # +inf and -inf in one item would make its mean log-ratio inf - inf = NaN
+        checks.append(("old_logps must be finite on tokens in the loss", (~torch.isfinite(old_logps) & mask).any()))
+    if ref_logps is not None:  # an infinite one gives a well-defined KL: +inf for -inf, a clamped ratio for +inf
+        checks.append(("ref_logps contain NaN on tokens in the loss", (torch.isnan(ref_logps) & mask).any()))
     if policy_weights is not None:
         policy_weights = policy_weights.detach()
         checks.append(("policy_weights must be finite and >= 0 on tokens in the loss",

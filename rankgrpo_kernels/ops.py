@@ -7,7 +7,8 @@ The Python wrappers of ``Ops`` flatten the specs once; each implementation and a
 field name. A new spec field therefore reaches the head and every backend without any change here.
 
 fused_loss       (hidden (N, H), weight, bias, targets (N,), batch, loss spec, head spec) -> loss, stats,
-                 row_clipped (B, 2), d_hidden, d_weight, d_bias        the gradients are formed in the forward
+                 row_clipped (B, 2), computed (the tokens that entered the GEMMs), d_hidden, d_weight, d_bias
+                 the gradients are formed in the forward
 fused_logprobs   (hidden, weight, bias, targets, mask, head spec) -> logp, lse, entropy    differentiable in logp
                  and entropy (0 where mask is False: those tokens enter no GEMM)
 logprob_grads    the head's gradients from ``grad_logp`` (the recompute path's backward)
@@ -70,7 +71,7 @@ class Ops:
         self.logprob_grads_args = Boundary(HEAD_TENSORS, specs[2:], (
             ("lse", "Tensor"), ("grad_logp", "Tensor"), ("entropy", "Tensor?"), ("grad_entropy", "Tensor?"), *NEEDS))
         self.loss_from_logps_args = Boundary((), specs)
-        self.fused_loss_op = self._define(namespace, "fused_loss", self.fused_loss_args, 6)
+        self.fused_loss_op = self._define(namespace, "fused_loss", self.fused_loss_args, 7)
         self.fused_logprobs_op = self._define(namespace, "fused_logprobs", self.fused_logprobs_args, 3)
         self.logprob_grads_op = self._define(namespace, "logprob_grads", self.logprob_grads_args, 3)
         self.loss_from_logps_op = self._define(namespace, "loss_from_logps", self.loss_from_logps_args, 4)
@@ -112,24 +113,25 @@ class Ops:
 
     @staticmethod
     def _fused_loss(a):
-        loss, stats, row_clipped, *grads = fused.loss_and_grads(
+        loss, stats, row_clipped, computed, *grads = fused.loss_and_grads(
             a["hidden"], a["weight"], a["bias"], a["targets"], a["batch"], a["spec"], a["head"],
             compute_entropy=a["compute_entropy"], needs=_needs(a))
-        return (loss, stats, row_clipped, *(_empty_if_none(g, a["hidden"]) for g in grads))
+        return (loss, stats, row_clipped, computed, *(_empty_if_none(g, a["hidden"]) for g in grads))
 
     @staticmethod
     def _fused_loss_fake(a):
-        return (*_fake_loss_outputs(a["hidden"], a["batch"].mask),
+        loss, stats, row_clipped = _fake_loss_outputs(a["hidden"], a["batch"].mask)
+        return (loss, stats, row_clipped, loss.new_empty(()),
                 *_fake_grads(a["hidden"], a["weight"], a["bias"], _needs(a), saved_grad_dtype(a["hidden"].dtype)))
 
     @staticmethod
     def _fused_loss_setup(ctx, a, output, num_inputs):
-        ctx.save_for_backward(*output[3:])
+        ctx.save_for_backward(*output[4:])
         ctx.needs, ctx.input_dtype = _needs(a), a["hidden"].dtype
         ctx.num_inputs, ctx.spent = num_inputs, False
 
     @staticmethod
-    def _fused_loss_backward(ctx, grad_loss, _stats, _row_clipped, _d_hidden, _d_weight, _d_bias):
+    def _fused_loss_backward(ctx, grad_loss, _stats, _row_clipped, _computed, _d_hidden, _d_weight, _d_bias):
         if ctx.spent:
             raise RuntimeError("rank_grpo_loss forms its gradients in the forward and scales them in place in the "
                                "backward, so its graph runs backward once: call the loss again instead of "

@@ -153,12 +153,17 @@ def token_advantages(
     per_token = adv.gather(1, segments.item_ids.clamp(0, N - 1)) * segments.content_mask
     if not length_shaping:
         return per_token
+    return per_token + shaping_advantages(segments, overflow_penalty, end_of_list_bonus, early_stop_penalty, adv.dtype)
+
+
+def shaping_advantages(segments: Segments, overflow_penalty: float, end_of_list_bonus: float,
+                       early_stop_penalty: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The length-shaping terms (B, T) added to the code form's per-token advantages: ``overflow_penalty`` on every
+    overflow token, ``end_of_list_bonus`` on the EOS of a terminated row with exactly N items and no overflow,
+    ``early_stop_penalty`` on the EOS of a terminated row with fewer than N items."""
+    N = segments.max_items
     # Both land on the EOS token, so rows that were cut off (no EOS) get neither.
     exact = (segments.items_emitted >= N) & ~segments.overflow_mask.any(1)
     early = segments.items_emitted < N
-    eos_shaping = end_of_list_bonus * exact.to(adv.dtype) + early_stop_penalty * early.to(adv.dtype)
-    return (
-        per_token
-        + overflow_penalty * segments.overflow_mask.to(adv.dtype)
-        + eos_shaping.unsqueeze(1) * segments.eos_mask.to(adv.dtype)
-    )
+    eos_shaping = end_of_list_bonus * exact.to(dtype) + early_stop_penalty * early.to(dtype)
+    return overflow_penalty * segments.overflow_mask.to(dtype) + eos_shaping.unsqueeze(1) * segments.eos_mask.to(dtype)

@@ -10,14 +10,29 @@ Works on ``transformers`` models and on PEFT wrappers of them; nothing here impo
 
 from __future__ import annotations
 
+import math
+import numbers
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-# Config attributes of logit transforms the fused loss does not apply (multipliers of the hidden states or the head
-# inside the model's forward); Gemma's softcapping, Cohere's logit_scale and Granite's logits_scaling it does.
-_UNSUPPORTED_TRANSFORMS = ("output_multiplier", "lm_head_multiplier")
+# How each family's modeling code applies a logit-scale attribute of its (text) config, by ``model_type``: the power
+# of the value that multiplies the logits (before the softcap, as the fused loss applies it). Granite's logits_scaling
+# divides them (MiniCPM3's divides the hidden states before its bias-free head: the same), HyperCLOVAX's multiplies
+# them ("unlike Granite, a multiplier"), Cohere's logit_scale, Falcon-H1's lm_head_multiplier and the Muse models'
+# output_multiplier multiply them. The name alone does not say which, so a family not listed that sets one is refused.
+_SCALE_POWERS = {
+    "logits_scaling": {
+        **dict.fromkeys(("granite", "granite_swa", "granitemoe", "granitemoe_swa", "granitemoehybrid",
+                         "granitemoeshared", "granite4_vision_text", "granite_docling_text", "minicpm3"), -1),
+        "hyperclovax": 1,
+    },
+    "logit_scale": dict.fromkeys(("cohere", "cohere2", "cohere2_moe", "cohere_compass_text"), 1),
+    "lm_head_multiplier": {"falcon_h1": 1},
+    "output_multiplier": dict.fromkeys(("muse_glimmer_text", "muse_spark_text"), 1),
+}
 # What a PEFT adapter layer wrapping a Linear holds (LoRA, its variants, IA3): the head is then not its weight alone.
 _ADAPTER_LAYERS = ("base_layer", "lora_A", "ia3_l")
 
@@ -30,20 +45,26 @@ def unwrap_peft(model):
 def logit_transform(model) -> dict:
     """How the model's config transforms its logits beyond ``hidden @ W.T + b``, as the fused loss's keyword
     arguments ``{"logit_scale": s, "logit_softcap": c}``: Gemma-2's ``final_logit_softcapping`` (c), Cohere's
-    ``logit_scale`` (s) and Granite's ``logits_scaling`` (s = 1 / it). ``NotImplementedError`` for a transform the
-    fused loss does not apply (``_UNSUPPORTED_TRANSFORMS``), naming it."""
+    ``logit_scale`` (s), ``logits_scaling`` (s = 1 / it for Granite and MiniCPM3, s = it for HyperCLOVAX), Falcon-H1's
+    ``lm_head_multiplier`` and the Muse models' ``output_multiplier`` (s), by the config's ``model_type``
+    (``_SCALE_POWERS``); ``NotImplementedError`` naming a scale attribute of a family not known here."""
     config = unwrap_peft(model).config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for name in _UNSUPPORTED_TRANSFORMS:
+    name_of_model = type(unwrap_peft(model)).__name__
+    family = getattr(text_config, "model_type", None)
+    scale = 1.0
+    for name, powers in _SCALE_POWERS.items():
         value = getattr(text_config, name, None)
-        if value not in (None, 1, 1.0):
+        if value in (None, 1, 1.0):
+            continue
+        if family not in powers:
             raise NotImplementedError(
-                f"{type(unwrap_peft(model)).__name__} sets {name}={value!r}: its logits are not "
-                "softcap(scale * (hidden @ W.T + b)), so the fused Rank-GRPO log-probs would differ from the model's")
-    scale = float(getattr(text_config, "logit_scale", None) or 1.0)
-    divisor = getattr(text_config, "logits_scaling", None)
-    if divisor not in (None, 0):
-        scale /= float(divisor)
+                f"{name_of_model} (model_type {family!r}) sets {name}={value!r}, and whether its logits are "
+                f"multiplied or divided by it is known only for {sorted(powers)}: the fused Rank-GRPO log-probs "
+                "would not be the model's")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+            raise ValueError(f"{name_of_model} sets {name}={value!r}: expected a finite number > 0")
+        scale *= float(value) ** powers[family]
     softcap = getattr(text_config, "final_logit_softcapping", None)
     return {"logit_scale": scale, "logit_softcap": None if softcap is None else float(softcap)}
 
@@ -67,8 +88,10 @@ def output_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def completion_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                             num_completion_tokens: int) -> torch.Tensor:
-    """(B, T, H) last hidden states (after the final norm) that predict the last T tokens of ``input_ids``.
+                             num_completion_tokens: int, router_logits: bool = False):
+    """(B, T) last hidden states (after the final norm) that predict the last T tokens of ``input_ids``, shape
+    (B, T, H); with ``router_logits=True`` also the MoE router logits of every layer (a tuple, as the model's forward
+    hands them to its load-balancing loss: ``router_aux_loss``).
 
     ``input_ids`` / ``attention_mask`` (B, P + T) hold the prompt (left-padded) then the completion (right-padded),
     as TRL lays them out; position ``P - 1 + t`` predicts completion token t. Only the backbone runs: no logits.
@@ -80,8 +103,24 @@ def completion_hidden_states(model, input_ids: torch.Tensor, attention_mask: tor
     if backbone is unwrap_peft(model):
         raise ValueError(f"{type(backbone).__name__} exposes no backbone under base_model_prefix: the fused loss needs "
                          "the last hidden states of a transformers causal LM")
-    outputs = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return outputs.last_hidden_state[:, -num_completion_tokens - 1 : -1]
+    extra = {"output_router_logits": True} if router_logits else {}
+    outputs = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+    hidden = outputs.last_hidden_state[:, -num_completion_tokens - 1 : -1]
+    return (hidden, outputs.router_logits) if router_logits else hidden
+
+
+def router_aux_loss(model, router_logits, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The MoE load-balancing loss the model's own forward adds with ``output_router_logits=True``: its modeling
+    module's ``load_balancing_loss_func`` over the router logits of the backbone call, with the model's expert
+    count and top-k, over the same attention mask (TRL adds ``router_aux_loss_coef`` times it to the loss)."""
+    inner = unwrap_peft(model)
+    loss_func = getattr(sys.modules[type(inner).__module__], "load_balancing_loss_func", None)
+    experts, top_k = getattr(inner, "num_experts", None), getattr(inner, "num_experts_per_tok", None)
+    if loss_func is None or experts is None or top_k is None:
+        raise NotImplementedError(f"{type(inner).__name__}: its router loss is not the load_balancing_loss_func of "
+                                  "its modeling code over num_experts and num_experts_per_tok; set "
+                                  "router_aux_loss_coef=0.0")
+    return loss_func(router_logits, experts, top_k, attention_mask)
 
 
 def call_head(fn, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):

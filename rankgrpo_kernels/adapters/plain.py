@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..functional import fused_logprobs, rank_grpo_loss
-from ..rewards import per_rank_tensor, rank_advantages, rank_rewards, token_advantages
+from ..functional import fused_logprobs, rank_grpo_loss, spec_from
+from ..objective import ObjectiveSpec
+from ..rewards import per_rank_tensor
 from ..segments import Segments, line_table, segment_items
 from .hf_model import call_head, completion_hidden_states, logit_transform, output_head
 
@@ -45,8 +46,8 @@ class RankGRPOStepInputs:
     completion_ids, completion_mask  (B, T).
     segments          the items of each completion (``Segments``, ``segments.max_items`` = N).
     rewards           (B, N) per-rank rewards.
-    rank_advantages   (B, N) group advantages per rank (the paper form's).
-    token_advantages  (B, T) the code form's per-token advantages, length shaping included.
+    advantages        (B, N) group advantages per rank, or (B, 1) per list with ``objective.list_reward``.
+    objective         the ``ObjectiveSpec`` that made them; ``loss_fields`` applies it for a loss type.
     """
 
     input_ids: torch.Tensor
@@ -55,8 +56,12 @@ class RankGRPOStepInputs:
     completion_mask: torch.Tensor
     segments: Segments
     rewards: torch.Tensor
-    rank_advantages: torch.Tensor
-    token_advantages: torch.Tensor
+    advantages: torch.Tensor
+    objective: ObjectiveSpec
+
+    def loss_fields(self, loss_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(item_ids, advantages)`` (B, T) of the loss: ``objective.loss_fields`` for ``loss_type``."""
+        return self.objective.loss_fields(self.advantages, self.segments, loss_type)
 
 
 def _pad(rows: list[list[int]], value: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,9 +83,12 @@ def rank_grpo_step_inputs(
     *,
     num_generations: int,
     rec_num: int,
+    objective: ObjectiveSpec | None = None,
     reward_kind: str = "exp_inf",
     gamma: float | None = None,
     scale: str = "group",
+    list_reward: str | None = None,
+    importance_sampling_level: str = "item",
     skip_blank_lines: bool = True,
     length_shaping: bool = True,
     overflow_penalty: float = -0.1,
@@ -91,12 +99,19 @@ def rank_grpo_step_inputs(
 ) -> RankGRPOStepInputs:
     """Pad, segment and score one batch: rows ``[g*G, (g+1)*G)`` are the G completions of prompt g.
 
-    ``hits`` (B lists of N numbers, or a (B, N) tensor) go through ``rank_rewards(hits, reward_kind, gamma)``
-    (``exp_inf`` keeps them as they are, so per-rank rewards work too) and ``rank_advantages(..., scale)``. The
-    newline table is built once per tokenizer (``line_table`` caches it); pass the model's ``vocab_size`` when it
-    exceeds ``len(tokenizer)``. ``skip_blank_lines`` must match the one the reward's ``split_items`` used.
+    ``hits`` (B lists of N numbers, or a (B, N) tensor) become per-rank rewards (``reward_kind``, ``gamma``) and
+    group advantages (``scale``): per rank, or per list with ``list_reward``; ``importance_sampling_level`` is the
+    unit of the ratio. These settings and the length shaping may come whole as ``objective`` (an ``ObjectiveSpec``,
+    whose module docstring maps them to the paper's Rank-GRPO, ablations and GRPO/GSPO baselines) instead.
+    The newline table is built once per tokenizer (``line_table`` caches it); pass the model's ``vocab_size`` when
+    it exceeds ``len(tokenizer)``. ``skip_blank_lines`` must match the one the reward's ``split_items`` used.
     ``device``: where the tensors go (the model's device; default CPU).
     """
+    objective = spec_from(
+        ObjectiveSpec, objective, "objective", reward_kind=reward_kind, reward_gamma=gamma, scale_rewards=scale,
+        list_reward=list_reward, importance_sampling_level=importance_sampling_level, length_shaping=length_shaping,
+        overflow_penalty=overflow_penalty, end_of_list_bonus=end_of_list_bonus, early_stop_penalty=early_stop_penalty,
+    )
     if not (len(prompt_ids) == len(completion_ids) == len(hits)):
         raise ValueError(f"prompt_ids, completion_ids and hits must have one entry per completion, got "
                          f"{len(prompt_ids)}, {len(completion_ids)} and {len(hits)}")
@@ -109,15 +124,11 @@ def rank_grpo_step_inputs(
                                                                                completion_mask))
     segments = segment_items(completion, completion_mask, line_table(tokenizer, vocab_size), rec_num,
                              eos_token_id=tokenizer.eos_token_id, skip_blank_lines=skip_blank_lines)
-    rewards = rank_rewards(per_rank_tensor(hits, rec_num).to(completion.device), reward_kind, gamma)
-    advantages = rank_advantages(rewards, num_generations, scale=scale)
-    per_token = token_advantages(advantages, segments, length_shaping=length_shaping,
-                                 overflow_penalty=overflow_penalty, end_of_list_bonus=end_of_list_bonus,
-                                 early_stop_penalty=early_stop_penalty)
+    rewards = objective.rewards(per_rank_tensor(hits, rec_num).to(completion.device))
     return RankGRPOStepInputs(
         input_ids=torch.cat([prompt, completion], 1), attention_mask=torch.cat([prompt_mask, completion_mask], 1),
         completion_ids=completion, completion_mask=completion_mask, segments=segments, rewards=rewards,
-        rank_advantages=advantages, token_advantages=per_token,
+        advantages=objective.advantages(rewards, num_generations), objective=objective,
     )
 
 
@@ -159,24 +170,23 @@ def rank_grpo_loss_for_model(
 
     ``loss_type`` in ``"grpo" | "bnpo" | "dr_grpo" | "dapo"`` is the code form (per-token advantages, length shaping,
     EOS and overflow tokens in the loss); ``"rank"`` is the paper form (per-rank advantages over the item tokens
-    only). ``old_logps`` None means on-policy (every ratio 1); ``beta > 0`` needs ``ref_logps``. Defaults are the
-    released run's clip range. ``entropy_coef`` and ``policy_weights`` as in ``rank_grpo_loss``; the model's
-    logit softcapping or scale (``logit_transform``) applies. Returns the loss and the statistics of
-    ``rank_grpo_loss``.
+    only). The batch's ``objective`` sets the advantages and the unit of the ratio
+    (``RankGRPOStepInputs.loss_fields``). ``old_logps`` None means on-policy (every ratio 1); ``beta > 0`` needs
+    ``ref_logps``. Defaults are the released run's clip range. ``entropy_coef`` and ``policy_weights`` as in
+    ``rank_grpo_loss``; the model's logit softcapping or scale (``logit_transform``) applies. Returns the loss
+    and the statistics of ``rank_grpo_loss``.
     """
     hidden, weight, bias = _hidden_and_head(model, batch)
-    paper_form = loss_type == "rank"
-    advantages = batch.rank_advantages if paper_form else batch.token_advantages
+    item_ids, advantages = batch.loss_fields(loss_type)
 
     def loss_from_head(h, w, b):
         return rank_grpo_loss(
-            h, w, batch.completion_ids, bias=b, temperature=temperature,
-            item_ids=batch.segments.item_ids_for(loss_type), advantages=advantages,
+            h, w, batch.completion_ids, bias=b, temperature=temperature, item_ids=item_ids, advantages=advantages,
             completion_mask=batch.completion_mask, old_logps=old_logps, ref_logps=ref_logps,
             epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta, beta=beta, loss_type=loss_type,
             max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
-            rec_num=batch.segments.max_items, advantage_level="rank" if paper_form else "auto", backend=backend,
-            entropy_coef=entropy_coef, policy_weights=policy_weights, **logit_transform(model),
+            rec_num=batch.segments.max_items, backend=backend, entropy_coef=entropy_coef,
+            policy_weights=policy_weights, **logit_transform(model),
         )
 
     return call_head(loss_from_head, hidden, weight, bias)

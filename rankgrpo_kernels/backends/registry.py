@@ -51,9 +51,9 @@ def load(name: str):
         raise _unknown(name)
     try:
         module = importlib.import_module(f"{__package__}.{name}")
+        check(module)  # the CUDA backend loads its extension here, on first access to a call
     except ImportError as exc:  # no triton package; the CUDA backend's BackendUnavailable names its fix
         raise ValueError(f"backend={name!r} cannot run here ({exc}); use backend='torch'") from exc
-    check(module)
     return module
 
 

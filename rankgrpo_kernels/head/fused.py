@@ -29,6 +29,7 @@ segment loss has given ``g``, the gradient pass writes ``D' = g (onehot - p) - e
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -44,7 +45,7 @@ from .recompute import chunked_logprobs, recomputed_grads
 
 # The statistics of the policy's own distribution at a token, means over the tokens whose log-probs are computed.
 LISTED_MEANS = [STAT_NAMES.index("ratio_mean"), STAT_NAMES.index("entropy")]
-RATIO = STAT_NAMES.index("ratio_mean")
+RATIO, ENTROPY = LISTED_MEANS
 
 
 def entropy_bonus_weights(batch: TokenBatch, dtype):
@@ -82,10 +83,11 @@ def chunk_batch(batch: TokenBatch, positions, r0, r1, logp, entropy) -> tuple[To
 
 def loss_and_grads(hidden, weight, bias, targets, batch: TokenBatch, spec: LossSpec, head: HeadSpec, *,
                    compute_entropy: bool, needs: tuple[bool, bool, bool]):
-    """Loss, statistics, the per-row clip counts (B, 2) and the gradients (d_hidden, d_weight, d_bias; None where
-    ``needs`` says so) in ``saved_grad_dtype``, within ``head.memory_budget_bytes`` of scratch (``head`` resolved:
-    a backend name and an int budget). ``batch.logps`` and ``batch.entropy`` are unused. ``ratio_mean`` and
-    ``entropy`` are means over the tokens that entered the GEMMs."""
+    """Loss, statistics, the per-row clip counts (B, 2), the number of tokens that entered the GEMMs (0-dim) and
+    the gradients (d_hidden, d_weight, d_bias; None where ``needs`` says so) in ``saved_grad_dtype``, within
+    ``head.memory_budget_bytes`` of scratch (``head`` resolved: a backend name and an int budget). ``batch.logps``
+    and ``batch.entropy`` are unused. ``ratio_mean`` and ``entropy`` are means over the tokens that entered the
+    GEMMs; where loss tokens exist but none entered (every item skipped), ``ratio_mean`` is 1 and ``entropy`` NaN."""
     V, H = weight.shape
     N = hidden.shape[0]
     h_op, w_op = gemm_operands(hidden, weight)
@@ -148,4 +150,12 @@ def loss_and_grads(hidden, weight, bias, targets, batch: TokenBatch, spec: LossS
         accumulate_grads(d_logits, scale, h, w_op, grads, c0 == 0, positions, product=run.product)
     if plan.tokens:  # means over the listed tokens (all loss tokens unless items were skipped)
         stats[LISTED_MEANS] *= tokens / plan.tokens
-    return (loss, stats, row_clipped, *finish_grads(grads, saved_grad_dtype(weight.dtype)))
+    else:
+        # Nothing listed, though the batch may hold loss tokens (every item skipped): ratio_mean is the neutral 1
+        # (exact on-policy, where every ratio is 1) and entropy NaN, since none was measured and 0 would read as a
+        # measurement. A batch without loss tokens keeps the reference's zeros.
+        has_loss = batch.mask.any()
+        stats[RATIO] = has_loss.to(acc)
+        stats[ENTROPY] = torch.where(has_loss, math.nan, 0.0)
+    computed = torch.full((), plan.tokens, dtype=acc, device=hidden.device)  # a fill: plan.tokens is on the host
+    return (loss, stats, row_clipped, computed, *finish_grads(grads, saved_grad_dtype(weight.dtype)))

@@ -26,11 +26,26 @@ parsing.py          ``Title (Year)`` lines, title keys (``normalize_title``), th
 catalog.py          ``Catalog``: the titles and years a platform holds, and the year tolerance
 hits.py             ``rank_hits`` (the rules above) and ``item_hits`` (plain string match)
 reward_function.py  ``make_rank_hit_reward``: ``rank_hits`` as a TRL-style reward function
+evaluation.py       ``evaluate_lists``: the paper's Recall@K and NDCG@K under the authors' evaluation protocol (ranks
+                    compressed, exact titles; not the rules above), ``RankingMetrics``, ``parse_rec_line`` and
+                    ``parse_completion`` (the authors' line parser)
 """
 
 from .catalog import Catalog
+from .evaluation import RankingMetrics, evaluate_lists, parse_completion, parse_rec_line
 from .hits import item_hits, rank_hits
 from .parsing import normalize_title, parse_item
 from .reward_function import make_rank_hit_reward
 
-__all__ = ["Catalog", "item_hits", "make_rank_hit_reward", "normalize_title", "parse_item", "rank_hits"]
+__all__ = [
+    "Catalog",
+    "RankingMetrics",
+    "evaluate_lists",
+    "item_hits",
+    "make_rank_hit_reward",
+    "normalize_title",
+    "parse_completion",
+    "parse_item",
+    "parse_rec_line",
+    "rank_hits",
+]

@@ -6,7 +6,9 @@ segmentation against the reward's ``split_items``, and the errors for bad reward
 
 from __future__ import annotations
 
+import copy
 import subprocess
+import warnings
 import sys
 from types import SimpleNamespace
 
@@ -19,7 +21,7 @@ from datasets import Dataset  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from rankgrpo_kernels import rank_advantages, split_items  # noqa: E402
+from rankgrpo_kernels import ObjectiveSpec, rank_advantages, split_items, token_advantages  # noqa: E402
 from rankgrpo_kernels.adapters.hf_model import full_head_tensor, head_rows, run_inside_forward  # noqa: E402
 from rankgrpo_kernels.recommender import item_hits  # noqa: E402
 from rankgrpo_kernels.adapters.plain import (  # noqa: E402
@@ -173,7 +175,9 @@ def test_head_helpers_pass_plain_heads_through_and_read_partitioned_sizes():
 @pytest.mark.parametrize(("overrides", "match"), [
     (dict(num_generations=1), "at least 2 generations"),
     (dict(loss_type="cispo"), "loss_type must be one of"),
-    (dict(importance_sampling_level="sequence"), "importance_sampling_level"),
+    (dict(importance_sampling_level="segment"), "importance_sampling_level"),
+    (dict(loss_type="rank", list_reward="dcg"), "list_reward"),
+    (dict(loss_type="rank", importance_sampling_level="token"), "importance_sampling_level"),
     (dict(reward_kind="exp"), "gamma"),
     (dict(use_bias_correction_kl=True), "use_bias_correction_kl"),
     (dict(rec_num=0), "rec_num"),
@@ -221,8 +225,35 @@ def test_rewards_are_weighted_per_rank_and_summarised_for_trl(world, tmp_path):
     summary = trainer._calculate_rewards([{"prompt": "p"}] * 2, ["p"] * 2, ["a", "b"], [[1], [2]])
     dcg = 1 / torch.log2(torch.arange(REC_NUM) + 2.0)
     expected = 2.0 * torch.tensor([dcg[0], 0, 0, 0]) + 0.5 * dcg.flip(0).cumsum(0).flip(0)
-    torch.testing.assert_close(trainer._rank_rewards, expected.expand(2, REC_NUM))
+    weighted = (trainer._rank_rewards * trainer.reward_weights[None, :, None]).sum(1)  # (B, F, N) kept per function
+    torch.testing.assert_close(weighted, expected.expand(2, REC_NUM))
     assert summary.shape == (2, 2)  # one mean over ranks per reward function, for TRL's logs
+
+
+@pytest.mark.parametrize("list_reward", [None, "sum"])
+def test_gdpo_normalises_each_reward_function_per_rank_then_sums(world, tmp_path, list_reward):
+    """``multi_objective_aggregation="normalize_then_sum"`` (GDPO) per rank, as GRPOTrainer does per completion:
+    each function's group-normalised rewards, weighted, summed, then normalised over the batch. With one rank (or a
+    list reward) it is TRL's own formula, written out here from GRPOTrainer."""
+    rec_num = 1 if list_reward is None else REC_NUM
+    trainer = rank_trainer(world, tmp_path, reward=[hit_reward(rec_num), hit_reward(rec_num)], rec_num=rec_num,
+                           reward_weights=[2.0, 0.5], multi_objective_aggregation="normalize_then_sum",
+                           list_reward=list_reward, length_shaping=False, beta=0.0)
+    inputs = scored_batch(trainer, world)
+    B = inputs["completion_ids"].shape[0]
+    rewards = torch.rand(B, 2, rec_num, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    fields = trainer._rank_fields(inputs["completion_ids"], inputs["completion_mask"], rewards, "train")
+
+    per_function = rewards.sum(2)  # (B, F): the one rank, or the list reward "sum"
+    grouped = per_function.view(-1, 4, 2)
+    normalised = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).view(B, 2)
+    summed = (normalised * torch.tensor([2.0, 0.5], dtype=torch.float64)).sum(1)
+    trl_advantages = (summed - summed.mean()) / (summed.std() + 1e-4)
+    content = fields["item_ids"] >= 0
+    if list_reward is None:  # the code form: only the item's tokens carry the rank's advantage (no shaping)
+        content = trainer._segment(inputs["completion_ids"], inputs["completion_mask"]).content_mask
+    expected = trl_advantages[:, None] * content
+    torch.testing.assert_close(fields["advantages"], expected, rtol=1e-12, atol=1e-12)
 
 
 def any_title_hits(completions, **kwargs):
@@ -230,9 +261,11 @@ def any_title_hits(completions, **kwargs):
     return [item_hits(text, ALL_TITLES, REC_NUM) for text in completions]
 
 
-@pytest.mark.parametrize(("loss_type", "num_iterations"), [("bnpo", 1), ("rank", 2)])
-def test_end_to_end_training_steps(world, tmp_path, loss_type, num_iterations):
-    trainer = rank_trainer(world, tmp_path, reward=any_title_hits, loss_type=loss_type, num_iterations=num_iterations)
+@pytest.mark.parametrize(("loss_type", "num_iterations", "objective"), [
+    ("bnpo", 1, {}), ("rank", 2, {}), ("grpo", 2, dict(importance_sampling_level="sequence", list_reward="dcg"))])
+def test_end_to_end_training_steps(world, tmp_path, loss_type, num_iterations, objective):
+    trainer = rank_trainer(world, tmp_path, reward=any_title_hits, loss_type=loss_type, num_iterations=num_iterations,
+                           **objective)
     forward = vars(trainer.model).get("forward")  # TRL's own fused LM head patches it; the fused loss does not
     seen_old_logps, compute_loss = [], trainer._compute_loss
 
@@ -386,6 +419,65 @@ def test_one_item_per_completion_equals_trl_sequence_level_loss(world, tmp_path,
     assert trl._metrics["train"]["clip_ratio/region_mean"][-1] > 0  # some sequence ratios were clipped
 
 
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo"])
+def test_list_reward_baselines_equal_trls_own_loss(world, tmp_path, level, loss_type):
+    """The paper's baselines, GRPO (token ratios) and GSPO (sequence ratios) with one DCG reward per list: the loss
+    and gradients of RankGRPOTrainer are those of TRL's GRPOTrainer at the same importance_sampling_level, given the
+    same completions and the group advantages of the lists' DCG."""
+    settings = dict(loss_type=loss_type, epsilon=0.1, epsilon_high=0.15, temperature=0.8,
+                    importance_sampling_level=level)
+    rank = rank_trainer(world, tmp_path, list_reward="dcg", length_shaping=False, **settings)
+    trl = GRPOTrainer(model=fresh_model(world), reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+                      args=GRPOConfig(**trl_settings(tmp_path, use_bias_correction_kl=False, **settings)),
+                      train_dataset=Dataset.from_list(world.rows), processing_class=world.tokenizer)
+    inputs = scored_batch(rank, world)
+    trl.model.train()
+    trl.current_gradient_accumulation_steps = 1
+    rank.model.double(), trl.model.double()
+    completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+    with torch.no_grad():
+        current, _, _ = rank._get_per_token_logps_and_entropies(
+            rank.model, torch.cat([inputs["prompt_ids"], completion_ids], 1),
+            torch.cat([inputs["prompt_mask"], completion_mask], 1), completion_ids.shape[1])
+    noise = torch.Generator().manual_seed(4)
+    row_shift = 0.2 * torch.randn(current.shape[0], 1, generator=noise, dtype=current.dtype)  # ratios past the clip
+    inputs["old_per_token_logps"] = current + row_shift + 0.1 * torch.randn(current.shape, generator=noise,
+                                                                            dtype=current.dtype)
+    inputs["ref_per_token_logps"] = current + 0.1 * torch.randn(current.shape, generator=noise, dtype=current.dtype)
+    rewards = torch.rand(completion_ids.shape[0], REC_NUM, generator=noise, dtype=torch.float64)
+    rank_inputs = {**inputs, **rank._rank_fields(completion_ids, completion_mask, rewards, "train")}
+    dcg = (rewards / torch.log2(torch.arange(REC_NUM, dtype=torch.float64) + 2)).sum(1)
+    trl_inputs = {**inputs, "advantages": rank_advantages(dcg[:, None], num_generations=4)[:, 0]}  # TRL's (B,)
+
+    rank_loss = rank._compute_loss(rank.model, rank_inputs)
+    trl_loss = trl._compute_loss(trl.model, trl_inputs)
+    # TRL's chunked log-prob kernel works in float32 even for a float64 model: float32 tolerances.
+    torch.testing.assert_close(rank_loss, trl_loss, rtol=1e-5, atol=1e-8)
+    for mine, theirs in zip(torch.autograd.grad(rank_loss, list(rank.model.parameters())),
+                            torch.autograd.grad(trl_loss, list(trl.model.parameters()))):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5 * theirs.abs().max().item())
+    assert trl._metrics["train"]["clip_ratio/region_mean"][-1] > 0  # some ratios were clipped
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_ratio_ablations_keep_the_per_rank_advantages(world, tmp_path, level):
+    """The ablations change the unit of the ratio only: the trainer hands the loss the item level's per-token
+    advantages, with one id per token or per row on the same tokens."""
+    item = rank_trainer(world, tmp_path, beta=0.0)
+    ablation = rank_trainer(world, tmp_path, beta=0.0, importance_sampling_level=level)
+    inputs = scored_batch(item, world)
+    rewards = torch.rand(inputs["completion_ids"].shape[0], REC_NUM, generator=torch.Generator().manual_seed(5))
+    fields = [trainer._rank_fields(inputs["completion_ids"], inputs["completion_mask"], rewards, "train")
+              for trainer in (item, ablation)]
+    torch.testing.assert_close(fields[1]["advantages"], fields[0]["advantages"], rtol=0, atol=0)
+    in_loss = fields[0]["item_ids"] >= 0
+    assert torch.equal(fields[1]["item_ids"] >= 0, in_loss)
+    ids = fields[1]["item_ids"]
+    expected = torch.arange(ids.shape[1]).expand_as(ids) if level == "token" else torch.zeros_like(ids)
+    assert torch.equal(ids[in_loss], expected[in_loss])
+
+
 ALIGNMENT_TEXTS = [
     "Here are my picks:\n\nStar Harbor\n\n\nMoon Drift\nOrbit Nine",  # preamble, "\n\n" tokens, blank lines
     "\n\nStar Harbor\nMoon Drift\n\n",  # leading and trailing blank lines
@@ -426,9 +518,36 @@ def test_segments_agree_with_the_items_the_reward_sees(world, tmp_path):
         assert (fields["advantages"][0][~on_item_2] == 0).all()
 
 
+def _expected_fields(batch, loss_type, level, list_reward):
+    """The item ids and advantages each paper row should hand the loss, built here from the batch's segmentation
+    and rewards: the code form's per-token advantages (or the paper form's item tokens), one DCG advantage per list
+    for the baselines, the ids of the item, of each token or of the whole row."""
+    segments = batch.segments
+    item_ids = segments.item_ids_for(loss_type)
+    in_loss = item_ids >= 0
+    if list_reward is None:
+        advantages = rank_advantages(batch.rewards.double(), 2).gather(1, segments.item_ids.clamp(0, REC_NUM - 1))
+        advantages = advantages * segments.content_mask
+    else:
+        dcg = (batch.rewards.double() / torch.log2(torch.arange(REC_NUM, dtype=torch.float64) + 2)).sum(1)
+        advantages = rank_advantages(dcg[:, None], 2) * in_loss
+    if loss_type != "rank":  # the code form's length shaping, as token_advantages adds it
+        advantages = advantages + token_advantages(torch.zeros(len(batch.rewards), REC_NUM).double(), segments)
+    if level == "token":
+        item_ids = torch.where(in_loss, torch.arange(item_ids.shape[1]), -1)
+    elif level == "sequence":
+        item_ids = torch.where(in_loss, 0, -1)
+    return item_ids, advantages
+
+
+PAPER_ROWS = [("rank", "item", None), ("bnpo", "item", None), ("bnpo", "token", None), ("grpo", "sequence", None),
+              ("grpo", "token", "dcg"), ("bnpo", "sequence", "dcg")]
+
+
 @pytest.mark.parametrize("tie_word_embeddings", [True, False])
-@pytest.mark.parametrize("loss_type", ["bnpo", "rank"])
-def test_plain_loop_loss_equals_the_reference_from_full_logits(world, tie_word_embeddings, loss_type):
+@pytest.mark.parametrize(("loss_type", "level", "list_reward"), PAPER_ROWS)
+def test_plain_loop_loss_equals_the_reference_from_full_logits(world, tie_word_embeddings, loss_type, level,
+                                                               list_reward):
     model = build_model(world.tokenizer, tie_word_embeddings=tie_word_embeddings).double()
     tokenizer = world.tokenizer
     texts = ["Star Harbor\nMoon Drift\nOrbit Nine\nVoid Runner", "Star Harbor\n\nGrave Tide",
@@ -436,23 +555,54 @@ def test_plain_loop_loss_equals_the_reference_from_full_logits(world, tie_word_e
     completions = [tokenizer(text)["input_ids"] + [tokenizer.eos_token_id] for text in texts]
     prompts = [tokenizer(world.rows[i]["prompt"])["input_ids"] for i in (0, 0, 50, 50)]
     hits = [item_hits(text, world.rows[0]["relevant"], REC_NUM) for text in texts]
-    batch = rank_grpo_step_inputs(tokenizer, prompts, completions, hits, num_generations=2, rec_num=REC_NUM)
-    batch.rank_advantages, batch.token_advantages = batch.rank_advantages.double(), batch.token_advantages.double()
-    assert batch.rank_advantages.abs().sum() > 0
+    batch = rank_grpo_step_inputs(tokenizer, prompts, completions, hits, num_generations=2, rec_num=REC_NUM,
+                                  importance_sampling_level=level, list_reward=list_reward)
+    assert batch.advantages.dtype == torch.float32
+    batch.rewards = batch.rewards.double()  # float64 from here on, so that the comparison can be tight
+    batch.advantages = batch.objective.advantages(batch.rewards, num_generations=2)
+    assert batch.advantages.abs().sum() > 0
+    assert batch.advantages.shape == (4, REC_NUM if list_reward is None else 1)
 
-    loss, _ = rank_grpo_loss_for_model(model, batch, temperature=0.9, loss_type=loss_type)
-    grads = torch.autograd.grad(loss, list(model.parameters()))
     T = batch.completion_ids.shape[1]
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, -T - 1 : -1]
     logps = (logits / 0.9).log_softmax(-1).gather(-1, batch.completion_ids[..., None])[..., 0]
-    advantages = (batch.rank_advantages.gather(1, batch.segments.item_ids.clamp(0, REC_NUM - 1))
-                  * batch.segments.content_mask if loss_type == "rank" else batch.token_advantages)
-    reference, _ = reference_loss_from_logps(logps, batch.segments.item_ids_for(loss_type), advantages,
-                                             batch.completion_mask, loss_type=loss_type, rec_num=REC_NUM,
-                                             epsilon_low=0.06, epsilon_high=0.08)
+    # Off-policy, so that the unit of the ratio shows in the loss (on-policy, item and token ratios give the same
+    # gradient when an item's tokens share an advantage), with some ratios past the clip.
+    noise = torch.Generator().manual_seed(3)
+    old = logps.detach() + 0.1 * torch.randn(logps.shape, generator=noise, dtype=logps.dtype)
+
+    loss, _ = rank_grpo_loss_for_model(model, batch, old_logps=old, temperature=0.9, loss_type=loss_type)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    item_ids, advantages = _expected_fields(batch, loss_type, level, list_reward)
+    reference, _ = reference_loss_from_logps(logps, item_ids, advantages, batch.completion_mask, old,
+                                             loss_type=loss_type, rec_num=REC_NUM, epsilon_low=0.06,
+                                             epsilon_high=0.08)
     torch.testing.assert_close(loss, reference, rtol=1e-9, atol=1e-12)
     for fused_grad, reference_grad in zip(grads, torch.autograd.grad(reference, list(model.parameters()))):
         torch.testing.assert_close(fused_grad, reference_grad, rtol=1e-7, atol=1e-10)
+
+
+def test_plain_loop_takes_an_objective_spec_whole():
+    tokenizer = TinyTokenizerForPlain()
+    spec = ObjectiveSpec(importance_sampling_level="sequence", list_reward="sum")
+    batch = rank_grpo_step_inputs(tokenizer, [[1], [1]], [[0, 1], [0, 0, 1]], [[1.0, 0.0], [0.0, 0.0]],
+                                  num_generations=2, rec_num=2, objective=spec)
+    assert batch.objective is spec and batch.advantages.shape == (2, 1)
+    with pytest.raises(ValueError, match="objective= holds"):
+        rank_grpo_step_inputs(tokenizer, [[1], [1]], [[0, 1], [0, 1]], [[1.0, 0.0], [0.0, 0.0]], num_generations=2,
+                              rec_num=2, objective=spec, list_reward="dcg")
+
+
+class TinyTokenizerForPlain:
+    """Two tokens, "A" and the EOS: enough for ``rank_grpo_step_inputs``."""
+
+    eos_token_id, pad_token_id = 1, None
+
+    def __len__(self):
+        return 2
+
+    def decode(self, ids, **kwargs):
+        return "".join("A" if i == 0 else "<eos>" for i in ids)
 
 
 def test_vllm_config_with_trls_defaults_constructs(tmp_path):
@@ -600,3 +750,83 @@ def test_adaptive_entropy_moves_the_coefficient_as_trl_does(world, tmp_path):
     assert trainer._last_world_entropy == pytest.approx(entropy, rel=1e-5)
     second = trainer._compute_loss(trainer.model, inputs)
     torch.testing.assert_close(second, first - 0.03 * entropy, rtol=1e-4, atol=1e-6)
+
+
+def test_ratio_and_entropy_means_count_only_the_tokens_the_loss_computed():
+    """Two processes' statistics summed as accelerate reduces them: one computed 4 of its 8 loss tokens, the other
+    none (every item skipped: ratio 1, entropy NaN); the ratio and entropy means are over the 4, the clip means
+    over all 16 tokens."""
+    from collections import defaultdict
+
+    from rankgrpo_kernels.adapters.trl.metrics import log_token_means
+
+    processes = [dict(clip_ratio_low=0.5, clip_ratio_high=0.0, clip_ratio_region=0.5, ratio_mean=0.9, entropy=2.0,
+                      computed_tokens=4),
+                 dict(clip_ratio_low=0.0, clip_ratio_high=0.0, clip_ratio_region=0.0, ratio_mean=1.0,
+                      entropy=float("nan"), computed_tokens=0)]
+    sent = []
+
+    def reduce(stacked, reduction):
+        sent.append(stacked)
+        return stacked if len(sent) < 2 else sent[0] + sent[1]
+
+    accelerator = SimpleNamespace(reduce=reduce)
+    for stats in processes:
+        metrics = defaultdict(list)
+        log_token_means(metrics, accelerator, {k: torch.tensor(v) for k, v in stats.items()}, torch.tensor(8))
+    assert metrics["ratio/mean"] == [pytest.approx(0.9)] and metrics["entropy"] == [pytest.approx(2.0)]
+    assert metrics["clip_ratio/low_mean"] == [pytest.approx(0.25)]
+
+
+def test_a_tokenizer_without_eos_is_refused_with_the_fix(world, tmp_path):
+    tokenizer = copy.deepcopy(world.tokenizer)
+    tokenizer.eos_token = None
+    with pytest.raises(ValueError, match="tokenizer has no eos_token"):
+        RankGRPOTrainer(model=fresh_model(world), reward_funcs=hit_reward(REC_NUM), args=rank_config(tmp_path),
+                        train_dataset=Dataset.from_list(world.rows), processing_class=tokenizer)
+
+
+@pytest.mark.parametrize(("sampling", "warns"), [(dict(top_p=0.9), True), (dict(top_k=50), True),
+                                                 (dict(min_p=0.05), True), ({}, False)])
+def test_truncated_sampling_with_the_importance_sampling_correction_warns(tmp_path, sampling, warns):
+    from rankgrpo_kernels.adapters.trl.config import warn_truncated_sampling
+
+    args = rank_config(tmp_path, use_vllm=True, **sampling)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_truncated_sampling(args)
+        warn_truncated_sampling(rank_config(tmp_path, use_vllm=True, vllm_importance_sampling_correction=False,
+                                            **sampling))
+    assert [str(w.message).split(" truncate")[0] for w in caught] == ([next(iter(sampling))] if warns else [])
+
+
+def test_moe_router_loss_is_added_as_grpo_trainer_adds_it(world, tmp_path):
+    """A tiny Qwen2-MoE: the loss is the Rank-GRPO loss plus ``router_aux_loss_coef`` times the model's own
+    load-balancing loss (its forward with ``output_router_logits=True``), scaled for accumulation, with its
+    gradient reaching the routers."""
+    import transformers
+
+    config = transformers.Qwen2MoeConfig(
+        vocab_size=len(world.tokenizer), hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+        shared_expert_intermediate_size=16, num_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, router_aux_loss_coef=0.05,
+        pad_token_id=world.tokenizer.pad_token_id, eos_token_id=world.tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = transformers.Qwen2MoeForCausalLM(config)
+    trainer = RankGRPOTrainer(model=model, reward_funcs=hit_reward(REC_NUM), args=rank_config(tmp_path, beta=0.0),
+                              train_dataset=Dataset.from_list(world.rows), processing_class=world.tokenizer)
+    assert trainer.aux_loss_enabled
+    inputs = scored_batch(trainer, world)
+    rewards = torch.rand(inputs["completion_ids"].shape[0], REC_NUM, generator=torch.Generator().manual_seed(7))
+    inputs.update(trainer._rank_fields(inputs["completion_ids"], inputs["completion_mask"], rewards, "train"))
+    trainer.current_gradient_accumulation_steps = 2
+    with_aux = trainer._compute_loss(trainer.model, inputs)
+    trainer.aux_loss_enabled = False
+    without = trainer._compute_loss(trainer.model, inputs)
+    own = trainer.model(input_ids=torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+                        attention_mask=torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1),
+                        output_router_logits=True).aux_loss
+    torch.testing.assert_close(with_aux - without, 0.05 * own / 2, rtol=1e-5, atol=1e-7)
+    assert trainer._metrics["train"]["aux_loss"][-1] == pytest.approx(own.item(), rel=1e-5)
+    gate = trainer.model.model.layers[0].mlp.gate.weight
+    assert torch.autograd.grad(with_aux - without, gate)[0].abs().sum() > 0

@@ -1,6 +1,7 @@
-"""Compile every Triton kernel ahead of time for sm_90a and sm_80 (no GPU needed) and report, as JSON lines,
-registers, shared memory, spills (``ptxas -v`` with the ptxas Triton itself uses, and cuobjdump's local memory)
-and whether it loads with vector instructions.
+"""Compile every Triton kernel ahead of time for sm_80, sm_90a, sm_100a and sm_120a (no GPU needed) and report, as
+JSON lines, registers, shared memory, spills and stack frame (``ptxas -v`` run as Triton runs it: its ptxas and its
+flags, see ``PTXAS_FLAGS``; and cuobjdump's local memory and stack of the cubin Triton built) and whether it loads
+with vector instructions.
 
 Run by tests/backends/test_triton_aot.py in a fresh process, since TRITON_INTERPRET=1 replaces the kernels' JIT objects.
 """
@@ -21,7 +22,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 import torch  # noqa: E402
@@ -32,6 +33,11 @@ from rankgrpo_kernels.backends.triton.tiles import ROW_PASS_CONFIGS  # noqa: E40
 TRITON_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"  # cuobjdump
+# How triton/backends/nvidia/compiler.py (make_cubin) runs ptxas by default: line info, -v, its register allocator
+# workaround for ptxas 13; fp fusion on (TRITON_DEFAULT_FP_FUSION=1 here as in the tests), no extra ptx options.
+PTXAS_FLAGS = ("-lineinfo", "-v", "--regAllocOptLevel=2")
+# (capability, the ROW_PASS_CONFIGS key the launcher picks on it: sm_90's from Hopper on)
+TARGETS = ((80, "sm_80"), (90, "sm_90"), (100, "sm_90"), (120, "sm_90"))
 
 
 @dataclass(frozen=True)
@@ -95,7 +101,8 @@ def row_pass_kernels(arch):
     return specs
 
 
-def compile_one(name, kernel, signature, constexprs, cfg, arch, capability, attrs=None):
+def compile_one(name, kernel, signature, constexprs, cfg, capability, attrs=None):
+    arch = sm_arch_from_capability(capability)
     full = {**signature, **{k: "constexpr" for k in constexprs}}
     compiled = triton.compile(ASTSource(kernel, full, constexprs, attrs), target=GPUTarget("cuda", capability, 32),
                               options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
@@ -103,26 +110,26 @@ def compile_one(name, kernel, signature, constexprs, cfg, arch, capability, attr
         ptx, cubin = Path(tmp, "k.ptx"), Path(tmp, "k.cubin")
         ptx.write_text(compiled.asm["ptx"])
         cubin.write_bytes(compiled.asm["cubin"])
-        ptxas = subprocess.run([get_ptxas(capability).path, f"-arch={arch}", "-v", str(ptx), "-o", os.devnull],
-                               capture_output=True, text=True, check=True).stderr
+        ptxas = subprocess.run([get_ptxas(capability).path, *PTXAS_FLAGS, f"--gpu-name={arch}", str(ptx), "-o",
+                                os.devnull], capture_output=True, text=True, check=True).stderr
         usage = subprocess.run([str(NVIDIA_BIN / "cuobjdump"), "--dump-resource-usage", str(cubin)],
                                capture_output=True, text=True, check=True).stdout
-    spill_stores, spill_loads = (int(x) for x in re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads",
-                                                           ptxas).groups())
+    stack_frame, spill_stores, spill_loads = (int(x) for x in re.search(
+        r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", ptxas).groups())
     fields = dict(re.findall(r"(REG|SHARED|LOCAL|STACK):(\d+)", usage))
     text = compiled.asm["ptx"]
     return dict(kernel=name, arch=arch, registers=int(fields["REG"]), shared=int(fields["SHARED"]),
-                local=int(fields["LOCAL"]), stack=int(fields["STACK"]), spill_stores=spill_stores,
-                spill_loads=spill_loads, dynamic_shared=compiled.metadata.shared,
+                local=int(fields["LOCAL"]), stack=int(fields["STACK"]), stack_frame=stack_frame,
+                spill_stores=spill_stores, spill_loads=spill_loads, dynamic_shared=compiled.metadata.shared,
                 vector_loads=re.search(r"ld\.global[.\w]*\.v[24]\.", text) is not None)
 
 
 def main():
-    for arch, capability, key in (("sm_90a", 90, "sm_90"), ("sm_80", 80, "sm_80")):
+    for capability, key in TARGETS:
         for spec in segment_kernels():
-            print(json.dumps(compile_one(*spec, arch, capability)), flush=True)
+            print(json.dumps(compile_one(*spec, capability)), flush=True)
         for spec, attrs in row_pass_kernels(key):
-            print(json.dumps(compile_one(*spec, arch, capability, attrs=attrs)), flush=True)
+            print(json.dumps(compile_one(*spec, capability, attrs=attrs)), flush=True)
 
 
 if __name__ == "__main__":

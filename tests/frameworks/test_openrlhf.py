@@ -134,14 +134,26 @@ def test_experience_maker_gives_rank_advantages(tok):
         torch.testing.assert_close(exp.advantages, token_advantages(expected_rank[rows], seg))
 
 
-def test_install_routes_training_step(tok, monkeypatch):
+def trainer_args(kl_coef=0.0, entropy_coef=None, estimator="k3", unbiased_gradient=False):
+    kl = SimpleNamespace(use_loss=True, init_coef=kl_coef, estimator=estimator, unbiased_gradient=unbiased_gradient)
+    return SimpleNamespace(algo=SimpleNamespace(kl=kl), actor=SimpleNamespace(entropy_coef=entropy_coef,
+                                                                             aux_loss_coef=0.0),
+                           train=SimpleNamespace(dynamic_batch_enable=False))
+
+
+@pytest.mark.parametrize("passed", [True, False])
+def test_install_routes_training_step(tok, monkeypatch, passed):
+    """The training step binds the item ids to the loss and the micro-batch to the fused forward, with the step's
+    normalisers (computed as OpenRLHF's step does when the trainer passes none), and passes them on."""
     from openrlhf.trainer import ppo_trainer
     from openrlhf.trainer.ray import ppo_actor
+
+    from rankgrpo_kernels.adapters.openrlhf.forward_loss import current_forward_loss
 
     seen = {}
 
     def original(self, experience, kl_ctl, step, loss_batch_info=None):
-        seen["item_ids"] = self.actor_loss_fn.bound_item_ids
+        seen.update(item_ids=self.actor_loss_fn.bound_item_ids, bound=current_forward_loss(), info=loss_batch_info)
         return {"ok": 1}
 
     for module, name in ((ppo_trainer, "RemoteExperienceMaker"), (ppo_actor, "PolicyLoss")):
@@ -149,12 +161,22 @@ def test_install_routes_training_step(tok, monkeypatch):
     monkeypatch.setattr(ppo_actor.ActorPPOTrainer, "training_step", original)
     items = adapter.install(tok, batch.N)
     assert issubclass(ppo_trainer.RemoteExperienceMaker, adapter.RankGRPOExperienceMaker)
-    trainer = SimpleNamespace(actor_loss_fn=ppo_actor.PolicyLoss(clip_eps_low=0.06, clip_eps_high=0.08))
+    trainer = SimpleNamespace(actor_loss_fn=ppo_actor.PolicyLoss(clip_eps_low=0.06, clip_eps_high=0.08),
+                              args=trainer_args(1e-3), strategy=SimpleNamespace(), replay_buffer=None)
     b = openrlhf_batch(tok)
     experience = SimpleNamespace(sequences=b.sequences, action_mask=b.action_mask)
-    assert ppo_actor.ActorPPOTrainer.training_step(trainer, experience, 0.0, 0) == {"ok": 1}
+    info = {"dp_size": 2, "batch_num_tokens": torch.tensor(70.0), "global_batch_size": torch.tensor(13.0)}
+    status = ppo_actor.ActorPPOTrainer.training_step(trainer, experience, 1e-3, 0, *([info] if passed else []))
+    assert status == {"ok": 1}
     torch.testing.assert_close(seen["item_ids"], items.item_ids(b.sequences, b.action_mask))
-    assert trainer.actor_loss_fn.bound_item_ids is None
+    bound = seen["bound"]
+    assert bound.experience is experience and bound.kl_coef == 1e-3 and bound.policy_loss is trainer.actor_loss_fn
+    assert seen["info"] is bound.batch_info and bound.result is None
+    if passed:
+        assert bound.batch_info is info
+    else:
+        assert bound.batch_info["dp_size"] == 1 and bound.batch_info["batch_num_tokens"] == b.action_mask.sum()
+    assert trainer.actor_loss_fn.bound_item_ids is None and current_forward_loss() is None
 
 
 def test_fused_actor_forward_matches_openrlhf(tok, monkeypatch):
@@ -184,6 +206,123 @@ def test_fused_actor_forward_matches_openrlhf(tok, monkeypatch):
     ours = run()
     for a, b_ in zip(ours, theirs):
         torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-5)
+
+
+class _Strategy:
+    """OpenRLHF's strategy as its training step uses it on one process: the backward records the loss."""
+
+    ring_attn_group = None
+
+    def backward(self, loss, model, optimizer):
+        self.loss = loss.detach()
+        loss.backward()
+
+    def optimizer_step(self, *args, **kwargs):
+        pass
+
+    def get_grad_norm(self, model):
+        return 0.0
+
+
+CORRECTIONS = {
+    None: {},
+    "token": dict(is_correction_level="token", is_correction_mode="mask", is_correction_threshold=(0.93, 1.07)),
+    "seq": dict(is_correction_level="seq", is_correction_mode="mask", is_correction_threshold=(0.99, 1.01)),
+    "item": dict(is_correction_level="item", is_correction_threshold=(0.97, 1.03)),
+}
+INFO = {"dp_size": 2, "batch_num_tokens": 150.0, "global_batch_size": 13.0}
+FORWARD_CASES = [  # (form, token_level_loss, dual_clip, correction, kl_coef, kl_estimator, unbiased_gradient,
+    #                 entropy_coef, loss_batch_info); the first five compute the loss in the forward
+    ("code", True, 3.0, "token", 0.0, "k3", False, None, INFO),
+    ("code", True, None, "seq", 0.3, "k3", False, 0.05, INFO),
+    ("code", True, None, None, 0.3, "k3", False, 0.0, None),
+    ("code", False, 3.0, "item", 0.0, "k3", False, None, INFO),
+    ("rank", True, None, None, 0.0, "k3", False, None, INFO),
+    # the recompute path: a KL estimator or gradient the fused loss lacks, a KL or entropy term over the per-sample
+    # aggregation, the paper form with a KL or entropy term
+    ("code", True, None, None, 0.3, "k1", False, None, INFO),
+    ("code", True, None, None, 0.3, "k2", False, None, INFO),
+    ("code", True, None, None, 0.3, "k3", True, None, INFO),
+    ("code", False, None, None, 0.3, "k3", False, None, INFO),
+    ("code", False, None, None, 0.0, "k3", False, 0.05, INFO),
+    ("rank", True, None, None, 0.0, "k3", False, 0.0, INFO),
+]
+
+
+@pytest.mark.parametrize("form, token_level_loss, dual_clip, correction, kl_coef, estimator, unbiased, entropy_coef, "
+                         "info", FORWARD_CASES)
+def test_loss_in_the_forward_matches_openrlhfs_step(tok, monkeypatch, form, token_level_loss, dual_clip, correction,
+                                                    kl_coef, estimator, unbiased, entropy_coef, info):
+    """OpenRLHF's own ``training_step``, installed, with the loss computed in the fused actor forward (or, where the
+    options rule it out, every action token's log-prob) equals the same step on the recompute path (``options``
+    None: the log-probs into the policy loss, OpenRLHF's KL and entropy terms after; in float64, where OpenRLHF's
+    own forward casts its logits to float32, ``test_fused_actor_forward_matches_openrlhf``): loss, gradients of every
+    parameter and metrics, for each option (clip range, dual clip, rollout correction, KL estimator, entropy term,
+    aggregation and global normalisers, form)."""
+    from openrlhf.models.actor import Actor
+    from openrlhf.trainer import ppo_trainer
+    from openrlhf.trainer.ray import ppo_actor
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    for module, name in ((ppo_trainer, "RemoteExperienceMaker"), (ppo_actor, "PolicyLoss")):
+        monkeypatch.setattr(module, name, getattr(module, name))
+    monkeypatch.setattr(ppo_actor.ActorPPOTrainer, "training_step", ppo_actor.ActorPPOTrainer.training_step)
+    monkeypatch.setattr(Actor, "forward", Actor.forward)
+    items = adapter.install(tok, batch.N, form=form)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=4,
+                                         num_key_value_heads=2)).double()
+    actor = Actor(model, temperature=0.7)
+    actor.packing_samples = False
+    b = openrlhf_batch(tok, seed=6)
+    attention = (b.sequences != tok.pad_token_id).long()
+    rank_adv = rank_advantages(batch.hits(b.g), batch.G).double()
+    rank_adv[:, 1] = 0.0  # rank 1 without advantage anywhere: skipped at beta 0
+    mask = b.action_mask.float()
+    with torch.no_grad():
+        logps = actor(b.sequences, b.action_mask, attention_mask=attention)
+    noise = torch.randn((3, *mask.shape), generator=b.g, dtype=torch.float64) * mask
+    old, ref = logps + 0.05 * noise[0], logps + 0.3 * noise[1]
+    loss_fn = ppo_actor.PolicyLoss(clip_eps_low=0.06, clip_eps_high=0.08, dual_clip=dual_clip,
+                                   token_level_loss=token_level_loss, **CORRECTIONS[correction])
+    args = trainer_args(kl_coef, entropy_coef, estimator, unbiased)
+    trainer = SimpleNamespace(actor=actor, actor_loss_fn=loss_fn, args=args, strategy=_Strategy(), aux_loss=False,
+                              ema_model=None, actor_optim=None, replay_buffer=None,
+                              actor_scheduler=SimpleNamespace(get_last_lr=lambda: [0.0]))
+
+    def step():
+        model.zero_grad()
+        experience = Experience(
+            sequences=b.sequences, attention_mask=attention, action_mask=b.action_mask, action_log_probs=old,
+            base_action_log_probs=ref, rollout_log_probs=old + 0.05 * noise[2],
+            advantages=items.token_advantages(rank_adv, b.sequences, b.action_mask), info={})
+        status = ppo_actor.ActorPPOTrainer.training_step(trainer, experience, kl_coef, 0,
+                                                         None if info is None else dict(info))
+        return trainer.strategy.loss, {n: p.grad.clone() for n, p in model.named_parameters()}, status["metrics"]
+
+    from rankgrpo_kernels.adapters.openrlhf.forward_loss import ForwardLoss
+
+    adapter.patch_actor_forward()
+    with monkeypatch.context() as recompute:
+        recompute.setattr(ForwardLoss, "options", lambda self: None)
+        theirs = step()
+    ours = step()
+    # OpenRLHF's KL (compute_approx_kl) runs in float32
+    loss_tol, grad_tol = ((1e-6, 1e-8), (1e-5, 1e-7)) if kl_coef else ((1e-9, 1e-12), (1e-7, 1e-10))
+    torch.testing.assert_close(ours[0], theirs[0], rtol=loss_tol[0], atol=loss_tol[1])
+    for name, grad in theirs[1].items():
+        torch.testing.assert_close(ours[1][name], grad, rtol=grad_tol[0], atol=grad_tol[1],
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    fused_path = "ppo_kl" not in ours[2]
+    assert fused_path == (FORWARD_CASES.index((form, token_level_loss, dual_clip, correction, kl_coef, estimator,
+                                                unbiased, entropy_coef, info)) < 5)
+    dropped = {"ppo_kl", "logprobs_diff"} if fused_path and kl_coef else {"ppo_kl"} if fused_path else set()
+    assert set(ours[2]) == set(theirs[2]) - dropped
+    for name in set(ours[2]) - {"actor_lr", "actor_grad_norm"}:
+        torch.testing.assert_close(torch.as_tensor(ours[2][name]).double(), torch.as_tensor(theirs[2][name]).double(),
+                                   rtol=loss_tol[0], atol=loss_tol[1], msg=lambda m, name=name: f"{name}: {m}")
+    assert theirs[2]["ppo_clip_ratio"] > 0
 
 
 # --- Chat-templated prompts through OpenRLHF 0.11's own rollout code --------------------------------------------

@@ -13,6 +13,7 @@ import pytest
 import torch
 from verl.trainer.ppo import core_algos
 from verl.utils import tensordict_utils as tu
+from verl.utils import torch_functional as verl_F
 from verl.workers.config.actor import ActorConfig, PolicyLossConfig
 from verl.workers.utils import losses
 
@@ -34,10 +35,10 @@ def tok():
     return tok
 
 
-def config(loss_agg_mode="token-mean", low=0.2, high=0.28, loss_mode=adapter.NAME, **info):
+def config(loss_agg_mode="token-mean", low=0.2, high=0.28, loss_mode=adapter.NAME, actor=None, **info):
     cfg = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size=2, clip_ratio=0.2, clip_ratio_low=low,
                       clip_ratio_high=high, loss_agg_mode=loss_agg_mode,
-                      policy_loss=PolicyLossConfig(loss_mode=loss_mode))
+                      policy_loss=PolicyLossConfig(loss_mode=loss_mode), **(actor or {}))
     cfg.global_batch_info.update(info)
     return cfg
 
@@ -117,14 +118,16 @@ def test_rollout_is_weights_weight_the_policy_terms_as_vanilla_ppo(tok, mode):
     assert not torch.allclose(ours[0], unweighted[0])
 
 
-def loss_data(b, advantages, prompt_ids):
-    """The micro-batch verl's loss hook receives: a TensorDict, log-probs flat over prompt + response tokens."""
+def loss_data(b, advantages, prompt_ids, response_mask=None):
+    """The micro-batch verl's loss hook receives: a TensorDict, log-probs flat over prompt + response tokens.
+    ``response_mask``: verl's after a rejection (``rollout_rs``), the attention mask keeping the whole response."""
     B, T = b.mask.shape
+    response_mask = b.mask if response_mask is None else response_mask
     attention = torch.cat([torch.ones(B, PROMPT, dtype=torch.long), b.mask.long()], 1)
     data = tu.get_tensordict(
-        {"prompts": prompt_ids, "responses": b.responses, "attention_mask": attention, "response_mask": b.mask.long(),
-         "old_log_probs": b.old, "advantages": advantages},
-        {"dp_size": 1, "batch_num_tokens": float(b.mask.sum()), "global_batch_size": float(B)},
+        {"prompts": prompt_ids, "responses": b.responses, "attention_mask": attention,
+         "response_mask": response_mask.long(), "old_log_probs": b.old, "advantages": advantages},
+        {"dp_size": 1, "batch_num_tokens": float(response_mask.sum()), "global_batch_size": float(B)},
     )
     pieces = []
     for i in range(B):  # log-prob of token p + 1 sits at p (verl's left shift), outside the response: anything
@@ -156,6 +159,45 @@ def test_loss_hook_with_real_items_matches_reference(tok, form):
     torch.testing.assert_close(loss_value, ref, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(grads(loss_value, b.logps), grads(ref, b.logps), rtol=1e-9, atol=1e-12)
     assert seg.item_ids.max() == batch.N  # the overflow row reaches bin N
+
+
+def newline_positions(tok, responses, mask):
+    """(B, T) True on the newline tokens of the responses."""
+    newline = tok.encode("A\nB")[1]
+    assert tok.decode([newline]) == "\n"
+    return (responses == newline) & mask
+
+
+@pytest.mark.parametrize("form", ["code", "rank"])
+def test_token_rejection_masks_the_loss_not_the_items(tok, form):
+    """verl's token-level rejection (rollout_rs token_k1/k2/k3) zeroes single tokens of response_mask, here a newline
+    between two items: the items still come from the whole response (the attention mask up to EOS), every rank keeps
+    its own advantage, and the rejected token only leaves the loss."""
+    adapter.install(tok, batch.N, form=form)
+    try:
+        b = verl_batch(tok, seed=9)
+        rank_adv = rank_advantages(batch.hits(b.g).double(), batch.G)
+        rejected = b.mask.clone()
+        col = int(newline_positions(tok, b.responses, b.mask)[0].nonzero()[0, 0])  # row 0's first: it ends item 0
+        rejected[0, col] = False
+        packed = adapter.pack_rank_values(rank_adv, b.mask.shape[1])
+        data, output = loss_data(b, packed, torch.randint(0, len(tok), (b.mask.shape[0], PROMPT), generator=b.g),
+                                 response_mask=rejected)
+        loss, _ = adapter.rank_grpo_ppo_loss(config("token-mean", low=0.06, high=0.08), output, data)
+
+        seg = segment_items(b.responses, b.mask, adapter._SETTINGS["table"], batch.N, eos_token_id=tok.eos_token_id,
+                            skip_blank_lines=True)
+        assert seg.item_ids[0, col + 1] == 1  # the token after the newline starts rank 1
+        adv = token_advantages(rank_adv, seg, length_shaping=form == "code")
+        kwargs = {"rec_num": batch.N} if form == "rank" else {"num_items_in_batch": float(rejected.sum())}
+        ref, _ = reference_loss_from_logps(b.logps, seg.item_ids_for("rank" if form == "rank" else "bnpo"), adv,
+                                           rejected, b.old, epsilon_low=0.06, epsilon_high=0.08, delta=3.0,
+                                           loss_type="rank" if form == "rank" else "dapo", **kwargs)
+    finally:
+        adapter.install(tok, batch.N)
+    loss_value = loss.value if hasattr(loss, "value") else loss
+    torch.testing.assert_close(loss_value, ref, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(grads(loss_value, b.logps), grads(ref, b.logps), rtol=1e-9, atol=1e-12)
 
 
 def test_install_sets_the_actor_loss_hook(tok):
@@ -301,12 +343,14 @@ def _fused_verl_forward(model, monkeypatch):
     undone after the test."""
     from verl.models.transformers.monkey_patch import patch_forward_with_backends
     from verl.utils.experimental import torch_functional
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
     monkeypatch.setattr(torch_functional, "FusedLinearForPPO", torch_functional.FusedLinearForPPO)
     for name in adapter._FUSED_FORWARD_MODULES:
         module = importlib.import_module(f"verl.models.transformers.{name}")
         monkeypatch.setattr(module, "forward_with_torch_backend", module.forward_with_torch_backend)
     monkeypatch.setattr(type(model), "forward", type(model).forward)
+    monkeypatch.setattr(FSDPEngineWithLMHead, "forward_step", FSDPEngineWithLMHead.forward_step)
     adapter.patch_fused_logprobs()
     patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend="torch")
     return model
@@ -347,3 +391,128 @@ def test_fused_model_forward(monkeypatch, family):
 def test_import_is_lazy():
     code = "import sys, rankgrpo_kernels; print(sorted({'verl', 'ray', 'tensordict'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
+# --- The loss in the model's forward, through verl's own FSDP forward step ---------------------------------------
+
+
+def _engine(model, monkeypatch):
+    """verl's ``FSDPEngineWithLMHead`` around a plain model on the CPU (no process group, no FSDP wrapping): its own
+    ``forward_step``, ``prepare_model_inputs`` and ``prepare_model_outputs`` run as in a training step."""
+    from verl.workers.engine.fsdp import transformer_impl
+
+    monkeypatch.setattr(transformer_impl, "get_device_id", lambda: "cpu")
+    monkeypatch.setattr(transformer_impl, "get_device_name", lambda: "cpu")
+    engine = object.__new__(transformer_impl.FSDPEngineWithLMHead)
+    engine.module, engine.pad_to_length, engine.use_ulysses_sp = model, False, False
+    engine._autocast_dtype = torch.float32
+    engine.engine_config = SimpleNamespace(entropy_checkpointing=False, entropy_from_logits_with_chunking=False)
+    engine.compute_entropy_from_logits = verl_F.entropy_from_logits
+    engine.get_data_parallel_group = lambda: None
+    return engine
+
+
+def actor_micro_batch(tok, b, rejected, g, *, fused: bool, calculate_entropy: bool, dp_size=1, log_probs=None):
+    """The micro-batch verl's actor update hands the engine (``left_right_2_no_padding`` of the padded batch):
+    left-padded prompts of varying length, right-padded responses, per-rank advantages packed, rollout
+    importance-sampling weights and, around the model's own ``log_probs`` (B, T), old and reference log-probs."""
+    from verl.workers.utils.padding import left_right_2_no_padding
+
+    B, T = b.mask.shape
+    prompt_lengths = torch.randint(1, PROMPT + 1, (B,), generator=g)
+    prompt_mask = torch.arange(PROMPT)[None] >= PROMPT - prompt_lengths[:, None]
+    prompts = torch.where(prompt_mask, torch.randint(0, len(tok), (B, PROMPT), generator=g), tok.pad_token_id)
+    attention = torch.cat([prompt_mask, b.mask], 1).long()
+    rank_adv = rank_advantages(batch.hits(g).double(), batch.G)
+    weights = torch.rand(B, T, generator=g, dtype=torch.float64) * 2
+    weights[weights > 1.7] = 0.0
+    log_probs = torch.zeros(B, T, dtype=torch.float64) if log_probs is None else log_probs
+    noise = torch.randn(2, B, T, generator=g, dtype=torch.float64)
+    td = tu.get_tensordict({
+        "input_ids": torch.cat([prompts, b.responses], 1), "attention_mask": attention,
+        "position_ids": (attention.cumsum(1) - 1).clamp(min=0), "prompts": prompts, "responses": b.responses,
+        "response_mask": rejected.long(), "old_log_probs": log_probs + 0.1 * noise[0],
+        "ref_log_prob": log_probs + 0.3 * noise[1], "rollout_is_weights": weights,
+        "advantages": adapter.pack_rank_values(rank_adv, T),
+    })
+    td = left_right_2_no_padding(td)
+    # 0.5: verl divides its logits by the temperature in float32, exact for 0.5
+    tu.assign_non_tensor(td, temperature=0.5, use_remove_padding=True, use_fused_kernels=fused,
+                         calculate_entropy=calculate_entropy, dp_size=dp_size,
+                         batch_num_tokens=float(rejected.sum()) * dp_size, global_batch_size=float(B * dp_size))
+    return td
+
+
+def _tiny_llama(tok):
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2)).double()
+
+
+FORWARD_CASES = [  # (form, loss_agg_mode, use_kl_loss, kl_loss_type, entropy_coeff, dp_size)
+    *[("code", mode, False, "low_var_kl", 0.0, 1) for mode in MODES],
+    ("code", "token-mean", True, "low_var_kl", 0.05, 2),
+    ("code", "seq-mean-token-sum", True, "k3", 0.05, 1),
+    ("code", "seq-mean-token-mean", True, "low_var_kl", 0.0, 2),
+    ("rank", "token-mean", False, "low_var_kl", 0.0, 1),
+    # verl's loss on the log-probs of the response tokens: a KL type the fused loss lacks, an entropy bonus over
+    # sequence means, the paper form with a KL
+    ("code", "token-mean", True, "mse", 0.0, 1),
+    ("code", "seq-mean-token-mean", False, "low_var_kl", 0.05, 1),
+    ("rank", "token-mean", True, "low_var_kl", 0.05, 1),
+]
+
+
+@pytest.mark.parametrize("form, mode, use_kl, kl_type, entropy_coeff, dp_size", FORWARD_CASES)
+def test_loss_in_the_forward_matches_verls_loss(tok, monkeypatch, form, mode, use_kl, kl_type, entropy_coeff,
+                                                dp_size):
+    """verl's own training forward step with ``use_fused_kernels`` through the patch (the loss computed in the
+    model's forward, or the response tokens' log-probs) equals verl's logits path into its ``ppo_loss`` with the
+    hook: loss and gradients of every parameter, for each option (rollout weights, a token rejection, dual clip,
+    KL, entropy bonus, aggregation and global normalisers)."""
+    from functools import partial
+
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    adapter.install(tok, batch.N, form=form)
+    try:
+        model = _tiny_llama(tok)
+        b = verl_batch(tok, seed=10)
+        rejected = b.mask.clone()
+        rejected[0, int(newline_positions(tok, b.responses, b.mask)[0].nonzero()[0, 0])] = False
+        cfg = config(mode, low=0.06, high=0.08, actor=dict(use_kl_loss=use_kl, kl_loss_type=kl_type, kl_loss_coef=0.3,
+                                                            entropy_coeff=entropy_coeff))
+        loss_fn = partial(adapter.rank_grpo_ppo_loss, config=cfg)
+        engine = _engine(model, monkeypatch)
+
+        def micro_batch(fused, log_probs=None):
+            return actor_micro_batch(tok, b, rejected, torch.Generator().manual_seed(11), fused=fused,
+                                     calculate_entropy=entropy_coeff != 0, dp_size=dp_size, log_probs=log_probs)
+
+        with torch.no_grad():  # the model's own log-probs, around which the old and reference ones lie
+            data = micro_batch(False)
+            _, output = engine.forward_step(data, loss_function=None, forward_only=True)
+            log_probs = no_padding_2_padding(output["model_output"]["log_probs"], data)
+
+        def step(fused):
+            model.zero_grad()
+            loss, output = engine.forward_step(micro_batch(fused, log_probs), loss_function=loss_fn,
+                                               forward_only=False)
+            loss.backward()
+            return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, output["metrics"]
+
+        theirs = step(fused=False)
+        _fused_verl_forward(model, monkeypatch)
+        ours = step(fused=True)
+    finally:
+        adapter.install(tok, batch.N)
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-9, atol=1e-12)
+    for name, grad in theirs[1].items():
+        torch.testing.assert_close(ours[1][name], grad, rtol=1e-7, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
+    fused_path = "actor/ppo_kl" not in ours[2]
+    assert fused_path == (not (use_kl and (kl_type == "mse" or form == "rank"))
+                          and not (entropy_coeff and mode == "seq-mean-token-mean"))
+    assert ours[2]["actor/pg_clipfrac"].values[0] == pytest.approx(theirs[2]["actor/pg_clipfrac"].values[0])

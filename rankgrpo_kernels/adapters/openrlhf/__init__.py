@@ -9,7 +9,9 @@ Three pieces, each a drop-in for an OpenRLHF object:
   rewards (B, N), one list of N numbers per sample from the reward function, into per-rank group advantages
   (``rank_advantages``) and then into per-token advantages on the items of each response.
 * ``fused_actor_forward``: ``openrlhf.models.Actor.forward`` computing the action log-probs with ``fused_logprobs``
-  from the last hidden states and the LM head, never holding (B, S, V) float32 logits (``patch_actor_forward``).
+  from the last hidden states and the LM head, never holding (B, S, V) float32 logits (``patch_actor_forward``);
+  inside the installed training step it computes the whole actor loss instead (``forward_loss``: three GEMMs over
+  the tokens the loss needs, OpenRLHF's KL and entropy terms included where its options allow).
 * ``install(tokenizer, rec_num)`` puts the first two into OpenRLHF
   (``openrlhf.trainer.ppo_trainer.RemoteExperienceMaker``, ``openrlhf.trainer.ray.ppo_actor.PolicyLoss`` and
   ``ActorPPOTrainer.training_step``); run it in every process, the Ray workers included (see
@@ -20,7 +22,7 @@ sequence, so action token a is ``sequences[:, 1 + a]``; log-probs, advantages an
 
 Modules: ``items`` (``RankItems``, the segmentation into items), ``loss`` (the policy loss), ``corrections`` (the
 rollout importance-sampling weights), ``advantages`` (the experience maker), ``actor`` (the fused forward),
-``installer`` (``install``).
+``forward_loss`` (the loss in the forward), ``installer`` (``install``).
 """
 
 from .actor import fused_actor_forward, patch_actor_forward

@@ -8,8 +8,9 @@ import torch
 from openrlhf.models.loss import PolicyLoss
 from openrlhf.models.utils import masked_mean
 
-from ..common import check_form, framework_loss
+from ..common import Aggregation, Clip, framework_loss
 from .corrections import rollout_is_weights
+from .forward_loss import current_forward_loss
 
 
 class RankGRPOPolicyLoss(PolicyLoss):
@@ -41,11 +42,17 @@ class RankGRPOPolicyLoss(PolicyLoss):
             self.is_correction_level = "item"
         if self.dual_clip is not None and self.dual_clip < 1 + self.clip_eps_high:
             raise ValueError(f"dual_clip={self.dual_clip} must be >= 1 + clip_eps_high with Rank-GRPO")
-        check_form(form)
-        if form == "rank" and rec_num is None:
-            raise ValueError("form='rank' (the paper form) needs rec_num, the N of -(1/(B N)) sum_k ...")
         self.form, self.rec_num = form, rec_num
+        self.aggregation(1, 1, None)  # checks form and rec_num
+        self.clip = Clip(self.clip_eps_low, self.clip_eps_high, self.dual_clip)
         self.bound_item_ids = None
+
+    def aggregation(self, samples, dp_size: int, batch_num_tokens) -> Aggregation:
+        """OpenRLHF's aggregation of one micro-batch (``aggregate_loss``): per token over ``batch_num_tokens``, or
+        per sample over ``samples`` (``policy_loss_type="gspo"`` or ``token_level_loss=False``)."""
+        return Aggregation(self.form, per_sample=not self.token_level_loss, samples=samples, dp_size=dp_size,
+                           token_count=None if batch_num_tokens is None else batch_num_tokens / dp_size,
+                           rec_num=self.rec_num)
 
     @contextlib.contextmanager
     def bind_item_ids(self, item_ids: torch.Tensor):
@@ -69,28 +76,32 @@ class RankGRPOPolicyLoss(PolicyLoss):
         *,
         item_ids: torch.Tensor | None = None,
     ):
-        """All tensors (B, A); ``advantages`` per token. Returns ``(loss, clip_ratio, ppo_kl, None, None)`` like
-        ``PolicyLoss`` (the last two are its importance-sampling statistics, off here)."""
+        """All tensors (B, A); ``advantages`` per token. Returns ``(loss, clip_ratio, ppo_kl, vllm_kl, filtered)``
+        like ``PolicyLoss`` (the last two None without rollout correction). Inside a training step whose actor
+        forward computed the loss (``forward_loss``), returns that loss and ignores ``log_probs``."""
+        bound = current_forward_loss()
+        if bound is not None and bound.policy_loss is self and bound.result is not None:
+            return bound.policy_loss_outputs()
         item_ids = self.bound_item_ids if item_ids is None else item_ids
         if item_ids is None:
             raise ValueError("RankGRPOPolicyLoss needs item_ids: pass them or call it inside bind_item_ids(...)")
         mask = torch.ones_like(log_probs, dtype=torch.bool) if action_mask is None else action_mask.bool()
         samples = (mask.sum(-1) > 0).sum().clamp(min=1) if global_batch_size is None else global_batch_size
-        weights = vllm_kl = filtered = None
-        if self.is_correction_level != "off":
-            if rollout_log_probs is None:
-                raise ValueError(f"is_correction_level={self.is_correction_level!r} needs rollout_log_probs")
-            weights, filtered = rollout_is_weights(
-                old_log_probs, rollout_log_probs, mask, item_ids, level=self.is_correction_level,
-                mode=self.is_correction_mode, gating=self.is_correction_gating,
-                threshold=self.is_correction_threshold)
-            vllm_kl = masked_mean((rollout_log_probs - old_log_probs).detach(), mask, dim=None)
-        loss, stats = framework_loss(
-            log_probs, old_log_probs, advantages, mask, item_ids, form=self.form, rec_num=self.rec_num,
-            per_sample=not self.token_level_loss, samples=samples, dp_size=dp_size,
-            token_count=None if batch_num_tokens is None else batch_num_tokens / dp_size,
-            epsilon_low=self.clip_eps_low, epsilon_high=self.clip_eps_high, delta=self.dual_clip,
-            policy_weights=weights,
-        )
+        weights, vllm_kl, filtered = self.rollout_correction(old_log_probs, rollout_log_probs, mask, item_ids)
+        loss, stats = framework_loss(log_probs, old_log_probs, advantages, mask, item_ids,
+                                     self.aggregation(samples, dp_size, batch_num_tokens), self.clip,
+                                     policy_weights=weights)
         ppo_kl = masked_mean(-(log_probs - old_log_probs).detach(), mask, dim=None)
         return loss, stats["clip_ratio_region"].float(), ppo_kl, vllm_kl, filtered
+
+    def rollout_correction(self, old_log_probs, rollout_log_probs, mask, item_ids):
+        """The rollout importance-sampling correction of a micro-batch (all (B, A)): the policy weights, OpenRLHF's
+        vLLM KL and the fraction filtered (``rollout_is_weights``); three None when ``is_correction_level`` is off."""
+        if self.is_correction_level == "off":
+            return None, None, None
+        if rollout_log_probs is None:
+            raise ValueError(f"is_correction_level={self.is_correction_level!r} needs rollout_log_probs")
+        weights, filtered = rollout_is_weights(
+            old_log_probs, rollout_log_probs, mask, item_ids, level=self.is_correction_level,
+            mode=self.is_correction_mode, gating=self.is_correction_gating, threshold=self.is_correction_threshold)
+        return weights, masked_mean((rollout_log_probs - old_log_probs).detach(), mask, dim=None), filtered

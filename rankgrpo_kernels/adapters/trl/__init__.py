@@ -39,6 +39,10 @@ GRPOTrainer's); four methods are overridden:
   ``top_entropy_quantile < 1`` both act on the high-entropy tokens only (the fused loss's ``entropy_mask``), as
   GRPOTrainer's do.
 
+The objective follows ``RankGRPOConfig.objective`` (an ``ObjectiveSpec``): ``importance_sampling_level`` "item"
+(Rank-GRPO, the default), "token" or "sequence" sets the unit of the ratio, and ``list_reward`` ("dcg", "sum") turns
+the per-rank rewards into one reward and one advantage per completion: the paper's GRPO and GSPO baselines.
+
 TRL's corrections reach the loss as ``policy_weights`` (each token's policy term times the weight, then + beta KL,
 TRL's order): the vLLM importance-sampling ratio of TRL's four modes exactly as GRPOTrainer computes it
 (``vllm_importance_sampling_mode``, ``_clip_min``, ``_clip_max``; on by default with ``use_vllm=True``), or per item
@@ -66,7 +70,8 @@ The fused head runs as TRL runs its chunked distillation loss: inside the forwar
 Tied embeddings are one parameter throughout: the embedding weight is the head.
 
 Not supported (rejected with a message): reward models and async reward functions, tools and environments,
-vision-language models, FSDP version 1, MoE router losses.
+vision-language models, FSDP version 1, a tokenizer without an EOS token. The MoE router loss
+(``router_aux_loss_coef``) comes from the same backbone call as the fused loss and is added as GRPOTrainer adds it.
 
 Modules: ``config`` (the settings, the supported TRL and FSDP versions), ``trainer`` (the overrides), ``scoring``
 (reward functions to per-rank rewards and per-token advantages), ``corrections`` (the policy weights), ``entropy``

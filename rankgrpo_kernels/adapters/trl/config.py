@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
-import torch
 from packaging.version import Version
 
 from ...contract import LOSS_TYPES, LossSpec
 from ...importance import ITEM_IS_MODES
-from ...rewards import ADVANTAGE_SCALES, rank_rewards
+from ...objective import IMPORTANCE_SAMPLING_LEVELS, LIST_REWARDS, ObjectiveSpec
 
 SUPPORTED_TRL = (Version("1.16"), Version("1.17"))  # [low, high): the private GRPOTrainer methods overridden here
 TRL_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
@@ -48,10 +48,11 @@ class RankGRPOConfig(GRPOConfig):
     """``GRPOConfig`` plus the Rank-GRPO settings.
 
     Inherited fields with new defaults: ``loss_type="bnpo"``, ``epsilon=0.06``, ``epsilon_high=0.08`` (the released
-    runs) and ``use_bias_correction_kl=False`` (the spec's plain k3 KL). ``beta`` keeps TRL's default 0.0; the
-    released runs used 1e-3, which needs a reference model (TRL loads it from the policy's path). ``scale_rewards``
-    ("group" | "batch" | "none") scales the per-rank advantages; ``reward_weights`` weight the per-rank rewards of
-    several reward functions. ``temperature`` is the sampling temperature, used by the loss's log-probs too.
+    runs) and ``use_bias_correction_kl=False`` (the spec's plain k3 KL). ``beta`` keeps TRL's default 0.0; the released
+    runs used 1e-3, which needs a reference model (TRL loads it from the policy's path). ``scale_rewards`` ("group" |
+    "batch" | "none") scales the per-rank advantages; ``reward_weights`` weight the per-rank rewards of several reward
+    functions, summed before the normalisation or, with ``multi_objective_aggregation="normalize_then_sum"`` (GDPO),
+    after each function's own, per rank. ``temperature`` is the sampling temperature, used by the loss's log-probs too.
     """
 
     rec_num: int = field(default=20, metadata={"help": "N, the number of ranks (items) each completion lists."})
@@ -79,6 +80,19 @@ class RankGRPOConfig(GRPOConfig):
     )
     epsilon: float = field(default=0.06, metadata={"help": "Lower clip range of the item ratio."})
     epsilon_high: float | None = field(default=0.08, metadata={"help": "Upper clip range of the item ratio."})
+    importance_sampling_level: str = field(
+        default="item",
+        metadata={"help": f"The unit of the importance ratio, one of {IMPORTANCE_SAMPLING_LEVELS}: 'item' (Rank-GRPO: "
+                          "the geometric mean over each item's tokens), 'token' (each token's own ratio) or 'sequence' "
+                          "(the geometric mean over the completion's loss tokens). rankgrpo_kernels.objective."},
+    )
+    list_reward: str | None = field(
+        default=None,
+        metadata={"help": f"None: per-rank rewards and advantages (Rank-GRPO). One of {LIST_REWARDS}: one reward per "
+                          "list from the per-rank rewards ('dcg': rank k weighted by 1/log2(k+2); 'sum') and one "
+                          "advantage per completion, the GRPO (importance_sampling_level='token') and GSPO "
+                          "('sequence') baselines of the paper."},
+    )
     use_bias_correction_kl: bool = field(
         default=False,
         metadata={"help": "Must stay False: Rank-GRPO's KL is the plain k3 estimator (TRL's default True weights "
@@ -91,17 +105,10 @@ class RankGRPOConfig(GRPOConfig):
             raise ValueError(f"rec_num must be an int >= 1, got {self.rec_num!r}")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"RankGRPOConfig.loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
-        rank_rewards(torch.zeros(1, self.rec_num), self.reward_kind, self.reward_gamma)  # validates kind and gamma
+        self.objective.check_loss_type(self.loss_type)  # builds (validates) the objective's fields too
         epsilon_high = self.epsilon if self.epsilon_high is None else self.epsilon_high
         LossSpec(self.epsilon, epsilon_high, self.delta, self.beta, self.loss_type)  # validates the loss settings
-        if self.scale_rewards not in ADVANTAGE_SCALES:
-            raise ValueError(f"scale_rewards must be one of {ADVANTAGE_SCALES}, got {self.scale_rewards!r}")
         unsupported = [
-            (self.importance_sampling_level != "token",
-             "importance_sampling_level: Rank-GRPO's ratio is per item (the geometric mean over the item's tokens); "
-             "leave it at 'token'"),
-            (self.multi_objective_aggregation != "sum_then_normalize",
-             "multi_objective_aggregation: per-rank rewards are summed with reward_weights, then normalised per rank"),
             (self.use_bias_correction_kl, "use_bias_correction_kl"),
             (self.vllm_importance_sampling_mode not in TRL_IS_MODES + ITEM_IS_MODES,
              f"vllm_importance_sampling_mode={self.vllm_importance_sampling_mode!r}: use one of "
@@ -111,9 +118,33 @@ class RankGRPOConfig(GRPOConfig):
             if is_set:
                 raise ValueError(f"RankGRPOConfig does not support {what}")
 
+    @property
+    def objective(self) -> ObjectiveSpec:
+        """The rewards-to-advantages settings of this config as the ``ObjectiveSpec`` the scoring uses."""
+        return ObjectiveSpec(
+            reward_kind=self.reward_kind, reward_gamma=self.reward_gamma, scale_rewards=self.scale_rewards,
+            multi_objective_aggregation=self.multi_objective_aggregation,
+            list_reward=self.list_reward, importance_sampling_level=self.importance_sampling_level,
+            length_shaping=self.length_shaping, overflow_penalty=self.overflow_penalty,
+            end_of_list_bonus=self.end_of_list_bonus, early_stop_penalty=self.early_stop_penalty,
+        )
+
 
 def check_fsdp_plugin(fsdp_plugin) -> None:
     """Raise ``NotImplementedError`` (``FSDP1_MESSAGE``) unless accelerate's FSDP plugin runs FSDP version 2."""
     version = getattr(fsdp_plugin, "fsdp_version", 1)
     if version != 2:
         raise NotImplementedError(FSDP1_MESSAGE.format(version=version))
+
+
+def warn_truncated_sampling(args: RankGRPOConfig) -> None:
+    """Warn when vLLM samples from a truncated distribution (``top_p < 1``, ``top_k > 0``, ``min_p > 0``) while the
+    importance-sampling correction is on: the sampler's log-probs are then over the truncated support, not the
+    policy's, so the trainer/sampler ratio is biased (TRL issue 6789)."""
+    truncated = [name for name, on in (("top_p", args.top_p < 1.0), ("top_k", (args.top_k or 0) > 0),
+                                       ("min_p", (args.min_p or 0.0) > 0.0)) if on]
+    if truncated and args.use_vllm and args.vllm_importance_sampling_correction:
+        warnings.warn(f"{', '.join(truncated)} truncate vLLM's sampling distribution while "
+                      "vllm_importance_sampling_correction is on: the sampler's log-probs are over the truncated "
+                      "support, which biases the importance-sampling ratio (TRL issue 6789). Sample from the full "
+                      "distribution (top_p=1.0, top_k=0, min_p=None) or turn the correction off", stacklevel=3)

@@ -41,13 +41,22 @@ def log_sampling_ratios(metrics, accelerator, values: torch.Tensor) -> None:
         metrics[f"sampling/importance_sampling_ratio/{name}"][-1] = reduce(accelerator.gather(value)).item()
 
 
+PER_COMPUTED_TOKEN = {"ratio_mean": 1.0, "entropy": float("nan")}  # means over computed tokens; value if none was
+
+
 def log_token_means(metrics, accelerator, stats: dict[str, torch.Tensor], tokens: torch.Tensor) -> None:
-    """The loss statistics as token means over all processes (each process's mean weighted by its tokens)."""
+    """The loss statistics as token means over all processes: each process's mean weighted by its loss tokens, or,
+    for ``ratio_mean`` and ``entropy``, by the tokens whose log-probs the loss computed (``computed_tokens``; items
+    with advantage 0 may be skipped), so that a process that computed none neither pulls the mean down nor adds a
+    NaN."""
     present = [key for key in TOKEN_MEANS if key in stats]  # no kl without reference log-probs
-    weighted = [stats[key].float() * tokens for key in present] + [tokens.float()]
-    totals = accelerator.reduce(torch.stack(weighted), reduction="sum").tolist()
-    for key, total in zip(present, totals[:-1]):
-        metrics[TOKEN_MEANS[key]].append(total / max(totals[-1], 1.0))
+    counts = torch.stack([tokens.float(), stats["computed_tokens"].float()])
+    weights = [counts[int(key in PER_COMPUTED_TOKEN)] for key in present]
+    sums = [torch.where(weight > 0, stats[key].float() * weight, 0.0) for key, weight in zip(present, weights)]
+    *totals, all_tokens, all_computed = accelerator.reduce(torch.stack([*sums, *counts]), reduction="sum").tolist()
+    for key, total in zip(present, totals):
+        count = all_computed if key in PER_COMPUTED_TOKEN else all_tokens
+        metrics[TOKEN_MEANS[key]].append(total / count if count else PER_COMPUTED_TOKEN.get(key, 0.0))
 
 
 def log_sequence_clip_ratios(metrics, accelerator, stats: dict[str, torch.Tensor], loss_mask: torch.Tensor) -> None:

@@ -1,11 +1,12 @@
-"""From the reward functions' outputs to the loss's rank-level fields: per-rank rewards, per-rank group advantages
-spread over each item's tokens, item ids."""
+"""From the reward functions' outputs to the loss's fields: per-rank rewards, group advantages (per rank, or per list
+for the baselines) spread over the tokens, item ids (the unit of the ratio); ``ObjectiveSpec`` holds the rules."""
 
 from __future__ import annotations
 
 import torch
 
-from ...rewards import per_rank_tensor, rank_advantages, rank_rewards, token_advantages
+from ...objective import ObjectiveSpec
+from ...rewards import per_rank_tensor
 from ...segments import Segments, segmentation_in_use
 
 
@@ -22,19 +23,15 @@ def per_rank_rewards(funcs, names, args, prompts, completions, completion_ids, r
                              f"entries for {len(prompts)} completions; return one list of rec_num="
                              f"{args.rec_num} values per completion")
         values = per_rank_tensor(output, args.rec_num, source=f"reward function {name!r}")
-        per_function.append(rank_rewards(values, args.reward_kind, args.reward_gamma))
+        per_function.append(args.objective.rewards(values))
     return torch.stack(per_function, 1)
 
 
-def rank_fields(rewards: torch.Tensor, segments: Segments, rows: slice, num_generations: int, scale: str,
-                loss_type: str, args) -> dict[str, torch.Tensor]:
+def rank_fields(rewards: torch.Tensor, weights: torch.Tensor, segments: Segments, rows: slice, num_generations: int,
+                objective: ObjectiveSpec, loss_type: str) -> dict[str, torch.Tensor]:
     """Per-token advantages and item ids (B, T) of the completions at ``rows`` of the batch on all processes (their
-    ``segments``), from that batch's per-rank rewards (B_all, N): a prompt's G completions may lie on several
-    processes."""
-    advantages = rank_advantages(rewards, num_generations, scale=scale)
-    per_token = token_advantages(
-        advantages[rows], segments, length_shaping=args.length_shaping and loss_type != "rank",
-        overflow_penalty=args.overflow_penalty, end_of_list_bonus=args.end_of_list_bonus,
-        early_stop_penalty=args.early_stop_penalty,
-    )
-    return {"advantages": per_token, "item_ids": segments.item_ids_for(loss_type)}
+    ``segments``), from that batch's per-rank rewards, (B_all, F, N) per reward function with ``weights`` (F,), or
+    (B_all, N): a prompt's G completions may lie on several processes."""
+    advantages = objective.advantages(rewards, num_generations, weights if rewards.dim() == 3 else None)
+    item_ids, per_token = objective.loss_fields(advantages[rows], segments, loss_type)
+    return {"advantages": per_token, "item_ids": item_ids}

@@ -11,23 +11,28 @@ from trl.trainer.utils import is_async_callable, maybe_gather_lm_head_ctx
 from ...functional import fused_logprobs, rank_grpo_loss
 from ...segments import Segments, line_table, segment_items
 from ..hf_model import (
-    call_head, completion_hidden_states, full_head_tensor, head_rows, logit_transform, output_head, run_inside_forward,
+    call_head, completion_hidden_states, full_head_tensor, head_rows, logit_transform, output_head, router_aux_loss,
+    run_inside_forward,
 )
-from .config import RankGRPOConfig, check_fsdp_plugin
+from .config import RankGRPOConfig, check_fsdp_plugin, warn_truncated_sampling
 from .corrections import item_sampling_weights, policy_weights, split_is_mode
 from .entropy import adapt_entropy_coef, bonus_coef, bonus_entropy
 from .metrics import log_rank_metrics, log_sampling_ratios, log_sequence_clip_ratios, log_token_means
 from .scoring import per_rank_rewards, rank_fields
 
 
-def _head_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_tokens: int, head):
+def _head_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_tokens: int, head,
+                  aux_loss: bool = False):
     """``head(hidden (B, T, H), weight (V, H), bias)`` on the last ``num_tokens`` positions of a causal LM, the head
     whole: gathered under DeepSpeed ZeRO-3 for the call, ``full_tensor()`` of an FSDP2 ``DTensor``. Runs inside the
-    model's forward (``run_inside_forward``), where the frameworks' hooks are armed."""
-    hidden = completion_hidden_states(model, input_ids, attention_mask, num_tokens)
+    model's forward (``run_inside_forward``), where the frameworks' hooks are armed. With ``aux_loss`` returns
+    ``(head's result, the MoE router loss of the same backbone call)``."""
+    states = completion_hidden_states(model, input_ids, attention_mask, num_tokens, router_logits=aux_loss)
+    hidden = states[0] if aux_loss else states
     weight, bias = output_head(model)
     with maybe_gather_lm_head_ctx(weight, bias):  # a null context unless ZeRO-3 partitions the head
-        return call_head(head, hidden, full_head_tensor(weight), full_head_tensor(bias))
+        out = call_head(head, hidden, full_head_tensor(weight), full_head_tensor(bias))
+    return (out, router_aux_loss(model, states[1], attention_mask)) if aux_loss else out
 
 
 class RankGRPOTrainer(GRPOTrainer):
@@ -60,10 +65,13 @@ class RankGRPOTrainer(GRPOTrainer):
                          quantization_config=quantization_config, peft_config=peft_config)
         if self._is_vlm:
             raise NotImplementedError("RankGRPOTrainer supports text-only models (a tokenizer as processing_class)")
+        if self._tokenizer.eos_token_id is None:  # TRL would fail inside generate; a list ends at its EOS
+            raise ValueError("the tokenizer has no eos_token: a ranked list ends at its EOS token. Set one "
+                             "(tokenizer.eos_token = '<|endoftext|>' or your model's end token) and pass the "
+                             "tokenizer as processing_class")
+        warn_truncated_sampling(args)
         if self.is_fsdp_enabled:
             check_fsdp_plugin(self.accelerator.state.fsdp_plugin)
-        if self.aux_loss_enabled:
-            raise NotImplementedError("MoE router losses are not supported: set router_aux_loss_coef=0.0")
         if self.num_generations_eval < 2:
             raise ValueError(f"num_generations_eval must be >= 2 (group advantages of one completion are "
                              f"undefined), got {self.num_generations_eval}")
@@ -73,19 +81,22 @@ class RankGRPOTrainer(GRPOTrainer):
         vocab_size = head_rows(output_head(self.model)[0])
         self._line_table = line_table(self._tokenizer, vocab_size).to(self.accelerator.device)  # decoded once
         self._rank_rewards = None  # (B_all, N), set by _calculate_rewards for _generate_and_score_completions
+        self._objective = args.objective
 
-    def _fused_head(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_tokens: int, head):
+    def _fused_head(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_tokens: int, head,
+                    aux_loss: bool = False):
         """``head(hidden, weight, bias)`` on the last ``num_tokens`` positions of ``model`` (the trainer's wrapper or
-        the plain model), run inside the wrapper's forward under the trainer's autocast."""
+        the plain model), run inside the wrapper's forward under the trainer's autocast; with ``aux_loss`` also the
+        MoE router loss (``_head_forward``)."""
         inner = self.accelerator.unwrap_model(model)
         with self.accelerator.autocast():
             # Only the tensors pass through the wrapper (which may move or cast them, as for the model's forward).
-            fn = functools.partial(_head_forward, inner, num_tokens=num_tokens, head=head)
+            fn = functools.partial(_head_forward, inner, num_tokens=num_tokens, head=head, aux_loss=aux_loss)
             return run_inside_forward(model, inner, fn, input_ids, attention_mask)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        """Call the reward functions with TRL's keyword arguments; keep the weighted per-rank rewards of all
-        processes (B_all, N) and return each function's mean over ranks (B_all, F) for TRL's scalar bookkeeping."""
+        """Call the reward functions with TRL's keyword arguments; keep the per-rank rewards of all processes
+        (B_all, F, N) and return each function's mean over ranks (B_all, F) for TRL's scalar bookkeeping."""
         keys = [key for key in inputs[0] if key not in ("prompt", "completion", "completion_ids")]
         reward_kwargs = {key: [example[key] for example in inputs] for key in keys}
         reward_kwargs.update(trainer_state=self.state, log_extra=self._log_completion_extra,
@@ -93,7 +104,7 @@ class RankGRPOTrainer(GRPOTrainer):
         rewards = per_rank_rewards(self.reward_funcs, self.reward_func_names, self.args, prompts, completions,
                                    completion_ids_list, reward_kwargs)
         rewards = self.accelerator.gather(rewards.to(self.accelerator.device))  # (B_all, F, N)
-        self._rank_rewards = (rewards * self.reward_weights.to(rewards.device)[None, :, None]).sum(1)
+        self._rank_rewards = rewards
         return rewards.mean(2)
 
     def _generate_and_score_completions(self, inputs):
@@ -122,13 +133,16 @@ class RankGRPOTrainer(GRPOTrainer):
 
     def _rank_fields(self, completion_ids, completion_mask, rewards, mode: str) -> dict[str, torch.Tensor]:
         """Per-token advantages and item ids (B, T) of this process's completions from the per-rank rewards of the
-        batch on all processes (B_all, N); logs the rank metrics."""
+        batch on all processes, (B_all, F, N) per reward function or (B_all, N); logs the rank metrics of their
+        weighted sum."""
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
         start = self.accelerator.process_index * completion_ids.size(0)
         segments = self._segment(completion_ids, completion_mask)
-        fields = rank_fields(rewards, segments, slice(start, start + completion_ids.size(0)), num_generations,
-                             self.scale_rewards, self.loss_type, self.args)
-        self._log_rank_metrics(mode, rewards, segments, num_generations)
+        weights = self.reward_weights.to(rewards.device)
+        fields = rank_fields(rewards, weights, segments, slice(start, start + completion_ids.size(0)),
+                             num_generations, self._objective, self.loss_type)
+        weighted = (rewards * weights[None, :, None]).sum(1) if rewards.dim() == 3 else rewards
+        self._log_rank_metrics(mode, weighted, segments, num_generations)
         return fields
 
     def _log_rank_metrics(self, mode: str, rewards: torch.Tensor, segments: Segments, num_generations: int) -> None:
@@ -198,7 +212,8 @@ class RankGRPOTrainer(GRPOTrainer):
                 **self._logit_transform,
             )
 
-        loss, stats = self._fused_head(model, input_ids, attention_mask, completion_ids.size(1), head)
+        out = self._fused_head(model, input_ids, attention_mask, completion_ids.size(1), head, self.aux_loss_enabled)
+        (loss, stats), aux_loss = out if self.aux_loss_enabled else (out, None)
         loss_mask = (inputs["item_ids"] >= 0) & completion_mask.bool()
         tokens = loss_mask.sum()
         log_token_means(self._metrics[mode], self.accelerator, stats, tokens)
@@ -213,4 +228,8 @@ class RankGRPOTrainer(GRPOTrainer):
                     reduce_sum=functools.partial(self.accelerator.reduce, reduction="sum"), args=self.args)
             if self.accelerator.sync_gradients:
                 self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
-        return loss if self.loss_type == "dapo" else loss / accumulation
+        loss = loss if self.loss_type == "dapo" else loss / accumulation
+        if aux_loss is not None:  # as GRPOTrainer adds it: scaled for accumulation whatever the loss type
+            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+        return loss

@@ -25,8 +25,16 @@ actor's config that verl hands to both: ``actor_rollout_ref.actor.policy_loss`` 
 (``config.model_config.tokenizer``). A value given both ways must agree; one given neither way is an error that
 names both.
 
-Modules: ``config`` (the settings and ``RankGRPOPolicyLossConfig``), ``advantages`` (the estimator), ``loss`` (the
-policy loss and the loss hook), ``fused`` (``patch_fused_logprobs``), ``installer`` (``install``).
+With ``use_fused_kernels=True`` and ``patch_fused_logprobs()``, the actor update computes the loss inside the model's
+forward, from the last hidden states and the head (``forward_loss``: three GEMMs over the tokens the loss needs),
+and falls back to log-probs of the response tokens only where verl's options rule that out. Items are segmented
+from the whole response (its attention mask): a rollout rejection (``rollout_rs``) in ``response_mask`` only masks
+the loss.
+
+Modules: ``config`` (the settings and ``RankGRPOPolicyLossConfig``), ``advantages`` (the estimator), ``items`` (the
+segmentation of a micro-batch), ``loss`` (the policy loss, verl's aggregation and clip range), ``forward_loss`` (the
+loss in the model's forward), ``hook`` (the loss hook and the forward step that binds its micro-batch), ``fused``
+(``patch_fused_logprobs``), ``installer`` (``install``).
 """
 
 from .advantages import compute_rank_grpo_advantage, pack_rank_values
@@ -35,7 +43,8 @@ from .config import NAME, SETUP_HINT, RankGRPOPolicyLossConfig
 from .fused import _FUSED_FORWARD_MODULES as _FUSED_FORWARD_MODULES  # the tests read it
 from .fused import FusedLogprobsForPPO, patch_fused_logprobs
 from .installer import install
-from .loss import bind_item_ids, compute_policy_loss_rank_grpo, rank_grpo_ppo_loss
+from .hook import rank_grpo_ppo_loss
+from .loss import bind_item_ids, compute_policy_loss_rank_grpo
 
 __all__ = ["NAME", "SETUP_HINT", "FusedLogprobsForPPO", "RankGRPOPolicyLossConfig", "bind_item_ids",
            "compute_policy_loss_rank_grpo", "compute_rank_grpo_advantage", "install", "pack_rank_values",

@@ -1,5 +1,6 @@
 """``patch_fused_logprobs``: verl's fused log-prob path (``FusedLinearForPPO``) through ``fused_logprobs``, with the
-model's logit transform."""
+model's logit transform, and, at the actor's update, through the Rank-GRPO loss computed in the forward
+(``forward_loss``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import torch
 
 from ...functional import fused_logprobs
 from ..hf_model import logit_transform
+from .forward_loss import current_forward_loss
+from .hook import patch_forward_step
 
 # The logit transform (softcap, scale) of the model whose fused forward is running: verl hands FusedLinearForPPO the
 # head's weight only, so the wrapped forwards (``patch_fused_logprobs``) read it from the model's config.
@@ -26,7 +29,9 @@ class FusedLogprobsForPPO(torch.nn.Module):
     from ``fused_logprobs``, with the calling model's softcap S and scale s (``hf_model.logit_transform``: Gemma-2's
     ``final_logit_softcapping``, Cohere's ``logit_scale``, Granite's ``logits_scaling``, which verl's own class
     leaves out) inside a forward wrapped by ``patch_fused_logprobs``, none outside one. The entropy is
-    differentiable: verl's ``actor.entropy_coeff`` bonus reaches the head and the states."""
+    differentiable: verl's ``actor.entropy_coeff`` bonus reaches the head and the states. Inside a Rank-GRPO
+    training step (``bind_forward_loss``) the bound ``ForwardLoss`` computes the loss here, or the log-probs of only
+    the tokens the loss reads."""
 
     def __init__(self, chunk_size: int = 512, impl_backend: str = "torch"):
         super().__init__()
@@ -35,9 +40,13 @@ class FusedLogprobsForPPO(torch.nn.Module):
         squeeze = hidden_states.dim() == 2
         hidden = hidden_states.unsqueeze(0) if squeeze else hidden_states
         ids = input_ids.to(torch.int64).reshape(hidden.shape[:-1])
-        log_probs, entropy = fused_logprobs(hidden, vocab_weights.to(hidden.dtype), ids,
-                                            temperature=float(temperature), return_entropy=True,
-                                            **_LOGIT_TRANSFORM.get())
+        head = {"temperature": float(temperature), **_LOGIT_TRANSFORM.get()}
+        bound = current_forward_loss()
+        if bound is not None:
+            log_probs, entropy = bound.run(hidden, vocab_weights, ids, head)
+        else:
+            log_probs, entropy = fused_logprobs(hidden, vocab_weights.to(hidden.dtype), ids, return_entropy=True,
+                                                **head)
         return (log_probs[0], entropy[0]) if squeeze else (log_probs, entropy)
 
 
@@ -63,8 +72,11 @@ def patch_fused_logprobs() -> None:
     ``fused_kernels_backend=torch``) through ``fused_logprobs``: the model forwards in
     ``verl/models/transformers/*.py`` look ``FusedLinearForPPO`` up in this module at call time, and are wrapped to
     hand it the model's logit transform. Call it before verl builds the model (its ``patch_forward_with_backends``
-    installs the forward on the model's class then); verl's ``fused_kernels_backend=triton`` stays verl's."""
+    installs the forward on the model's class then); verl's ``fused_kernels_backend=triton`` stays verl's. Also
+    binds the actor's training micro-batches for the loss in the forward (``hook.patch_forward_step``)."""
     from verl.utils.experimental import torch_functional
+
+    patch_forward_step()
 
     torch_functional.FusedLinearForPPO = FusedLogprobsForPPO
     for name in _FUSED_FORWARD_MODULES:

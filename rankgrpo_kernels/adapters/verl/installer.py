@@ -6,7 +6,8 @@ from verl.trainer.ppo import core_algos
 
 from .advantages import compute_rank_grpo_advantage
 from .config import NAME, store_settings
-from .loss import compute_policy_loss_rank_grpo, rank_grpo_ppo_loss
+from .hook import rank_grpo_ppo_loss
+from .loss import compute_policy_loss_rank_grpo
 
 
 def install(tokenizer=None, rec_num: int | None = None, *, form: str | None = None,

@@ -2,13 +2,13 @@
 reproducible). Each was chosen from the compiled sm_90a and sm_80 code: every value stays in registers
 (``tests/backends/test_triton_aot.py`` fails on any spill).
 
-The row pass (``row_pass_kernel.py``: one program per row of fp32 logits, no matrix units; the GEMMs are cuBLAS's)
-has an entry per gradient dtype, ``RowPassConfig``: rows up to ``single_block`` = 16384 columns are held whole in
-registers by 32 warps (16 floats a thread, 41-63 registers: one 1024-thread program per SM), longer rows are walked
-2048 columns at a time by 8 warps (~55 registers: several programs per SM hide the latency of the loads). Hopper and
-Ampere share them today. With a softcap the slope S'(u) is held next to each probability, so rows are held whole up
-to 8192 columns (16 floats a thread again). Under ``TRITON_INTERPRET=1`` (CPU) wide blocks keep the numpy
-interpreter fast.
+The row pass (``row_pass_kernel.py``: one program per row of fp32 logits, no matrix units; the GEMMs are cuBLAS's) has
+an entry per gradient dtype, ``RowPassConfig``: rows up to ``single_block`` = 16384 columns are held whole in registers
+by 32 warps (16 floats a thread, 41-63 registers: one 1024-thread program per SM), longer rows are walked 2048 columns
+at a time by 8 warps (~55 registers: several programs per SM hide the latency of the loads; 16 warps for fp32 gradients
+on Hopper, where 8 spill in one variant). Hopper and Ampere share the others. With a softcap the slope S'(u) is held
+next to each probability, so rows are held whole up to 8192 columns (16 floats a thread again). Under
+``TRITON_INTERPRET=1`` (CPU) wide blocks keep the numpy interpreter fast.
 """
 
 from __future__ import annotations
@@ -38,12 +38,15 @@ class RowPassConfig:
         return self.softcap_single_block if self.softcap_single_block is not None else self.single_block // 2
 
 
-# Keyed by the dtype of the gradient written (None: no gradient); sm_90 and sm_80 share them for now.
+# Keyed by the dtype of the gradient written (None: no gradient); sm_90 and sm_80 share them but for fp32 gradients on
+# Hopper, whose two-pass walk with a softcap on unaligned rows spills 4 bytes at 8 warps (64 registers, with Triton's
+# ptxas flags): 16 warps hold 4 floats a thread of the same 2048 columns in about 40.
 ROW_PASS = RowPassConfig(single_block=16384, single_warps=32, block_v=2048, num_warps=8)
+ROW_PASS_HOPPER_FP32 = RowPassConfig(single_block=16384, single_warps=32, block_v=2048, num_warps=16)
 # The interpreter runs programs one by one in numpy: blocks as wide as the tests' rows keep it fast.
 ROW_PASS_INTERPRETER = RowPassConfig(single_block=4096, single_warps=4, block_v=1024, num_warps=4)
 ROW_PASS_CONFIGS = {
-    (arch, grad_dtype): ROW_PASS
+    (arch, grad_dtype): ROW_PASS_HOPPER_FP32 if (arch, grad_dtype) == ("sm_90", torch.float32) else ROW_PASS
     for arch in ("sm_90", "sm_80")
     for grad_dtype in (None, torch.float32, torch.bfloat16, torch.float16)
 }
