@@ -2,7 +2,7 @@
 
     python benchmarks/run.py                      # CPU: about 5 minutes on 2 cores with the peers installed: the
                                                   # realistic workload at a scaled-down Qwen2.5-0.5B head, fp32
-    python benchmarks/run.py --full               # CPU: the long sweep, the foundation head too (about 25 minutes)
+    python benchmarks/run.py --full               # CPU: the long sweep, the foundation head too (about 22 minutes)
     python benchmarks/run.py --device cuda        # GPU: the Qwen2.5-0.5B and Llama-3.2-3B heads, ~16k positions,
                                                   # bf16, every provider; --full: every model head at 4k and 16k
     python benchmarks/run.py --workload dense --shapes 256x4000@512 --reps 5   # a quick look: 512 positions, ~1 min
@@ -155,7 +155,7 @@ def parse_args(argv):
     p.add_argument("--shapes", help=f"comma-separated: {', '.join(sorted(ALL_SHAPES))}, or HxV@N (N: tokens of the "
                                     "dense batch; about N padded positions of the realistic one, at least ~2000)")
     p.add_argument("--full", action="store_true",
-                   help="the long sweep: on a CPU the foundation head (N=4096, H=512, V=32000) too, about 25 minutes "
+                   help="the long sweep: on a CPU the foundation head (N=4096, H=512, V=32000) too, about 22 minutes "
                         "on 2 cores; on a GPU every model head at 4k and 16k tokens")
     p.add_argument("--workload", choices=("realistic", "dense"), default="realistic",
                    help="realistic (default): P prompts x 8 completions of 20-item lists, TRL's padding, advantages "
