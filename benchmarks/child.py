@@ -126,7 +126,7 @@ class Provider:
     def _check(self, setting) -> dict:
         """Build, first call, check and peak memory at one setting (with glibc as ``MALLOC_ENV`` left it)."""
         job = self.job
-        row = dict(provider=self.name, ours=self.provider.backend is not None,
+        row = dict(provider=self.name, ours=self.provider.ours,
                    **job.shape.fields(setting if job.work.realistic else None))
         batch = job.batch(setting)
         row["positions"] = batch.target_ids.numel()

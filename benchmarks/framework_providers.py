@@ -9,17 +9,15 @@ aggregation over the batch's tokens, ``eps_clip_low_high`` = the setting's eps a
 beta: three GEMMs over the tokens the loss needs. Items come from the batch (the segmentation and the frameworks'
 batch plumbing are not timed).
 
-Each needs its framework: run the benchmark with that framework's venv (``.venv-verl/bin/python``,
-``.venv-openrlhf/bin/python``); elsewhere they are refused. Registered in ``providers.PROVIDERS`` by
-``PROVIDERS.update(FRAMEWORK_PROVIDERS)``.
+Each needs its framework, which lives in its own venv (``scripts/framework_venv.sh verl`` builds ``.venv-verl``):
+``providers.py`` registers them with that venv's interpreter, so their worker processes run there while the rest of
+the run stays in this one. This module imports nothing of the benchmark's: the workers import it.
 """
 
 from __future__ import annotations
 
-from providers import Provider, _missing
 
-
-def _verl(batch):
+def verl_loss(batch):
     from verl.workers.config.actor import ActorConfig, PolicyLossConfig
 
     from rankgrpo_kernels.adapters.common import framework_fused_loss
@@ -44,7 +42,7 @@ def _verl(batch):
     return loss
 
 
-def _openrlhf(batch):
+def openrlhf_loss(batch):
     from types import SimpleNamespace
 
     from rankgrpo_kernels.adapters.openrlhf import RankGRPOPolicyLoss
@@ -70,12 +68,3 @@ def _openrlhf(batch):
         return forward_loss.result[0]
     return loss
 
-
-FRAMEWORK_PROVIDERS = {
-    "verl": Provider("verl adapter: the loss in the model's forward (framework_fused_loss with verl's token-mean, "
-                     "clip range and low_var_kl KL; 3 GEMMs over the tokens the loss needs)", _verl,
-                     lambda device, dtype: _missing("verl"), label="verl adapter (ours)"),
-    "openrlhf": Provider("OpenRLHF adapter: the loss in the actor's forward (ForwardLoss with OpenRLHF's token "
-                         "mean, clip range and k3 KL loss; 3 GEMMs over the tokens the loss needs)",
-                         _openrlhf, lambda device, dtype: _missing("openrlhf"), label="OpenRLHF adapter (ours)"),
-}

@@ -1,13 +1,21 @@
-"""The GPU check: one command, time-boxed phases, done within 8 minutes on one H200, one JSON written after every
-phase (a run cut short still leaves what it measured).
+"""The GPU check: one command, time-boxed phases whose caps add up to less than its 9-minute deadline on one
+H100/H200, one JSON written after every phase (a run cut short still leaves what it measured).
 
     python benchmarks/gpu_check.py              # on the GPU machine: JSON under benchmarks/results/
     python benchmarks/gpu_check.py --dry-run    # on a CPU: every phase, tests collected only; JSON in benchmarks/out/
     python benchmarks/gpu_check.py --phases torch_probe,host_syncs --phase-timeout timings=120
 
-Phases, in order, each in its own process (its own process group, killed at its timeout; recorded as "timeout" and
-the next one runs), none started with less than ``MIN_PHASE_S`` left of ``--deadline``:
+Phases, in order, each in its own process (its own process group, killed at its cap; recorded as "timeout" and the
+next one runs), none started with less than ``MIN_PHASE_S`` left of ``--deadline``. The caps (``PHASE_TIMEOUT_S``)
+sum to less than the deadline, so every phase gets its whole cap; the check prints them first and refuses caps
+(``--phase-timeout``) that no longer fit:
 
+wheels            ``--wheels DIR`` (default ``.whl/`` where it exists; ``scripts/gpu_wheels.sh`` gathers them): its
+                  wheels installed offline into a folder that every later phase has on its path (TRL, Liger and
+                  Cut Cross-Entropy, which the GPU image lacks); skipped without wheels
+cuda_build        ``python -m rankgrpo_kernels.backends.cuda.build``: the CUDA extension for this GPU, under the
+                  build's own time limit, so that no test phase compiles (the tests load the built extension or
+                  find the backend refused, with the build log's tail)
 gpu_tests         ``pytest -m gpu`` (tests/gpu/test_gpu.py and the other GPU-marked tests, less the diagnostics)
 native_kernels    tests/backends/: test_backends.py, test_row_pass_kernels.py, test_segment_kernels.py natively (no
                   Triton interpreter: conftest picks it only without a GPU)
@@ -22,14 +30,15 @@ benchmark         ``benchmarks/run.py``: the realistic workload (TRL's default b
                   both heads
 
 The five diagnostics are GPU tests, ``tests/gpu/test_<phase>.py``: what one measured is its phase's ``result``.
-The dry run goes through the same phases on the CPU: the pytest phases only collect (``--co``), and the benchmark
-phase runs one tiny realistic setting.
+The dry run goes through the same phases on the CPU: the build phase only prints what it would build, the pytest
+phases only collect (``--co``), and the benchmark phase runs one tiny realistic setting.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -49,12 +58,17 @@ PROVIDERS = "eager,triton,cuda,triton-recompute"
 REALISTIC_SHAPE = "qwen2.5-0.5b@16384"
 REALISTIC_PROVIDERS = "eager,triton,cuda,trl,liger,cce"
 PROCESS_TIMEOUT_S = 120  # one request to a worker process inside run.py (its setup, or one timed run)
-DEADLINE_S = 470  # the whole check: under 8 minutes with the time to start
+DEADLINE_S = 530  # the whole check: under 9 minutes, with the time to start inside a 10-minute call
 MIN_PHASE_S = 15  # a phase is not started with less time than this left
-PHASES = ("gpu_tests", "native_kernels", "torch_probe", "timings", "host_syncs", "int64_rows", "triton_registers",
-          "benchmark")
-PHASE_TIMEOUT_S = dict(gpu_tests=110, native_kernels=80, torch_probe=40, timings=60, host_syncs=40, int64_rows=50,
-                       triton_registers=40, benchmark=240)
+PHASES = ("wheels", "cuda_build", "gpu_tests", "native_kernels", "torch_probe", "timings", "host_syncs", "int64_rows",
+          "triton_registers", "benchmark")
+# Caps, seconds: a few MB of pure-Python wheels; the build of one architecture's extension (~1 min with ninja); ~250
+# GPU tests and ~900 native kernel tests at small shapes, over pytest-xdist workers where the image has it; one
+# diagnostic each; two run.py invocations (every worker of a shape in parallel).
+PHASE_TIMEOUT_S = dict(wheels=15, cuda_build=80, gpu_tests=100, native_kernels=70, torch_probe=20, timings=40,
+                       host_syncs=20, int64_rows=30, triton_registers=25, benchmark=125)
+XDIST_WORKERS = 4  # test processes sharing the GPU in the two suite phases (small shapes: memory is no concern)
+WHEELS = ROOT / ".whl"
 DIAGNOSTICS = ("torch_probe", "timings", "host_syncs", "int64_rows", "triton_registers")  # tests/gpu/test_<name>.py
 RESULT_ENV = "RANKGRPO_GPU_CHECK_RESULT"  # where tests/gpu/conftest.py writes what a diagnostic measured
 
@@ -74,10 +88,14 @@ def _run_process(cmd, timeout, env=None):
     return status, proc.returncode, out or "", err or "", round(time.time() - started, 1)
 
 
-def _pytest_cmd(paths, dry_run, marker=None):
+def _pytest_cmd(paths, dry_run, marker=None, parallel=False):
+    """pytest over ``paths``; ``parallel``: over ``XDIST_WORKERS`` processes where pytest-xdist is installed (a
+    suite, not a diagnostic that times something)."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *map(str, paths)]
     if marker:
         cmd += ["-m", marker]
+    if parallel and not dry_run and importlib.util.find_spec("xdist") is not None:
+        cmd += ["-n", str(XDIST_WORKERS)]
     return cmd + (["--co"] if dry_run else ["-rf"])
 
 
@@ -133,10 +151,11 @@ def _pytest_phase(name, dry_run, timeout, env):
     env = dict(env)
     if name == "gpu_tests":  # the dry run collects the GPU module only: collecting all tests takes 10 s
         diagnostics = [f"--ignore={TESTS / 'gpu' / f'test_{d}.py'}" for d in DIAGNOSTICS]
-        cmd = _pytest_cmd([TESTS / "gpu" / "test_gpu.py"] if dry_run else [TESTS, *diagnostics], dry_run, marker="gpu")
+        cmd = _pytest_cmd([TESTS / "gpu" / "test_gpu.py"] if dry_run else [TESTS, *diagnostics], dry_run, marker="gpu",
+                          parallel=True)
     elif name == "native_kernels":
         cmd = _pytest_cmd([TESTS / "backends" / f for f in ("test_backends.py", "test_row_pass_kernels.py",
-                                                             "test_segment_kernels.py")], dry_run)
+                                                             "test_segment_kernels.py")], dry_run, parallel=True)
         if not dry_run:
             env.pop("TRITON_INTERPRET", None)  # natively: conftest leaves it unset on a GPU
     else:
@@ -154,6 +173,48 @@ def _pytest_phase(name, dry_run, timeout, env):
     if status == "failed" and rc == 5:  # pytest: nothing collected/selected
         entry["status"] = "ok"
     return entry
+
+
+def _wheels_phase(wheels, timeout, env):
+    """Install the wheels of the folder ``wheels`` offline (no index, no dependencies) into a new folder and put it
+    first on ``env``'s PYTHONPATH, which every later phase inherits. The dry run installs them too (offline, fast)."""
+    found = sorted(Path(wheels).glob("*.whl")) if wheels else []
+    if not found:
+        return dict(status=f"skipped: no wheels in {wheels}" if wheels else "skipped: no --wheels", seconds=0.0)
+    site = tempfile.mkdtemp(prefix="rankgrpo-gpu-check-site-")
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
+           "--disable-pip-version-check", "--upgrade", "--target", site, *map(str, found)]
+    status, rc, so, se, secs = _run_process(cmd, timeout, env)
+    if status == "ok":
+        env["PYTHONPATH"] = os.pathsep.join([site, *filter(None, [env.get("PYTHONPATH")])])
+    return dict(status=status, returncode=rc, seconds=secs, wheels=[p.name for p in found], site=site,
+                output_tail=(so + se)[-2000:])
+
+
+def _cuda_build_phase(dry_run, timeout, env):
+    """Build the CUDA extension for the visible GPU under the build's own limit (a little inside the phase's cap, so
+    that the build reports its own timeout with its log); the dry run names the command only."""
+    cmd = [sys.executable, "-m", "rankgrpo_kernels.backends.cuda.build"]
+    command = " ".join(cmd[1:])
+    if dry_run:
+        return dict(status="ok", seconds=0.0, command=command, note="dry run: not built")
+    env = dict(env, RANKGRPO_CUDA_BUILD_TIMEOUT=str(max(1.0, timeout - 10)))
+    status, rc, so, se, secs = _run_process(cmd, timeout, env)
+    return dict(status=status, returncode=rc, seconds=secs, command=command, summary=_summary(so + se),
+                output_tail=(so + se)[-3000:])
+
+
+def plan(phases, timeouts, deadline) -> list[str]:
+    """The phases' caps, printed before the first: each cap and the running sum against the deadline. A
+    ValueError when the caps add up to more than the deadline (a later phase would lose part of its cap)."""
+    lines, total = [], 0.0
+    for name in phases:
+        total += timeouts[name]
+        lines.append(f"  {name:17s} cap {timeouts[name]:5.0f} s   by {total:5.0f} s")
+    if total > deadline:
+        raise ValueError(f"the phases' caps add up to {total:.0f} s, more than the deadline of {deadline:.0f} s: "
+                         "lower a --phase-timeout or raise --deadline")
+    return lines + [f"  caps {total:.0f} s within the deadline of {deadline:.0f} s"]
 
 
 def _environment(dry_run):
@@ -192,6 +253,9 @@ def main(argv=None):
     p.add_argument("--phase-timeout", action="append", default=[], metavar="NAME=SECONDS")
     p.add_argument("--deadline", type=float, default=DEADLINE_S, help=f"seconds for the whole check ({DEADLINE_S})")
     p.add_argument("--out", default=None, help="folder of the JSON (benchmarks/results/, dry run benchmarks/out/)")
+    p.add_argument("--wheels", default=str(WHEELS) if WHEELS.is_dir() else None,
+                   help="folder of wheels to install offline first (default .whl/ where it exists; "
+                        "scripts/gpu_wheels.sh gathers them)")
     args = p.parse_args(argv)
 
     started = time.time()
@@ -202,13 +266,19 @@ def main(argv=None):
     timeouts = dict(PHASE_TIMEOUT_S)
     for item in args.phase_timeout:
         name, _, seconds = item.partition("=")
+        if name not in timeouts:
+            raise SystemExit(f"unknown phase in --phase-timeout {item!r}; choose from {list(PHASES)}")
         timeouts[name] = float(seconds)
+    try:
+        print("\n".join(plan(phases, timeouts, args.deadline)), flush=True)
+    except ValueError as exc:
+        raise SystemExit(f"gpu_check.py: {exc}") from None
     out = Path(args.out) if args.out else HERE / ("out" if args.dry_run else "results")
     out.mkdir(parents=True, exist_ok=True)
     env = _environment(args.dry_run)
     stamp = env["date"].replace(":", "").replace("-", "")[:15]
     path = out / f"gpu_check_{'dry_' if args.dry_run else ''}{stamp}.json"
-    report = dict(environment=env, deadline_s=args.deadline, phases={})
+    report = dict(environment=env, deadline_s=args.deadline, caps_s={n: timeouts[n] for n in phases}, phases={})
     _write(path, report)
 
     child_env = dict(os.environ, RANKGRPO_GPU_CHECK="1",
@@ -230,6 +300,10 @@ def main(argv=None):
             except Exception as exc:  # noqa: BLE001  (a broken run.py is a result, not the end of the check)
                 status, result = "failed", dict(error=f"{type(exc).__name__}: {exc}")
             entry = dict(status=status, seconds=round(time.time() - t0, 1), result=result)
+        elif name == "wheels":
+            entry = _wheels_phase(args.wheels, timeout, child_env)
+        elif name == "cuda_build":
+            entry = _cuda_build_phase(args.dry_run, timeout, child_env)
         else:
             entry = _pytest_phase(name, args.dry_run, timeout, child_env)
         report["phases"][name] = entry

@@ -1,25 +1,29 @@
 """What the benchmark compares: each provider turns one batch into a loss whose backward reaches the LM head.
 
 A provider is a ``Provider(note, build, ...)``: ``build(batch) -> loss_fn`` or raises ``Unavailable(reason)``;
-``loss_fn()`` returns the scalar loss from ``batch.hidden`` and ``batch.weight`` with the loss settings of the batch's
-workload (``batch.settings``: eps, beta, loss type; ``batch.loss_inputs`` hold ``None`` for the old or reference
-log-probs a setting goes without; ``batches.Batch``). ``refuse(device, dtype)`` says why it cannot run here (None if
-it can), without a batch: the sweep asks before starting a process for it; for ours it is the backend registry's
-``backends.refusal``. ``backend`` names our backend for ``--breakdown``; ``token_level`` providers are checked
-against the eager loss on ``token_level_inputs`` (their maths is token-level GRPO); ``label`` is the provider's name
-in the plot and the README (ours say "(ours)"; the key where it is empty).
+``loss_fn()`` returns the scalar loss from ``batch.hidden`` and ``batch.weight`` with the loss settings of the
+batch's workload (``batch.settings``: eps, beta, loss type; ``batch.loss_inputs`` hold ``None`` for the old or
+reference log-probs a setting goes without; ``batches.Batch``). ``refuse(device, dtype)`` says why it cannot run
+here (None if it can), without a batch: the sweep asks before starting a process for it; for ours it is the backend
+registry's ``backends.refusal``. ``backend`` names our backend for ``--breakdown``; ``token_level`` providers are
+checked against the eager loss on ``token_level_inputs`` (their maths is token-level GRPO); ``label`` is the
+provider's name in the plot and the README (ours say "(ours)"; the key where it is empty), ``ours`` whether it is
+this library's code (set against the GEMM floors in the README); ``python()`` is the interpreter its worker process
+runs in (this one, or a framework's own venv).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from batches import Batch
+from framework_providers import openrlhf_loss, verl_loss
 
 from rankgrpo_kernels import backends, fused_logprobs, rank_grpo_loss, rank_grpo_loss_from_logps
 from rankgrpo_kernels.reference import reference_loss
@@ -27,6 +31,7 @@ from rankgrpo_kernels.reference import reference_loss
 # TRL 1.16's vocabulary width per tile of ChunkedLogProbFunction (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE).
 TRL_CHUNK_SIZE = 32768
 TRL_MIN_VERSION = (1, 16)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Unavailable(Exception):
@@ -41,10 +46,31 @@ class Provider:
     backend: str | None = None  # ours: the backend whose row pass and segment loss --breakdown times
     token_level: bool = False
     label: str = ""  # the name a reader sees in the plot and the README (ours say so)
+    ours: bool = False  # this library's code (a backend's paths, an adapter's): against the GEMM floors in the README
+    python: Callable[[], str] = lambda: sys.executable
 
 
 def _missing(package):
     return f"package {package} not installed" if importlib.util.find_spec(package) is None else None
+
+
+def framework_python(package) -> str | None:
+    """The interpreter that imports ``package``: this one, else the framework's venv that
+    ``scripts/framework_venv.sh PACKAGE`` builds in the repository root (None: neither)."""
+    if importlib.util.find_spec(package) is not None:
+        return sys.executable
+    venv = ROOT / f".venv-{package}" / "bin" / "python"
+    return str(venv) if venv.exists() else None
+
+
+def _framework(package, note, build, label) -> Provider:
+    """A provider that times a framework adapter's loss path in a worker run by that framework's interpreter."""
+    def refuse(device, dtype):
+        if framework_python(package) is None:
+            return (f"package {package} not installed here and no .venv-{package} (scripts/framework_venv.sh "
+                    f"{package} builds it)")
+        return None
+    return Provider(note, build, refuse, label=label, ours=True, python=lambda: framework_python(package))
 
 
 # --- the baseline ---------------------------------------------------------------------------------------------------
@@ -83,7 +109,7 @@ def _ours(note, backend, path=_fused) -> Provider:
         return backends.refusal(backend, device, dtype)
     kind = "fused" if path is _fused else "recompute"
     return Provider(note, lambda batch: path(batch, backend), refuse, backend=backend,
-                    label=f"rankgrpo {kind}, {backend} backend (ours)")
+                    label=f"rankgrpo {kind}, {backend} backend (ours)", ours=True)
 
 
 # --- peers ----------------------------------------------------------------------------------------------------------
@@ -195,12 +221,13 @@ PROVIDERS = {
     "torch": _ours("ours, fused path, torch backend: the tokens the loss needs, gradients in the forward over chunks "
                    "of whole items (3 GEMMs)", "torch"),
     "torch-recompute": _ours("ours, recompute path, torch backend: fused_logprobs (backward recomputes the logits: 4 "
-                             "GEMMs) + rank_grpo_loss_from_logps, as OpenRLHF/verl run it", "torch", _recompute),
+                             "GEMMs) + rank_grpo_loss_from_logps, for a loop that has only log-probs", "torch",
+                             _recompute),
     "compile": Provider("torch.compile of the eager loss (compiled in the first call, which is not timed: its time is "
                         "first_call_ms)", _compiled, label="torch.compile of eager"),
     "triton": _ours("ours, fused path, Triton row pass and segment loss around cuBLAS GEMMs", "triton"),
     "triton-recompute": _ours("ours, recompute path, Triton backend: fused_logprobs + rank_grpo_loss_from_logps "
-                              "(what OpenRLHF/verl run)", "triton", _recompute),
+                              "(for a loop that has only log-probs)", "triton", _recompute),
     "cuda": _ours("ours, fused path, CUDA extension (csrc/: cuBLAS GEMMs + CUDA row pass and segment loss)", "cuda"),
     "liger": Provider("Liger-Kernel LigerFusedLinearGRPOLoss (torch, chunked; token-level ratio: different maths, "
                       "checked against eager with one item per token and one advantage per row)", _liger,
@@ -214,4 +241,10 @@ PROVIDERS = {
                     "recomputes each tile: 4 GEMMs; on a GPU only the completion's positions, on a CPU all) + our "
                     "rank_grpo_loss_from_logps", _trl, _refuse_trl,
                     label="TRL 1.16 ChunkedLogProbFunction + our loss"),
+    "verl": _framework("verl", "the verl adapter's loss in the model's forward (framework_fused_loss with verl's "
+                       "token-mean, clip range and low_var_kl KL: 3 GEMMs over the tokens the loss needs), in "
+                       ".venv-verl", verl_loss, "verl adapter (ours)"),
+    "openrlhf": _framework("openrlhf", "the OpenRLHF adapter's loss in the actor's forward (ForwardLoss with "
+                           "OpenRLHF's token mean, clip range and k3 KL loss: 3 GEMMs over the tokens the loss "
+                           "needs), in .venv-openrlhf", openrlhf_loss, "OpenRLHF adapter (ours)"),
 }

@@ -1,7 +1,8 @@
 """Throughput and memory of the Rank-GRPO loss: ours against the eager baseline, the peers and the GEMM floor.
 
-    python benchmarks/run.py                      # CPU: about 5 minutes on 2 cores with the peers installed: the
-                                                  # realistic workload at a scaled-down Qwen2.5-0.5B head, fp32
+    python benchmarks/run.py                      # CPU: about 5 minutes on 2 cores with the peers installed (6
+                                                  # with the verl and OpenRLHF venvs): the realistic workload at a
+                                                  # scaled-down Qwen2.5-0.5B head, fp32
     python benchmarks/run.py --full               # CPU: the long sweep, the foundation head too (about 22 minutes)
     python benchmarks/run.py --device cuda        # GPU: the Qwen2.5-0.5B and Llama-3.2-3B heads, ~16k positions,
                                                   # bf16, every provider; --full: every model head at 4k and 16k
@@ -11,6 +12,7 @@
 
 Results (a JSON and a plot) go to ``benchmarks/out/``, which git ignores; ``--save`` writes them into
 ``benchmarks/results/``, the committed runs that ``summarize.py`` turns into docs/results.md and the README's results.
+The JSON is rewritten after each shape (``complete`` false until the end): a run cut short keeps its finished rows.
 
 Workloads (``--workload``). ``realistic`` (the default; ``workload.py``): P prompts x G = 8 completions, each a
 20-item list (items of 6-16 tokens ending in a newline), some stopping early, some overflowing, an EOS, right-padded
@@ -113,7 +115,7 @@ def environment(device, argv):
                command=" ".join(["python", "benchmarks/run.py", *argv]), git_sha=git_sha(),
                python=platform.python_version(), torch=torch.__version__, rankgrpo_kernels=rankgrpo_kernels.__version__,
                device=str(device), cpu=platform.processor() or platform.machine(), cpu_threads=torch.get_num_threads(),
-               cpu_count=os.cpu_count(), load_average_end=load_average(),
+               cpu_count=os.cpu_count(),
                triton=package_version("triton"), liger_kernel=package_version("liger-kernel"),
                cut_cross_entropy=package_version("cut-cross-entropy"))
     if device.type == "cuda":
@@ -220,29 +222,34 @@ def main(argv=None):
         raise SystemExit(f"unknown providers {sorted(unknown)}; choose from {list(PROVIDERS)}")
 
     started = time.time()
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    load_before = load_average()
-    progress = Progress()
-    sweep = Sweep(names, dtype, device, reps, work, want_breakdown, args.fwd, args.timeout, progress)
-    rows, workloads, rounds = sweep.run(shapes)
-    progress.done()
-    segmentation = None if args.no_segmentation else bench_segmentation(device)
-    env = dict(environment(device, argv), date=date, load_average=load_before)  # dated and loaded at the start
-    env["wall_seconds"] = round(time.time() - started, 1)
+    env = dict(environment(device, argv), load_average=load_average())  # dated and loaded at the start
     out = out_folder(args)
     out.mkdir(parents=True, exist_ok=True)
     stamp = env["date"].replace(":", "").replace("-", "")[:15]
     tag = env.get("gpu", device.type).replace(" ", "_")
     json_path = out / f"bench_{tag}_{stamp}.json"
     labels = {n: p.label or n for n, p in PROVIDERS.items()}
+    report = dict(environment=env, dtype=str(dtype).split(".")[-1], reps=reps, tolerance=TOLERANCE[dtype],
+                  breakdown=want_breakdown, notes={n: PROVIDERS[n].note for n in names},
+                  labels={n: labels[n] for n in names},
+                  gemm_note=REALISTIC_GEMM_NOTE if work.realistic else GEMM_NOTE, workload=work.describe(),
+                  complete=False)
+
+    def write(rows, workloads, rounds, **more):
+        """The JSON as it stands: rewritten after each shape, so a run cut short keeps its finished rows."""
+        env.update(wall_seconds=round(time.time() - started, 1), load_average_end=load_average())
+        report.update(workloads=workloads or None, rounds=rounds, results=rows, **more)
+        tmp = json_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(report, indent=2))
+        tmp.replace(json_path)
+
+    progress = Progress()
+    sweep = Sweep(names, dtype, device, reps, work, want_breakdown, args.fwd, args.timeout, progress)
+    rows, workloads, rounds = sweep.run(shapes, write)
+    progress.done()
+    segmentation = None if args.no_segmentation else bench_segmentation(device)
+    write(rows, workloads, rounds, segmentation=segmentation, complete=True)
     plot_path = plot(rows, out / f"bench_{tag}_{stamp}.png", labels)
-    json_path.write_text(json.dumps(dict(environment=env, dtype=str(dtype).split(".")[-1], reps=reps,
-                                         tolerance=TOLERANCE[dtype], breakdown=want_breakdown,
-                                         notes={n: PROVIDERS[n].note for n in names},
-                                         labels={n: labels[n] for n in names},
-                                         gemm_note=REALISTIC_GEMM_NOTE if work.realistic else GEMM_NOTE,
-                                         workload=work.describe(), workloads=workloads or None, rounds=rounds,
-                                         results=rows, segmentation=segmentation), indent=2))
     print(markdown(rows, segmentation, env, workloads, work.kind, {n: p.note for n, p in PROVIDERS.items()},
                    work.setting_notes(), rounds))
     print(f"\nwrote {json_path}" + (f" and {plot_path}" if plot_path else " (no plot: matplotlib missing)")

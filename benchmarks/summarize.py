@@ -46,8 +46,10 @@ WIDTH = 116  # the README's prose width
 
 
 def reports(results_dir: Path) -> list[tuple[Path, dict]]:
-    """The committed runs of ``run.py`` (``bench_*.json``), oldest first."""
-    return [(path, json.loads(path.read_text())) for path in sorted(results_dir.glob("bench_*.json"))]
+    """The committed runs of ``run.py`` (``bench_*.json``), oldest first; a run cut short (``complete`` false: the
+    shapes it finished) is left out (runs before that field was written are whole)."""
+    found = [(path, json.loads(path.read_text())) for path in sorted(results_dir.glob("bench_*.json"))]
+    return [(path, report) for path, report in found if report.get("complete", True)]
 
 
 def heading(report, path) -> str:

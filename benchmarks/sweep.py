@@ -58,8 +58,9 @@ class Sweep:
     timeout: float | None = None
     progress: Callable[[str], None] = field(default=lambda text: None)
 
-    def run(self, shapes) -> tuple[list, dict, dict]:
-        """Rows of every shape (and setting); the realistic workload's statistics and the rounds' record per shape."""
+    def run(self, shapes, finished=lambda rows, workloads, rounds: None) -> tuple[list, dict, dict]:
+        """Rows of every shape (and setting); the realistic workload's statistics and the rounds' record per shape.
+        ``finished`` gets the three so far after each shape (the caller writes them: a cut run keeps its rows)."""
         rows, workloads, rounds = [], {}, {}
         for shape in shapes:
             shape_rows, info, record = self.shape(shape)
@@ -67,6 +68,7 @@ class Sweep:
             rounds[shape.key] = record
             if info is not None:
                 workloads[shape.key] = info
+            finished(rows, workloads, rounds)
         return rows, workloads, rounds
 
     # --- one shape ---------------------------------------------------------------------------------------------------
@@ -75,7 +77,8 @@ class Sweep:
         return shape.fields(setting if self.work.realistic else None)
 
     def _start(self, name, shape, ref_dir, token_level) -> Process:
-        cmd = [sys.executable, str(RUN_PY), "--child", name, "--shapes", shape.spec, "--dtype",
+        python = PROVIDERS[name].python() if name in PROVIDERS else sys.executable
+        cmd = [python, str(RUN_PY), "--child", name, "--shapes", shape.spec, "--dtype",
                str(self.dtype).split(".")[-1], "--device", str(self.device), "--reps", str(self.reps),
                "--ref-dir", str(ref_dir), *self.work.options(),
                "--breakdown" if self.breakdown else "--no-breakdown"]
@@ -110,7 +113,7 @@ class Sweep:
                 runnable.append(name)
             else:
                 for s in settings:
-                    skipped[s].append(dict(provider=name, ours=PROVIDERS[name].backend is not None,
+                    skipped[s].append(dict(provider=name, ours=PROVIDERS[name].ours,
                                            **self._fields(shape, s), status=f"skipped: {reason}"))
                 self.progress(f"{shape.key}: {name} skipped")
         token_level = any(PROVIDERS[n].token_level for n in runnable)
@@ -175,7 +178,7 @@ class Sweep:
             rows.append(self._measured(row, series, bases, eager_peak, replies["gemm"]))
         for name in runnable:
             row = replies[name].get("rows", {}).get(setting) or dict(
-                provider=name, ours=PROVIDERS[name].backend is not None, **self._fields(shape, setting),
+                provider=name, ours=PROVIDERS[name].ours, **self._fields(shape, setting),
                 status=f"error: {replies[name].get('error')}")
             if name in timed.failed and row["status"] == "ok":  # it died in the rounds
                 row = dict(row, status=f"error: {timed.failed[name]}")

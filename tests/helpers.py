@@ -1,8 +1,14 @@
-"""Helpers the tests share: golden vectors as padded tensors and random loss batches."""
+"""Helpers the tests share: golden vectors as padded tensors, random loss batches, the benchmark's modules."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 EPS_LOW, EPS_HIGH = 0.06, 0.08  # the released run's clip range, used by the golden vectors
 
@@ -112,3 +118,13 @@ def launcher_form(backend):
                                  entropy=entropy, g=g, e=e, grad_dtype=grad_dtype)
 
     return row_pass, grad_pass
+
+
+def load_benchmark_module(name):
+    """``benchmarks/NAME.py`` as a module (loading ``run`` puts benchmarks/ on the path: its modules then import by
+    their names, as in its worker processes)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

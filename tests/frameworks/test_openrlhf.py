@@ -23,6 +23,7 @@ from rankgrpo_kernels.recommender import item_hits
 from rankgrpo_kernels.reference import reference_loss_from_logps
 
 from . import batch
+from .bench import check_benchmark_provider
 
 PROMPT = 4  # prompt tokens before every response
 
@@ -482,3 +483,7 @@ def test_item_level_rollout_correction_weights_each_item_by_its_geometric_mean(t
     want, _ = reference_loss_from_logps(b.logps, items, adv, b.action_mask, b.old, epsilon_low=0.2,
                                         epsilon_high=0.28, loss_type="bnpo", policy_weights=weights)
     torch.testing.assert_close(ours[0], want)
+
+
+def test_benchmark_provider_matches_eager(tmp_path):
+    check_benchmark_provider("openrlhf", tmp_path)

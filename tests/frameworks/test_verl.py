@@ -23,6 +23,7 @@ from rankgrpo_kernels.adapters.verl import config as adapter_config
 from rankgrpo_kernels.reference import reference_loss_from_logps
 
 from . import batch
+from .bench import check_benchmark_provider
 
 PROMPT = 4
 MODES = ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
@@ -516,3 +517,7 @@ def test_loss_in_the_forward_matches_verls_loss(tok, monkeypatch, form, mode, us
     assert fused_path == (not (use_kl and (kl_type == "mse" or form == "rank"))
                           and not (entropy_coeff and mode == "seq-mean-token-mean"))
     assert ours[2]["actor/pg_clipfrac"].values[0] == pytest.approx(theirs[2]["actor/pg_clipfrac"].values[0])
+
+
+def test_benchmark_provider_matches_eager(tmp_path):
+    check_benchmark_provider("verl", tmp_path)

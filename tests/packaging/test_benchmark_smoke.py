@@ -8,25 +8,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from ..helpers import load_benchmark_module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    return _load("run")  # puts benchmarks/ on the path: its modules import as child, batches, providers, ...
+    return load_benchmark_module("run")  # its modules import as child, batches, providers, ...
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +81,34 @@ def test_tiny_cpu_run(bench, tmp_path, capsys):
         assert list(tmp_path.glob("bench_*.png"))
 
 
+def test_a_run_cut_short_keeps_its_finished_shapes(bench, tmp_path, capsys, monkeypatch):
+    """The JSON is rewritten after each shape: a run cut in its second shape leaves the first one's rows, marked
+    incomplete, and the summary leaves such a run out."""
+    import sweep
+
+    import summarize
+
+    real, done = sweep.Sweep.shape, []
+
+    def shape(self, head):
+        if done:  # the cut: what a kill in the second shape leaves behind
+            raise KeyboardInterrupt
+        done.append(head.key)
+        return real(self, head)
+
+    monkeypatch.setattr(sweep.Sweep, "shape", shape)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--device", "cpu", "--shapes", "16x503@64,16x1003@64", "--providers", "eager,torch",
+                    "--settings", "beta0", "--reps", "1", "--no-segmentation", "--no-breakdown", "--out",
+                    str(tmp_path)])
+    capsys.readouterr()
+    report = _report(tmp_path)
+    assert report["complete"] is False and not list(tmp_path.glob("*.tmp"))
+    assert {r["shape"] for r in report["results"]} == {"custom-16x503@64"} == set(report["rounds"])
+    assert {r["provider"]: r["status"] for r in report["results"]}["torch"] == "ok"
+    assert summarize.reports(tmp_path) == []
+
+
 @pytest.mark.slow  # torch.compile and Liger's compiled loss: a minute on a cold inductor cache, seconds on a warm one
 def test_every_available_peer_is_checked_against_eager(bench, child, tmp_path, capsys):
     peers = ("compile", "liger", "cce")
@@ -149,7 +168,7 @@ def test_a_failing_worker_is_reported(bench, tmp_path):
 
 
 def test_gpu_check_names_only_known_providers_and_shapes(bench):
-    gpu_check = _load("gpu_check")
+    gpu_check = load_benchmark_module("gpu_check")
     names = gpu_check.PROVIDERS.split(",") + gpu_check.REALISTIC_PROVIDERS.split(",")
     assert set(names) <= set(bench.PROVIDERS)
     for required in ("eager", "triton", "cuda", "triton-recompute", "trl", "liger", "cce"):
@@ -160,7 +179,7 @@ def test_gpu_check_names_only_known_providers_and_shapes(bench):
 
 
 def test_summary_comes_from_the_json(tmp_path):
-    summarize = _load("summarize")
+    summarize = load_benchmark_module("summarize")
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{summarize.BEGIN}\nold\n{summarize.END}\nend\n")
     results = tmp_path / "results"

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -25,16 +26,45 @@ def gpu_check():
     return module
 
 
+def _tiny_wheel(tmp_path):
+    """A folder with one pure-Python wheel, ``tinypkg``, whose module prints where it was imported from."""
+    folder = tmp_path / "wheels"
+    folder.mkdir()
+    files = {"tinypkg/__init__.py": "print(__file__)\n",
+             "tinypkg-0.1.dist-info/METADATA": "Metadata-Version: 2.1\nName: tinypkg\nVersion: 0.1\n",
+             "tinypkg-0.1.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                            "Tag: py3-none-any\n"}
+    files["tinypkg-0.1.dist-info/RECORD"] = "".join(f"{name},,\n" for name in [*files, "tinypkg-0.1.dist-info/RECORD"])
+    with zipfile.ZipFile(folder / "tinypkg-0.1-py3-none-any.whl", "w") as whl:
+        for name, text in files.items():
+            whl.writestr(name, text)
+    return folder
+
+
+def test_carried_wheels_are_installed_offline_for_every_later_phase(gpu_check, tmp_path):
+    env = dict(os.environ, PYTHONPATH="/elsewhere")
+    entry = gpu_check._wheels_phase(_tiny_wheel(tmp_path), 60, env)
+    assert entry["status"] == "ok", entry
+    assert env["PYTHONPATH"].split(os.pathsep) == [entry["site"], "/elsewhere"]
+    where = subprocess.run([sys.executable, "-c", "import tinypkg"], env=env, capture_output=True, text=True).stdout
+    assert where.strip().startswith(entry["site"])
+    assert gpu_check._wheels_phase(None, 60, env)["status"] == "skipped: no --wheels"
+    assert gpu_check._wheels_phase(tmp_path / "none", 60, env)["status"].startswith("skipped: no wheels in")
+
+
 def _report(folder):
     (path,) = Path(folder).glob("gpu_check_*.json")
     return json.loads(path.read_text())
 
 
 def test_dry_run_goes_through_every_phase(gpu_check, tmp_path):
-    assert gpu_check.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path), "--wheels", str(_tiny_wheel(tmp_path))]) == 0
     report = _report(tmp_path)
     assert report["complete"] and report["environment"]["dry_run"] is True
+    assert report["caps_s"] == gpu_check.PHASE_TIMEOUT_S and sum(report["caps_s"].values()) <= report["deadline_s"]
     phases = report["phases"]
+    assert phases["wheels"]["wheels"] == ["tinypkg-0.1-py3-none-any.whl"]
+    assert phases["cuda_build"]["command"] == "-m rankgrpo_kernels.backends.cuda.build"
     assert list(phases) == list(gpu_check.PHASES)
     for name, entry in phases.items():
         assert entry["status"] == "ok", (name, entry)
@@ -80,9 +110,12 @@ def test_a_timeout_kills_the_whole_process_group(gpu_check):
 
 
 def test_past_the_deadline_phases_are_skipped(gpu_check, tmp_path):
-    assert gpu_check.main(["--dry-run", "--out", str(tmp_path), "--deadline", "0"]) == 0
+    """No phase starts with less than MIN_PHASE_S left (the safety net when phases overrun their caps)."""
+    caps = [f"--phase-timeout={name}=5" for name in ("torch_probe", "int64_rows")]
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path), "--deadline", "10", "--phases",
+                           "torch_probe,int64_rows", *caps]) == 0
     phases = _report(tmp_path)["phases"]
-    assert list(phases) == list(gpu_check.PHASES)
+    assert list(phases) == ["torch_probe", "int64_rows"]
     assert all(e["status"] == "skipped: out of time" for e in phases.values())
 
 
@@ -109,3 +142,19 @@ def test_a_diagnostic_phase_records_what_its_test_measured(gpu_check, tmp_path, 
     entry = gpu_check._pytest_phase("torch_probe", False, 60, dict(os.environ))
     assert entry["status"] == "ok" and "2 passed" in entry["summary"], entry
     assert entry["result"] == {"answer": 42, "parts": {"a": 1}, "more": [1, 2]}
+
+
+def test_the_caps_fit_the_deadline_by_construction(gpu_check, tmp_path, capsys):
+    """Every phase gets its whole cap: the caps add up to less than the deadline (under 9 minutes), the dry run
+    prints them first, and caps that no longer fit are refused before anything runs."""
+    assert list(gpu_check.PHASE_TIMEOUT_S) == list(gpu_check.PHASES)
+    assert sum(gpu_check.PHASE_TIMEOUT_S.values()) <= gpu_check.DEADLINE_S <= 9 * 60
+    lines = gpu_check.plan(gpu_check.PHASES, gpu_check.PHASE_TIMEOUT_S, gpu_check.DEADLINE_S)
+    assert len(lines) == len(gpu_check.PHASES) + 1 and "within the deadline" in lines[-1]
+    with pytest.raises(ValueError, match="more than the deadline"):
+        gpu_check.plan(["benchmark"], gpu_check.PHASE_TIMEOUT_S, 100)
+    with pytest.raises(SystemExit, match="lower a --phase-timeout"):
+        gpu_check.main(["--dry-run", "--out", str(tmp_path), "--phase-timeout", "benchmark=600"])
+    with pytest.raises(SystemExit, match="unknown phase"):
+        gpu_check.main(["--dry-run", "--out", str(tmp_path), "--phase-timeout", "nope=1"])
+    assert not list(tmp_path.glob("gpu_check_*.json"))
