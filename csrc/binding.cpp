@@ -1,6 +1,10 @@
 // Python binding of the CUDA entry points (pybind11 through torch/extension.h): checks the tensors, passes their
 // data pointers and sizes, and the stream that Python hands over as an integer
-// (torch.cuda.current_stream().cuda_stream), so this file needs neither CUDA nor ATen CUDA headers.
+// (torch.cuda.current_stream().cuda_stream), so this file needs neither CUDA nor ATen CUDA headers. Each entry point
+// runs under a device guard on its first tensor's device (at::OptionalDeviceGuard: the device-generic guard, which
+// dispatches to CUDA's at run time; c10/cuda/CUDAGuard.h needs CUDA's generated headers, absent from the CPU wheel
+// that compiles this file in CI), and a failed launch names its kernel.
+#include <ATen/DeviceGuard.h>
 #include <torch/extension.h>
 
 #include <cmath>
@@ -18,6 +22,15 @@ cudaStream_t as_stream(int64_t handle) { return reinterpret_cast<cudaStream_t>(s
 
 void check_launch(int code, const char* what) {
   TORCH_CHECK(code == 0, "rankgrpo CUDA kernel ", what, " failed: ", rankgrpo::error_string(code));
+}
+
+// An entry point run with its first tensor's device current, whatever device the caller left current.
+template <typename... Rest>
+auto on_device(void (*entry)(const Tensor&, Rest...)) {
+  return [entry](const Tensor& first, Rest... rest) {
+    const at::OptionalDeviceGuard guard(at::device_of(first));
+    entry(first, std::forward<Rest>(rest)...);
+  };
 }
 
 void check_tensor(const Tensor& t, const char* name, at::ScalarType dtype) {
@@ -48,13 +61,16 @@ float* f32(const Tensor& t, const char* name) {
 }
 
 // (B, T) fp32 token tensors (policy_weights optional), group (B, T) int32, num_bins (B,) int32, normaliser and
-// tokens (1,) fp32, scratch (3, B, T) fp32; writes grad (B, T) and row_sums (B, 5).
+// tokens (1,) fp32, scratch (3, B, T) fp32; writes grad (B, T) and row_sums (B, 6). policy: contract.POLICY with
+// its settings (PolicyTerm).
 void segment_loss(const Tensor& logps, const OptTensor& old_logps, const OptTensor& ref_logps,
                   const Tensor& advantages, const OptTensor& policy_weights, const Tensor& group,
                   const Tensor& num_bins, const Tensor& normaliser, const Tensor& tokens, const Tensor& scratch,
                   const Tensor& grad, const Tensor& row_sums,
                   double beta, double lo, double hi, std::optional<double> delta, int64_t weighting,
-                  double log_ratio_limit, int64_t stream) {
+                  double log_ratio_limit, int64_t policy, double tau_pos, double tau_neg, double k_pos,
+                  double lambda_pos, double k_neg, double lambda_neg, double log_w_min, bool kl_corrected,
+                  int64_t stream) {
   TORCH_CHECK(logps.dim() == 2, "logps must be (B, T)");
   const int64_t B = logps.size(0), T = logps.size(1);
   check_tensor(group, "group", at::kInt);
@@ -62,8 +78,14 @@ void segment_loss(const Tensor& logps, const OptTensor& old_logps, const OptTens
   for (const Tensor* t : {&advantages, &group, &grad}) TORCH_CHECK(t->sizes() == logps.sizes(), "(B, T) shapes");
   TORCH_CHECK(!policy_weights.has_value() || policy_weights->sizes() == logps.sizes(), "(B, T) policy_weights");
   TORCH_CHECK(num_bins.numel() == B && scratch.numel() == 3 * B * T && row_sums.numel() == B * rankgrpo::kRowSums,
-              "num_bins (B,), scratch (3, B, T), row_sums (B, 5)");
+              "num_bins (B,), scratch (3, B, T), row_sums (B, 6)");
   TORCH_CHECK(weighting >= 0 && weighting <= 2, "weighting must be 0 (grpo), 1 (token mean) or 2 (rank)");
+  TORCH_CHECK(policy >= rankgrpo::kPpo && policy <= rankgrpo::kVespo, "policy must be 0 (PPO), 1 (GMPO), 2 (SAPO), "
+              "3 (CISPO) or 4 (VESPO)");
+  const rankgrpo::PolicyTerm term{static_cast<int>(policy), static_cast<float>(tau_pos), static_cast<float>(tau_neg),
+                                  static_cast<float>(k_pos), static_cast<float>(lambda_pos),
+                                  static_cast<float>(k_neg), static_cast<float>(lambda_neg),
+                                  static_cast<float>(log_w_min)};
   check_launch(rankgrpo::segment_loss(
                    f32(logps, "logps"), data_or_null<const float>(old_logps, "old_logps", at::kFloat),
                    data_or_null<const float>(ref_logps, "ref_logps", at::kFloat), f32(advantages, "advantages"),
@@ -72,7 +94,8 @@ void segment_loss(const Tensor& logps, const OptTensor& old_logps, const OptTens
                    f32(scratch, "scratch"), f32(grad, "grad"), f32(row_sums, "row_sums"), B, T,
                    static_cast<float>(beta), static_cast<float>(lo), static_cast<float>(hi),
                    static_cast<float>(delta.value_or(0.0)), delta.has_value(), static_cast<int>(weighting),
-                   static_cast<float>(log_ratio_limit), as_stream(stream)),
+                   static_cast<float>(log_ratio_limit), term, kl_corrected && ref_logps.has_value(),
+                   as_stream(stream)),
                "segment_loss");
 }
 
@@ -131,10 +154,12 @@ int64_t check_logits(const Tensor& logits, const Tensor& targets, const OptTenso
 }
 
 // Row pass (row_pass.cu). bias (V,) fp32/bf16/fp16 or None; lse_in (C,) fp32 or None (then lse is not written: pass
-// lse_in itself); logp, lse, entropy (C,) fp32; softcap None or > 0; grad_out as in check_grad_out.
+// lse_in itself); logp, lse, entropy (C,) fp32; softcap None or > 0; grad_out as in check_grad_out, D written times
+// grad_scale (a power of two).
 void row_pass(const Tensor& logits, const OptTensor& bias, const Tensor& targets, double inv_temperature,
               double logit_scale, std::optional<double> softcap, const OptTensor& lse_in, const Tensor& logp,
-              const Tensor& lse, const OptTensor& entropy, const OptTensor& grad_out, int64_t stream) {
+              const Tensor& lse, const OptTensor& entropy, const OptTensor& grad_out, double grad_scale,
+              int64_t stream) {
   const int64_t row_stride = check_logits(logits, targets, bias, logit_scale, softcap);
   const int64_t rows = logits.size(0), cols = logits.size(1);
   TORCH_CHECK(logp.numel() == rows && lse.numel() == rows, "logp and lse must have one entry per logits row");
@@ -142,6 +167,7 @@ void row_pass(const Tensor& logits, const OptTensor& bias, const Tensor& targets
   TORCH_CHECK(!entropy.has_value() || entropy->numel() == rows, "entropy must have one entry per row");
   const auto bias_dtype = bias.has_value() ? bias->scalar_type() : at::kFloat;
   const GradOut grad = check_grad_out(logits, row_stride, grad_out);
+  const char* kernel = "row_pass";
   check_launch(rankgrpo::row_pass(
                    logits.data_ptr<float>(), rows, cols, row_stride,
                    data_or_null<const void>(bias, "bias", bias_dtype), operand_dtype(bias_dtype),
@@ -149,8 +175,8 @@ void row_pass(const Tensor& logits, const OptTensor& bias, const Tensor& targets
                    softcap.value_or(0.0), data_or_null<const float>(lse_in, "lse_in", at::kFloat), f32(logp, "logp"),
                    lse_in.has_value() ? nullptr : f32(lse, "lse"),
                    data_or_null<float>(entropy, "entropy", at::kFloat), grad.data, operand_dtype(grad.dtype),
-                   grad.row_stride, as_stream(stream)),
-               "row_pass");
+                   grad.row_stride, grad_scale, as_stream(stream), &kernel),
+               kernel);
 }
 
 // Gradient pass (row_pass.cu) over logits as the row pass takes them: lse, entropy, g, e (C,) fp32; grad_out (C, V)
@@ -163,20 +189,21 @@ void grad_pass(const Tensor& logits, const OptTensor& bias, const Tensor& target
   for (const Tensor* t : {&lse, &entropy, &g, &e}) TORCH_CHECK(t->numel() == rows, "lse, entropy, g, e: (C,) each");
   const auto bias_dtype = bias.has_value() ? bias->scalar_type() : at::kFloat;
   const GradOut grad = check_grad_out(logits, row_stride, grad_out);
+  const char* kernel = "grad_pass";
   check_launch(rankgrpo::grad_pass(
                    logits.data_ptr<float>(), rows, cols, row_stride,
                    data_or_null<const void>(bias, "bias", bias_dtype), operand_dtype(bias_dtype),
                    targets.data_ptr(), targets.scalar_type() == at::kInt, inv_temperature, logit_scale,
                    softcap.value_or(0.0), f32(lse, "lse"), f32(entropy, "entropy"), f32(g, "g"), f32(e, "e"),
-                   grad.data, operand_dtype(grad.dtype), grad.row_stride, as_stream(stream)),
-               "grad_pass");
+                   grad.data, operand_dtype(grad.dtype), grad.row_stride, as_stream(stream), &kernel),
+               kernel);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rankgrpo_kernels CUDA kernels (csrc/): the row and gradient passes and the segment loss";
-  m.def("segment_loss", &segment_loss);
-  m.def("row_pass", &row_pass);
-  m.def("grad_pass", &grad_pass);
+  m.def("segment_loss", on_device(&segment_loss));
+  m.def("row_pass", on_device(&row_pass));
+  m.def("grad_pass", on_device(&grad_pass));
 }

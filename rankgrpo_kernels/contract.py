@@ -27,9 +27,27 @@ LOG_RATIO_LIMIT = 20.0
 FLOAT32_MAX = torch.finfo(torch.float32).max
 # Each loss type and the weighting of its policy terms in the compiled segment-loss kernels (0: 1 / (normaliser M_i)
 # with normaliser = B, 1: 1 / normaliser, 2: 1 / (normaliser n_k)); the normalisers are in ``inputs.normaliser``.
-WEIGHTING = {"grpo": 0, "bnpo": 1, "dr_grpo": 1, "dapo": 1, "rank": 2}
+WEIGHTING = {"grpo": 0, "bnpo": 1, "dr_grpo": 1, "dapo": 1, "rank": 2, "luspo": 1, "sapo": 0, "cispo": 1,
+             "vespo": 1}
 LOSS_TYPES = tuple(WEIGHTING)
-STAT_NAMES = ("clip_ratio_low", "clip_ratio_high", "clip_ratio_region", "ratio_mean", "kl", "entropy")
+# Each loss type's policy term of its item ratio w (the kernels' POLICY; reference.py has the maths):
+# 0 PPO's clipped surrogate -min(w' a, clip(w) a); 1 GMPO's -w a with the tokens' log-ratios clipped inside w (a
+# PPO loss type with ratio_clip="token"); 2 SAPO's soft gate -(4 / tau) sigmoid(tau (w - 1)) a; from
+# FIRST_REINFORCE on, REINFORCE terms with a detached weight (no gradient through w): 3 CISPO's
+# -sg(min(w, epsilon_high)) a l, 4 VESPO's -sg(phi(W)) a l with W the item's product of token ratios.
+POLICY = {name: {"sapo": 2, "cispo": 3, "vespo": 4}.get(name, 0) for name in LOSS_TYPES}
+GMPO_POLICY = 1
+FIRST_REINFORCE = 3
+# The loss types normalised by num_items_in_batch: the loss tokens of TRL's accumulation window.
+WINDOW_TOKEN_NORMALISED = ("dapo", "cispo", "vespo")
+# Where PPO's clipping acts: "item" on the item ratio (Rank-GRPO), "token" on each token's log-ratio inside the
+# item's geometric mean (GMPO), in log space, sign-aware; the policy term is then -w a.
+RATIO_CLIPS = ("item", "token")
+# VESPO's clamp of log W from below (TRL's log(1e-8), after the authors' code) and of its lambdas.
+VESPO_LOG_W_MIN = math.log(1e-8)
+VESPO_LAMBDA_MIN = 1e-4
+STAT_NAMES = ("clip_ratio_low", "clip_ratio_high", "clip_ratio_region", "ratio_mean", "kl", "entropy",
+              "weight_mean")
 # Per-row statistics (B,): the fractions of each row's loss tokens whose item ratio is clipped low / high (TRL logs
 # their minimum and maximum over sequences). The segment loss returns their counts (B, 2), which chunks add up.
 ROW_STAT_NAMES = ("clip_ratio_low_per_row", "clip_ratio_high_per_row")
@@ -59,7 +77,16 @@ class LossSpec:
     optional upper bound of the unclipped ratio (> 1); ``beta``: the weight of the k3 KL; ``loss_type``: one of
     ``LOSS_TYPES``, with its normaliser inputs ``max_completion_length`` (``dr_grpo``'s L_max, default T) and
     ``rec_num`` (``rank``'s N, default K of per-rank advantages); ``entropy_coef``: the entropy bonus
-    ``loss -= entropy_coef * mean H`` of the fused loss."""
+    ``loss -= entropy_coef * mean H`` of the fused loss. ``sapo_temperature_pos`` / ``_neg``: SAPO's gate
+    temperatures for tokens with a > 0 / a <= 0; ``vespo_k_pos``, ``vespo_lambda_pos``, ``vespo_k_neg``,
+    ``vespo_lambda_neg``: VESPO's gamma weight for a >= 0 / a < 0 (TRL's names and defaults);
+    ``use_bias_correction_kl``: the KL term (and its statistic) weighted by the item ratio, ``w_k KL_t``, with its
+    gradient through ``w_k`` (TRL's DeepSeek-V3.2 correction, at item level); ``ratio_clip``: ``"item"`` (PPO's
+    clip of the item ratio) or ``"token"`` (GMPO: each token's log-ratio clipped to ``[-epsilon_low, epsilon_high]``,
+    sign-aware, inside the item's geometric mean; TRL's GMPOTrainer with one item per completion). With
+    ``loss_type="cispo"`` ``epsilon_high`` bounds the detached item ratio itself (TRL's meaning; ScaleRL uses 5.0)
+    and ``epsilon_low`` is unused; ``delta`` belongs to PPO's clipped surrogate and is refused with the loss types
+    that have none (sapo, cispo, vespo)."""
 
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
@@ -69,6 +96,14 @@ class LossSpec:
     max_completion_length: int | None = None
     rec_num: int | None = None
     entropy_coef: float = 0.0
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+    use_bias_correction_kl: bool = False
+    ratio_clip: str = "item"
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
@@ -85,6 +120,60 @@ class LossSpec:
             raise ValueError(f"entropy_coef must be a finite number, got {self.entropy_coef!r}")
         _optional_positive_int(self, "max_completion_length")
         _optional_positive_int(self, "rec_num")
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+            if not (0.0 < _number(self, name) < math.inf):
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
+        for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
+            if not (0.0 <= _number(self, name) < math.inf):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        if not isinstance(self.use_bias_correction_kl, bool):
+            raise ValueError(f"use_bias_correction_kl must be a bool, got {self.use_bias_correction_kl!r}")
+        if self.ratio_clip not in RATIO_CLIPS:
+            raise ValueError(f"ratio_clip must be one of {RATIO_CLIPS}, got {self.ratio_clip!r}")
+        if self.ratio_clip == "token" and (POLICY[self.loss_type] != 0 or self.delta is not None):
+            raise ValueError(f"ratio_clip='token' (GMPO) clips inside the geometric mean in place of PPO's clipped "
+                             f"surrogate: it needs a loss type with that surrogate (not {self.loss_type!r}) and no "
+                             "delta")
+        if POLICY[self.loss_type] != 0 and self.delta is not None:
+            raise ValueError(f"delta bounds the unclipped ratio of PPO's clipped surrogate; loss_type="
+                             f"{self.loss_type!r} has none: leave delta None")
+
+    @property
+    def policy(self) -> int:
+        """The kernels' policy term: ``POLICY[loss_type]``, or ``GMPO_POLICY`` with ``ratio_clip="token"``."""
+        return GMPO_POLICY if self.ratio_clip == "token" else POLICY[self.loss_type]
+
+    @property
+    def reinforce(self) -> bool:
+        """Whether the policy term is a REINFORCE term with a detached weight (cispo, vespo): its gradient reaches
+        each token directly, not through the item ratio, and ``weight_mean`` reports the weight."""
+        return self.policy >= FIRST_REINFORCE
+
+    @property
+    def sapo_temperatures(self) -> tuple[float, float]:
+        """(tau_pos, tau_neg) as the kernels take them."""
+        return self.sapo_temperature_pos, self.sapo_temperature_neg
+
+    @property
+    def vespo_gamma(self) -> tuple[float, float, float, float]:
+        """(k_pos, lambda_pos, k_neg, lambda_neg) as the kernels take them: each lambda at least
+        ``VESPO_LAMBDA_MIN`` (TRL's clamp)."""
+        return (self.vespo_k_pos, max(self.vespo_lambda_pos, VESPO_LAMBDA_MIN), self.vespo_k_neg,
+                max(self.vespo_lambda_neg, VESPO_LAMBDA_MIN))
+
+    @property
+    def clip_bounds(self) -> tuple[float, float]:
+        """(lo, hi) of the kernels' clamp and clip counts: PPO's clip range ``[1 - eps_low, 1 + eps_high]`` (also
+        SAPO's statistics); CISPO's ``(0, eps_high)``: ``hi`` bounds the weight, no ratio lies below ``lo``, and
+        the high count is TRL's ``cispo_clip_ratio``; VESPO clips nothing: ``(0, inf)``; with ``ratio_clip="token"``
+        the bounds of each token's log-ratio, ``(-eps_low, eps_high)``."""
+        if self.ratio_clip == "token":
+            return -self.epsilon_low, self.epsilon_high
+        if self.loss_type == "cispo":
+            return 0.0, self.epsilon_high
+        if self.loss_type == "vespo":
+            return 0.0, math.inf
+        return 1.0 - self.epsilon_low, 1.0 + self.epsilon_high
 
 
 @dataclass(frozen=True)
@@ -206,12 +295,14 @@ def dense_groups(item_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def stats_dict(stats: torch.Tensor, row_clipped: torch.Tensor, mask: torch.Tensor, has_kl: bool,
-               has_entropy: bool, computed: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+               has_entropy: bool, computed: torch.Tensor | None = None, has_weight: bool = False
+               ) -> dict[str, torch.Tensor]:
     """Name the entries of the statistics vector of ``segment_loss``, leaving out those that were not computed, and
     add the per-row clip fractions from its per-row clip counts (B, 2) and the loss mask (B, T) (0 for a row
     without loss tokens), and ``computed_tokens``: ``computed``, the number of loss tokens whose log-probs were
     computed (None: every loss token), over which ``ratio_mean`` and ``entropy`` are means; a mean of them over
-    micro-batches or processes weights each by it. All detached."""
+    micro-batches or processes weights each by it; ``weight_mean`` (``has_weight``: ``LossSpec.reinforce``) is the
+    token mean of the detached weight of the REINFORCE term. All detached."""
     named = dict(zip(STAT_NAMES, stats.detach().unbind(0)))
     row_clipped = row_clipped.detach()
     fractions = row_clipped / mask.sum(1, keepdim=True).clamp(min=1).to(row_clipped.dtype)
@@ -221,4 +312,6 @@ def stats_dict(stats: torch.Tensor, row_clipped: torch.Tensor, mask: torch.Tenso
         del named["kl"]
     if not has_entropy:
         del named["entropy"]
+    if not has_weight:
+        del named["weight_mean"]
     return named

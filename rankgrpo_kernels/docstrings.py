@@ -21,8 +21,12 @@ LOSS_DOC = """
         loss     = sum_t c_t * policy_t + beta * sum_t kw_t * KL_t
 
     with ``c_t`` by ``loss_type``: ``"grpo"`` 1/(B M_i), ``"bnpo"`` 1/sum M, ``"dr_grpo"``
-    1/(B max_completion_length), ``"dapo"`` 1/num_items_in_batch (the code form, ``kw = c``), and ``"rank"``
-    1/(B N n_k), the paper form ``-(1/(B N)) sum_i sum_k min(w A, clip(w) A)`` with ``kw_t = 1/sum M``.
+    1/(B max_completion_length), ``"dapo"`` 1/num_items_in_batch, ``"luspo"`` 1/B (the code form, ``kw = c``),
+    and ``"rank"`` 1/(B N n_k), the paper form ``-(1/(B N)) sum_i sum_k min(w A, clip(w) A)`` with
+    ``kw_t = 1/sum M``. TRL's other policy terms of the item ratio (``reference.py`` has their maths; settings in
+    a ``LossSpec``): ``"sapo"`` the soft gate ``-(4/tau) sigmoid(tau (w_k - 1)) a_t`` (c as grpo), ``"cispo"``
+    ``-sg(min(w_k, epsilon_high)) a_t l_t`` and ``"vespo"`` ``-sg(phi(W_k)) a_t l_t`` with W_k the item's product
+    ratio (c as dapo).
 
     Args:
         item_ids: (B, T) integer. Ids ``>= 0`` group the tokens of a row into items (each distinct id is one
@@ -36,9 +40,11 @@ LOSS_DOC = """
         epsilon_low, epsilon_high: the clip range ``[1 - epsilon_low, 1 + epsilon_high]`` (released: 0.06, 0.08).
         delta: optional upper bound of the unclipped ratio (two-sided clipping), > 1.
         beta: weight of the k3 KL to ``ref_logps`` (released: 1e-3); > 0 needs ``ref_logps``.
-        loss_type: ``"grpo"``, ``"bnpo"`` (released runs), ``"dr_grpo"``, ``"dapo"`` or ``"rank"`` (paper).
+        loss_type: ``"grpo"``, ``"bnpo"`` (released runs), ``"dr_grpo"``, ``"dapo"``, ``"luspo"``, ``"sapo"``,
+            ``"cispo"``, ``"vespo"`` or ``"rank"`` (paper).
         max_completion_length: ``dr_grpo``'s L_max (default T).
-        num_items_in_batch: ``dapo``'s token count of the whole optimizer step (int or 0-dim tensor), required there.
+        num_items_in_batch: the token count of the whole optimizer step (int or 0-dim tensor), required by
+            ``dapo``, ``cispo`` and ``vespo``.
         policy_weights: optional (B, T) constants ``pw_t`` (finite, >= 0) multiplying each token's policy term
             only: ``policy_t -> pw_t * policy_t``, the item ratios, normalisers, KL term and statistics unchanged
             (TRL's order: policy loss x masks x importance-sampling ratio, then + beta KL). A truncated

@@ -89,7 +89,8 @@ def rank_grpo_loss_from_logps(
     raise_on_bad_values(checks)
     head = HeadSpec(backend=backends.choose(backend, logps.device, logps.dtype))  # no logits here: no budget
     total, stats, row_clipped, _ = OPS.loss_from_logps(batch, spec, head)
-    return total, stats_dict(stats, row_clipped, batch.mask, ref_logps is not None, entropy is not None)
+    return total, stats_dict(stats, row_clipped, batch.mask, ref_logps is not None, entropy is not None,
+                             has_weight=spec.reinforce)
 
 
 @doc("""Fused Rank-GRPO loss from the last hidden states and the LM head, without a (tokens x vocab) logits tensor.
@@ -192,7 +193,8 @@ def rank_grpo_loss(
                                                      vocab_start=vocab_start, compute_entropy=compute_entropy,
                                                      group=process_group)
     has_entropy = compute_entropy or spec.entropy_coef != 0.0
-    return total, stats_dict(stats, row_clipped, batch.mask, ref_logps is not None, has_entropy, computed)
+    return total, stats_dict(stats, row_clipped, batch.mask, ref_logps is not None, has_entropy, computed,
+                             has_weight=spec.reinforce)
 
 
 def fused_logprobs(

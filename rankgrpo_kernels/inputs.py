@@ -13,7 +13,7 @@ import math
 import torch
 
 from . import backends
-from .contract import HeadSpec, LossSpec, TokenBatch, check_tensor, dense_groups
+from .contract import WINDOW_TOKEN_NORMALISED, HeadSpec, LossSpec, TokenBatch, check_tensor, dense_groups
 from .head.sharded import check_not_sharded_parameter
 from .settings import memory_budget, validate_values
 
@@ -60,16 +60,17 @@ def normaliser(spec: LossSpec, mask, dtype, *, num_items_in_batch, per_rank):
     a ``num_items_in_batch`` tensor is only converted, and its check is a flag read with the others."""
     B, T = mask.shape
     device = mask.device
-    if spec.loss_type == "grpo":
+    if spec.loss_type in ("grpo", "sapo", "luspo"):
         return _scalar(float(B), dtype, device)
     if spec.loss_type == "bnpo":
         return mask.sum().clamp(min=1).to(dtype)
     if spec.loss_type == "dr_grpo":
         length = T if spec.max_completion_length is None else spec.max_completion_length
         return _scalar(float(B * length), dtype, device)
-    if spec.loss_type == "dapo":
+    if spec.loss_type in WINDOW_TOKEN_NORMALISED:
         if num_items_in_batch is None:
-            raise ValueError("loss_type='dapo' needs num_items_in_batch (the step's total count of loss tokens)")
+            raise ValueError(f"loss_type={spec.loss_type!r} needs num_items_in_batch (the step's total count of loss "
+                             "tokens)")
         if not isinstance(num_items_in_batch, torch.Tensor) and not (0 < float(num_items_in_batch) < math.inf):
             raise ValueError(f"num_items_in_batch must be a finite number > 0, got {num_items_in_batch!r}")
         if isinstance(num_items_in_batch, torch.Tensor):
@@ -118,7 +119,7 @@ def token_batch(B, T, device, spec: LossSpec, *, item_ids, advantages, completio
         policy_weights = policy_weights.detach()
         checks.append(("policy_weights must be finite and >= 0 on tokens in the loss",
                        ~((policy_weights >= 0) & torch.isfinite(policy_weights) | ~mask).all()))
-    if spec.loss_type == "dapo" and isinstance(num_items_in_batch, torch.Tensor):
+    if spec.loss_type in WINDOW_TOKEN_NORMALISED and isinstance(num_items_in_batch, torch.Tensor):
         checks.append(("num_items_in_batch must be finite and > 0", ~((scale > 0) & torch.isfinite(scale))))
 
     batch = TokenBatch(logps, old_logps, ref_logps, per_token, dense_groups(item_ids, mask), mask, scale,

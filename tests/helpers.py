@@ -102,16 +102,18 @@ def loss_inputs_near_policy(hidden, weight, bias, targets, temperature, K, *, ol
 def launcher_form(backend):
     """A backend's protocol calls (``backends/protocol.py``) in the Triton launchers' positional form, so one test
     drives the launchers and the backends alike: ``row_pass(logits, bias, targets, inv_t, lse_in, grad_dtype,
-    compute_entropy, *, logit_scale, softcap)`` and ``grad_pass(logits, bias, targets, inv_t, lse, entropy, g, e,
-    grad_dtype, *, logit_scale, softcap)``."""
+    compute_entropy, *, logit_scale, softcap, grad_scale)`` and ``grad_pass(logits, bias, targets, inv_t, lse,
+    entropy, g, e, grad_dtype, *, logit_scale, softcap)``."""
     from rankgrpo_kernels.contract import HeadSpec
 
     def head(inv_t, logit_scale, softcap):
         return HeadSpec(temperature=1 / inv_t, logit_scale=logit_scale, logit_softcap=softcap)
 
-    def row_pass(logits, bias, targets, inv_t, lse_in, grad_dtype, compute_entropy, *, logit_scale=1.0, softcap=None):
+    def row_pass(logits, bias, targets, inv_t, lse_in, grad_dtype, compute_entropy, *, logit_scale=1.0, softcap=None,
+                 grad_scale=1.0):
         return tuple(backend.row_pass(logits, bias=bias, targets=targets, head=head(inv_t, logit_scale, softcap),
-                                      lse=lse_in, grad_dtype=grad_dtype, compute_entropy=compute_entropy))
+                                      lse=lse_in, grad_dtype=grad_dtype, grad_scale=grad_scale,
+                                      compute_entropy=compute_entropy))
 
     def grad_pass(logits, bias, targets, inv_t, lse, entropy, g, e, grad_dtype, *, logit_scale=1.0, softcap=None):
         return backend.grad_pass(logits, bias=bias, targets=targets, head=head(inv_t, logit_scale, softcap), lse=lse,

@@ -168,13 +168,14 @@ def rank_grpo_loss_for_model(
     """The fused Rank-GRPO loss of ``model`` on ``batch``: backbone forward, then ``rank_grpo_loss`` on the last
     hidden states (B, T, H) and the LM head (tied embeddings included), never holding (B, T, V) logits.
 
-    ``loss_type`` in ``"grpo" | "bnpo" | "dr_grpo" | "dapo"`` is the code form (per-token advantages, length shaping,
-    EOS and overflow tokens in the loss); ``"rank"`` is the paper form (per-rank advantages over the item tokens
-    only). The batch's ``objective`` sets the advantages and the unit of the ratio
+    ``loss_type`` in ``"grpo" | "bnpo" | "dr_grpo" | "dapo" | "luspo" | "sapo" | "cispo" | "vespo"`` is the code
+    form (per-token advantages, length shaping, EOS and overflow tokens in the loss; SAPO's and VESPO's settings at
+    TRL's defaults, ``rank_grpo_loss`` with a ``LossSpec`` sets them); ``"rank"`` is the paper form (per-rank
+    advantages over the item tokens only). The batch's ``objective`` sets the advantages and the unit of the ratio
     (``RankGRPOStepInputs.loss_fields``). ``old_logps`` None means on-policy (every ratio 1); ``beta > 0`` needs
     ``ref_logps``. Defaults are the released run's clip range. ``entropy_coef`` and ``policy_weights`` as in
-    ``rank_grpo_loss``; the model's logit softcapping or scale (``logit_transform``) applies. Returns the loss
-    and the statistics of ``rank_grpo_loss``.
+    ``rank_grpo_loss``; the model's logit softcapping or scale (``logit_transform``) applies. Returns the loss and
+    the statistics of ``rank_grpo_loss``.
     """
     hidden, weight, bias = _hidden_and_head(model, batch)
     item_ids, advantages = batch.loss_fields(loss_type)

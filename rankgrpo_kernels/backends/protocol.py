@@ -2,7 +2,8 @@
 
 A backend is a module (one folder under ``backends/``) exporting, keyword-only after the tensor it works on::
 
-    row_pass(logits, *, bias, targets, head, lse=None, grad_dtype=None, compute_entropy=False) -> RowPass
+    row_pass(logits, *, bias, targets, head, lse=None, grad_dtype=None, grad_scale=1.0, compute_entropy=False)
+        -> RowPass
     grad_pass(logits, *, bias, targets, head, lse, entropy, g, e, grad_dtype) -> D'
     segment_loss(batch, *, spec) -> SegmentLoss
 
@@ -11,9 +12,11 @@ S(s (acc + b)) / T`` with ``S(u) = c tanh(u / c)`` (``logit_softcap`` c, or the 
 log-sum-exp (then no entropy is formed), ``targets`` (C,) outside [0, V): no target logit. ``D = (onehot(y) -
 softmax(z)) S'(u)`` and ``D' = [g (onehot(y) - p) - e p (z - lse + H)] S'(u)`` hold ``dL/dz S'(u)`` per row up to
 the caller's row scale (``g s / T`` for D, ``s / T`` for D'); both come back in ``grad_dtype``, over the logits
-where the backend can (``Capabilities``). ``segment_loss`` takes a ``TokenBatch`` and the ``LossSpec`` whole, so a
-new loss option reaches it without any layer in between changing. ``backends/torch`` is the readable statement of
-all three; ``tests/backends`` runs every registered backend through one conformance suite against it.
+where the backend can (``Capabilities``), D times ``grad_scale`` (a power of two, at most 2^15: fp16's D is written
+scaled so that small probabilities stay normal; the caller's row scale divides it out). ``segment_loss`` takes a
+``TokenBatch`` and the ``LossSpec`` whole, so a new loss option reaches it without any layer in between changing.
+``backends/torch`` is the readable statement of all three; ``tests/backends`` runs every registered backend through
+one conformance suite against it.
 
 Refusing: the registry's ``Capabilities`` say statically which devices and dtypes a backend takes; a backend whose
 module cannot import here (no Triton, no CUDA toolchain, a failed build) raises ``BackendUnavailable`` (or any
@@ -70,7 +73,7 @@ class Capabilities:
 
 
 CALLS = {
-    "row_pass": ("bias", "targets", "head", "lse", "grad_dtype", "compute_entropy"),
+    "row_pass": ("bias", "targets", "head", "lse", "grad_dtype", "grad_scale", "compute_entropy"),
     "grad_pass": ("bias", "targets", "head", "lse", "entropy", "g", "e", "grad_dtype"),
     "segment_loss": ("spec",),
 }

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-ROW_SUMS = 5  # per row: loss, clipped low, clipped high, ratio, KL
+ROW_SUMS = 6  # per row: loss, clipped low, clipped high, ratio, KL, the REINFORCE term's weight
 
 
 def loss_from_row_sums(row_sums: torch.Tensor, batch):
@@ -20,7 +20,7 @@ def loss_from_row_sums(row_sums: torch.Tensor, batch):
     entropy_mean = torch.zeros_like(low)
     if batch.entropy is not None:
         entropy_mean = torch.where(batch.mask, batch.entropy.detach().to(sums.dtype), 0).sum() / tokens
-    stats = torch.stack([low, high, low + high, sums[3] / tokens, sums[4] / tokens, entropy_mean])
+    stats = torch.stack([low, high, low + high, sums[3] / tokens, sums[4] / tokens, entropy_mean, sums[5] / tokens])
     return sums[0], stats, row_sums[:, 1:3].clone()  # not a view: op outputs own their storage
 
 

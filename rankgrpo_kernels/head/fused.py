@@ -44,8 +44,16 @@ from .plan import (
 from .recompute import chunked_logprobs, recomputed_grads
 
 # The statistics of the policy's own distribution at a token, means over the tokens whose log-probs are computed.
-LISTED_MEANS = [STAT_NAMES.index("ratio_mean"), STAT_NAMES.index("entropy")]
-RATIO, ENTROPY = LISTED_MEANS
+LISTED_MEANS = [STAT_NAMES.index("ratio_mean"), STAT_NAMES.index("entropy"), STAT_NAMES.index("weight_mean")]
+RATIO, ENTROPY, WEIGHT = LISTED_MEANS
+
+
+def neutral_weight(spec: LossSpec) -> float:
+    """The REINFORCE term's weight at a neutral token (ratio 1, advantage 0): CISPO's min(1, eps_high), VESPO's
+    phi(1) = 1; 0 for the other loss types, which report none."""
+    if not spec.reinforce:
+        return 0.0
+    return min(1.0, spec.clip_bounds[1])
 
 
 def entropy_bonus_weights(batch: TokenBatch, dtype):
@@ -87,7 +95,8 @@ def loss_and_grads(hidden, weight, bias, targets, batch: TokenBatch, spec: LossS
     the gradients (d_hidden, d_weight, d_bias; None where ``needs`` says so) in ``saved_grad_dtype``, within
     ``head.memory_budget_bytes`` of scratch (``head`` resolved: a backend name and an int budget). ``batch.logps``
     and ``batch.entropy`` are unused. ``ratio_mean`` and ``entropy`` are means over the tokens that entered the
-    GEMMs; where loss tokens exist but none entered (every item skipped), ``ratio_mean`` is 1 and ``entropy`` NaN."""
+    GEMMs; where loss tokens exist but none entered (every item skipped), ``ratio_mean`` is 1 and ``entropy`` and
+    ``weight_mean`` NaN."""
     V, H = weight.shape
     N = hidden.shape[0]
     h_op, w_op = gemm_operands(hidden, weight)
@@ -134,8 +143,10 @@ def loss_and_grads(hidden, weight, bias, targets, batch: TokenBatch, spec: LossS
         if bonus:
             e = -spec.entropy_coef * bonus_weights.index_select(0, positions) / bonus_tokens  # dL/dH
             loss += (e * entropy).sum()
-        # the neutral tokens of the chunk's rows each added a ratio of exactly 1
-        chunk_stats[RATIO] -= (chunk.mask.sum() - (c1 - c0)).to(acc) / tokens
+        # the neutral tokens of the chunk's rows each added a ratio of exactly 1 and a weight
+        neutral = (chunk.mask.sum() - (c1 - c0)).to(acc) / tokens
+        chunk_stats[RATIO] -= neutral
+        chunk_stats[WEIGHT] -= neutral * neutral_weight(spec)
         stats += chunk_stats
         if grad_dtype is None:
             continue
@@ -146,7 +157,7 @@ def loss_and_grads(hidden, weight, bias, targets, batch: TokenBatch, spec: LossS
         if bonus:
             d_logits, scale = entropy_gradient_pass(run, z, y, lse, entropy, g, e)
         else:
-            scale = g * head.row_scale
+            scale = run.row_scale(g)
         accumulate_grads(d_logits, scale, h, w_op, grads, c0 == 0, positions, product=run.product)
     if plan.tokens:  # means over the listed tokens (all loss tokens unless items were skipped)
         stats[LISTED_MEANS] *= tokens / plan.tokens
@@ -157,5 +168,6 @@ def loss_and_grads(hidden, weight, bias, targets, batch: TokenBatch, spec: LossS
         has_loss = batch.mask.any()
         stats[RATIO] = has_loss.to(acc)
         stats[ENTROPY] = torch.where(has_loss, math.nan, 0.0)
+        stats[WEIGHT] = torch.where(has_loss, math.nan, 0.0)
     computed = torch.full((), plan.tokens, dtype=acc, device=hidden.device)  # a fill: plan.tokens is on the host
     return (loss, stats, row_clipped, computed, *finish_grads(grads, saved_grad_dtype(weight.dtype)))

@@ -1,7 +1,7 @@
 """The gradient GEMMs of a chunk, and what every chunk of a head call shares.
 
-With D (C, V) from a backend's row pass (``D = onehot - p``, times ``S'(u)``) and the per-token row scale
-``scale = g s / T`` (C,)::
+With D (C, V) from a backend's row pass (``D = onehot - p``, times ``S'(u)``, times ``k``) and the per-token row
+scale ``scale = g s / (T k)`` (C,)::
 
     d_hidden[rows] = scale (D W)          GEMM with fp32 output, one row scale and cast, scattered to its rows
     d_weight      += D^T (scale h)        GEMM accumulating in fp32 in place (beta = 1)
@@ -9,6 +9,11 @@ With D (C, V) from a backend's row pass (``D = onehot - p``, times ``S'(u)``) an
 
 GEMMs through ``gemms.py`` (fp32 output for half operands on CUDA, IEEE fp32 for fp32). No atomics: results are
 bit-identical from run to run.
+
+``k`` is 1 but for fp16 D: a probability below 6e-5 is subnormal in fp16 (below 6e-8 it is 0), so the row pass
+writes D (|D| <= 1) times ``FP16_D_SCALE = 2^15`` and the gradient pass D' (|D'| <= 2 (1 + ln V) for |g|, |e| < 2)
+times ``FP16_GRAD_PASS_SCALE = 2^10`` on top of ``operand_factor`` (within fp16's 65504 for V < 2^31): powers of
+two, taken out exactly by the row scale.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ import torch
 from ..contract import HeadSpec
 from . import gemms
 from .plan import LogitsBuffer
+
+FP16_D_SCALE = 2.0**15
+FP16_GRAD_PASS_SCALE = 2.0**10
 
 
 @dataclass
@@ -43,8 +51,19 @@ class HeadPass:
         """Z = h W^T (C, V) into the scratch, C <= cap."""
         return gemms.mm_into(h, self.weight.T, self.logits.rows(h.shape[0]))
 
+    @property
+    def d_scale(self) -> float:
+        """k, the factor of D in the row pass's output (module docstring)."""
+        return FP16_D_SCALE if self.grad_dtype == torch.float16 else 1.0
+
     def row_pass(self, z, y, **kwargs):
+        if kwargs.get("grad_dtype") is not None:
+            kwargs["grad_scale"] = self.d_scale
         return self.impl.row_pass(z, bias=self.bias, targets=y, head=self.head, **kwargs)
+
+    def row_scale(self, g):
+        """The row scale of the row pass's D: ``g s / (T k)``."""
+        return g * (self.head.row_scale / self.d_scale)
 
 
 def grad_buffers(tokens, listed, weight, bias, needs, dtype, acc):
@@ -95,9 +114,12 @@ def operand_factor(scale, dtype) -> float:
 
 def entropy_gradient_pass(run: HeadPass, z, y, lse, entropy, g, e):
     """``D'`` of a loss with an entropy term over the untouched logits ``z`` (a statistics-only row pass), and the
-    row scale of its gradient GEMMs. fp16 operands get ``g`` and ``e`` times a power of two (``operand_factor``)
-    that the row scale takes out again: ``D'`` holds ``g``, and ``g / T`` sits near fp16's subnormals."""
+    row scale of its gradient GEMMs. fp16 operands get ``g`` and ``e`` times a power of two (``operand_factor``,
+    then ``FP16_GRAD_PASS_SCALE``) that the row scale takes out again: ``D'`` holds ``g``, and ``g / T`` sits near
+    fp16's subnormals."""
     factor = operand_factor(torch.maximum(g.abs(), e.abs()), run.grad_dtype)
+    if run.grad_dtype == torch.float16:
+        factor *= FP16_GRAD_PASS_SCALE
     d_logits = run.impl.grad_pass(z, bias=run.bias, targets=y, head=run.head, lse=lse, entropy=entropy,
                                   g=g * factor, e=e * factor, grad_dtype=run.grad_dtype)
     return d_logits, torch.full_like(g, run.head.row_scale / factor)

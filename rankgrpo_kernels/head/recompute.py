@@ -46,7 +46,7 @@ def recomputed_grads(run: HeadPass, h, y, lse, entropy, g, e, grads, first, rows
         z = run.logits_of(h[t0:t1])
         if e is None:
             d_logits = run.row_pass(z, y[t0:t1], lse=lse[t0:t1], grad_dtype=run.grad_dtype).grad
-            scale = g[t0:t1] * run.head.row_scale
+            scale = run.row_scale(g[t0:t1])
         else:
             d_logits, scale = entropy_gradient_pass(run, z, y[t0:t1], lse[t0:t1], entropy[t0:t1], g[t0:t1],
                                                     e[t0:t1])

@@ -20,6 +20,7 @@ pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from trl.experimental.gmpo import GMPOConfig, GMPOTrainer  # noqa: E402
 
 from rankgrpo_kernels import ObjectiveSpec, rank_advantages, split_items, token_advantages  # noqa: E402
 from rankgrpo_kernels.adapters.hf_model import full_head_tensor, head_rows, run_inside_forward  # noqa: E402
@@ -41,7 +42,7 @@ from rankgrpo_kernels.adapters.trl import (  # noqa: E402
     check_fsdp_plugin,
     check_trl_version,
 )
-from rankgrpo_kernels.contract import LOSS_TYPES  # noqa: E402
+from rankgrpo_kernels.contract import LOSS_TYPES, POLICY  # noqa: E402
 from rankgrpo_kernels.reference import reference_loss_from_logps  # noqa: E402
 
 REC_NUM = 4
@@ -174,12 +175,16 @@ def test_head_helpers_pass_plain_heads_through_and_read_partitioned_sizes():
 
 @pytest.mark.parametrize(("overrides", "match"), [
     (dict(num_generations=1), "at least 2 generations"),
-    (dict(loss_type="cispo"), "loss_type must be one of"),
+    (dict(loss_type="gmpo"), "loss_type must be one of"),
+    (dict(loss_type="cispo", delta=2.0), "leave delta None"),
+    (dict(loss_type="sapo", sapo_temperature_neg=0.0), "sapo_temperature_neg"),
+    (dict(loss_type="vespo", use_vllm=True, vllm_importance_sampling_correction=True), "gamma weight"),
+    (dict(ratio_clip="token", top_entropy_quantile=0.5), "geometric mean"),
+    (dict(ratio_clip="token", loss_type="cispo"), "ratio_clip='token'"),
     (dict(importance_sampling_level="segment"), "importance_sampling_level"),
     (dict(loss_type="rank", list_reward="dcg"), "list_reward"),
     (dict(loss_type="rank", importance_sampling_level="token"), "importance_sampling_level"),
     (dict(reward_kind="exp"), "gamma"),
-    (dict(use_bias_correction_kl=True), "use_bias_correction_kl"),
     (dict(rec_num=0), "rec_num"),
 ])
 def test_config_rejects_unsupported_settings(tmp_path, overrides, match):
@@ -332,27 +337,46 @@ def test_fused_loss_and_gradients_equal_the_reference_from_full_logits(world, tm
     torch.testing.assert_close(fused, reference, rtol=1e-9, atol=1e-12)
     for fused_grad, reference_grad in zip(fused_grads, reference_grads):
         torch.testing.assert_close(fused_grad, reference_grad, rtol=1e-7, atol=1e-10)
-    assert trainer._metrics["train"]["clip_ratio/region_mean"][-1] > 0  # the clipped branch was exercised
+    if POLICY[loss_type] == 0:
+        assert trainer._metrics["train"]["clip_ratio/region_mean"][-1] > 0  # the clipped branch was exercised
 
 
-@pytest.mark.parametrize("loss_type", [t for t in LOSS_TYPES if t != "rank"])  # TRL has no "rank"
+# TRL has no "rank"; "gmpo": TRL's experimental GMPOTrainer against loss_type="grpo" with ratio_clip="token"
+@pytest.mark.parametrize("loss_type", [t for t in LOSS_TYPES if t != "rank"] + ["gmpo"])
 @pytest.mark.parametrize("entropy_coef,option", [(0.0, None), (0.05, None), (0.0, "vllm_is"),
-                                                 (0.0, "off_policy_mask"), (0.05, "top_entropy_adaptive")])
-def test_one_item_per_completion_equals_trl_sequence_level_loss(world, tmp_path, loss_type, entropy_coef, option):
-    """With one item per completion (no newline, no EOS) the item ratio is TRL's sequence-level ratio (GSPO); TRL's
-    entropy bonus (a token mean, scaled for accumulation only) with its gradient; TRL's vLLM importance-sampling
-    ratio ("sequence_mask", as GRPOTrainer hands it over) and its off-policy sequence mask, here per item; the
-    high-entropy mask with the adaptive bonus on the same tokens and its controller; the sequence clip metrics."""
-    settings = dict(loss_type=loss_type, epsilon=0.1, epsilon_high=0.15, temperature=0.8, entropy_coef=entropy_coef,
+                                                 (0.0, "off_policy_mask"), (0.05, "top_entropy_adaptive"),
+                                                 (0.0, "bias_corrected_kl")])
+@pytest.mark.parametrize("items", ["completion", "token"])
+def test_one_item_per_completion_or_token_equals_trls_loss(world, tmp_path, loss_type, entropy_coef, option, items):
+    """With one item per completion (no newline, no EOS) the item ratio is TRL's sequence-level ratio (GSPO; for
+    VESPO the product ratio, its own); with one item per token, TRL's token-level ratio. TRL's entropy bonus (a
+    token mean, scaled for accumulation only) with its gradient; TRL's vLLM importance-sampling ratio
+    ("sequence_mask", as GRPOTrainer hands it over) and its off-policy sequence mask, here per item; the
+    high-entropy mask with the adaptive bonus on the same tokens and its controller; the KL weighted by the
+    ratio (``use_bias_correction_kl``); GMPO's clipping inside the geometric mean; each loss type's metrics."""
+    if loss_type == "vespo" and option == "vllm_is":
+        pytest.skip("refused: TRL folds the sampler's ratio into VESPO's weight "
+                    "(test_config_rejects_unsupported_settings)")
+    if items == "token" and (loss_type == "vespo" or option in ("vllm_is", "off_policy_mask")):
+        pytest.skip("TRL's VESPO weight, sequence IS ratio and off-policy mask are per sequence, not per token item")
+    settings = dict(loss_type=loss_type, epsilon=0.1, epsilon_high=0.15 if loss_type != "cispo" else 1.05,
+                    temperature=0.8, entropy_coef=entropy_coef,
                     off_policy_mask_threshold=0.01 if option == "off_policy_mask" else None)
     if option == "top_entropy_adaptive":
         settings.update(top_entropy_quantile=0.5, use_adaptive_entropy=True, entropy_coef_delta=0.02,
                         entropy_target=100.0)
-    rank = rank_trainer(world, tmp_path, reward=hit_reward(1), rec_num=1, length_shaping=False, **settings)
-    trl_args = GRPOConfig(**trl_settings(tmp_path, importance_sampling_level="sequence", use_bias_correction_kl=False,
-                                         **settings))
-    trl = GRPOTrainer(model=fresh_model(world), reward_funcs=lambda completions, **kw: [0.0] * len(completions),
-                      args=trl_args, train_dataset=Dataset.from_list(world.rows), processing_class=world.tokenizer)
+    settings.update(use_bias_correction_kl=option == "bias_corrected_kl", beta=0.04 if option else 0.0)
+    trainer_class, config_class, ours = GRPOTrainer, GRPOConfig, {}
+    if loss_type == "gmpo":  # GMPO's loss has no entropy bonus, masks, IS ratio or KL correction
+        if items == "token" or option is not None or entropy_coef:
+            pytest.skip("GMPOTrainer: one sequence-level form, no options")
+        trainer_class, config_class, ours = GMPOTrainer, GMPOConfig, {"ratio_clip": "token"}
+        settings.update(loss_type="grpo", epsilon=0.3, epsilon_high=0.2, beta=0.04)
+    rank = rank_trainer(world, tmp_path, reward=hit_reward(1), rec_num=1, length_shaping=False, **settings, **ours)
+    trl_args = config_class(**trl_settings(tmp_path, importance_sampling_level="sequence" if items == "completion"
+                                           else "token", **settings))
+    trl = trainer_class(model=fresh_model(world), reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+                        args=trl_args, train_dataset=Dataset.from_list(world.rows), processing_class=world.tokenizer)
     inputs = scored_batch(rank, world)
     trl.model.train()
     trl.current_gradient_accumulation_steps = 1
@@ -377,6 +401,9 @@ def test_one_item_per_completion_equals_trl_sequence_level_loss(world, tmp_path,
     rewards = torch.rand(completion_ids.shape[0], 1, generator=noise, dtype=torch.float64)
     rank_inputs = {**inputs, **rank._rank_fields(completion_ids, inputs["completion_mask"], rewards, "train")}
     assert (rank_inputs["item_ids"][inputs["completion_mask"].bool()] == 0).all()
+    if items == "token":
+        positions = torch.arange(completion_ids.shape[1]).expand_as(completion_ids)
+        rank_inputs["item_ids"] = torch.where(rank_inputs["item_ids"] >= 0, positions, -1)
     trl_inputs = {**inputs, "advantages": rank_advantages(rewards, num_generations=4)[:, 0]}  # TRL's (B,) form
     if option is not None:  # sampler log-probs off the old ones, as vLLM's are
         sampler = inputs["old_per_token_logps"] + 0.3 * torch.randn(current.shape, generator=noise,
@@ -405,8 +432,13 @@ def test_one_item_per_completion_equals_trl_sequence_level_loss(world, tmp_path,
         assert rank._last_world_entropy == pytest.approx(trl._last_world_entropy, rel=1e-5)
         assert rank.entropy_coef == pytest.approx(trl.entropy_coef) == pytest.approx(0.07)
         rank.entropy_coef = trl.entropy_coef = 0.05  # the coefficient the loss applied
-    for name in ("clip_ratio/low_min", "clip_ratio/high_max"):  # per sequence: 0 or 1 with one item each
-        assert rank._metrics["train"][name][-1] == trl._metrics["train"][name][-1], name
+    # Each loss type's metric names as TRL's (token means here, sequence means in TRL at this level: not compared);
+    # the per-sequence clip fractions.
+    type_metrics = {"clip_ratio/low_mean", "clip_ratio/low_min", "cispo_clip_ratio", "vespo/phi_seq_mean"}
+    logged = {name for name, values in trl._metrics["train"].items() if values}
+    assert type_metrics & logged == type_metrics & {name for name, v in rank._metrics["train"].items() if v}
+    for name in {"clip_ratio/low_min", "clip_ratio/high_max"} & logged:
+        assert rank._metrics["train"][name][-1] == pytest.approx(trl._metrics["train"][name][-1], abs=1e-6), name
     if option == "off_policy_mask":  # the mask drops the far sequence
         rank.off_policy_mask_threshold = None
         assert not torch.allclose(rank._compute_loss(rank.model, rank_inputs), rank_loss)
@@ -416,7 +448,9 @@ def test_one_item_per_completion_equals_trl_sequence_level_loss(world, tmp_path,
     for mine, theirs in zip(torch.autograd.grad(rank_loss, list(rank.model.parameters())),
                             torch.autograd.grad(trl_loss, list(trl.model.parameters()))):
         torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5 * theirs.abs().max().item())
-    assert trl._metrics["train"]["clip_ratio/region_mean"][-1] > 0  # some sequence ratios were clipped
+    clip_metric = {"sapo": None, "cispo": "cispo_clip_ratio", "vespo": None}.get(loss_type, "clip_ratio/region_mean")
+    if clip_metric is not None:
+        assert trl._metrics["train"][clip_metric][-1] > 0  # some sequence ratios were clipped
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])

@@ -1,7 +1,8 @@
 """Compile every Triton kernel ahead of time for sm_80, sm_90a, sm_100a and sm_120a (no GPU needed) and report, as
 JSON lines, registers, shared memory, spills and stack frame (``ptxas -v`` run as Triton runs it: its ptxas and its
-flags, see ``PTXAS_FLAGS``; and cuobjdump's local memory and stack of the cubin Triton built) and whether it loads
-with vector instructions.
+flags, see ``PTXAS_FLAGS``; and cuobjdump's local memory and stack of the cubin Triton built), whether it loads
+with vector instructions, and for the row and gradient passes the issue slots per 256 logits of each loop
+(``issue_slots.py``; a row held whole: its whole body).
 
 Run by tests/backends/test_triton_aot.py in a fresh process, since TRITON_INTERPRET=1 replaces the kernels' JIT objects.
 """
@@ -30,6 +31,9 @@ import torch  # noqa: E402
 from rankgrpo_kernels.backends.triton import row_pass_kernel as row_pass, segment_loss_kernel as segment_loss  # noqa: E402
 from rankgrpo_kernels.backends.triton.tiles import ROW_PASS_CONFIGS  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import issue_slots  # noqa: E402
+
 TRITON_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"  # cuobjdump
@@ -51,12 +55,15 @@ def segment_kernels():
                sorted_ptr="*i32", order_ptr="*i32", normaliser_ptr="*fp32", tokens_ptr="*fp32",
                bin_count_ptr="*fp32", bin_log_w_ptr="*fp32", bin_dloss_ptr="*fp32", grad_ptr="*fp32",
                row_sums_ptr="*fp32", T="i32", beta="fp32", lo="fp32", hi="fp32", delta="fp32",
-               log_ratio_limit="fp32")
+               log_ratio_limit="fp32", tau_pos="fp32", tau_neg="fp32", k_pos="fp32", lam_pos="fp32", k_neg="fp32",
+               lam_neg="fp32", log_w_min="fp32")
+    # each policy term (contract.POLICY; delta with PPO's only) with every input and the corrected KL
     return [
-        ("segment_loss", segment_loss._segment_loss_kernel, seg,
-         dict(HAS_OLD=True, HAS_REF=True, ADD_KL=True, HAS_DELTA=True, HAS_PW=True, WEIGHTING=2,
-              BLOCK_T=segment_loss.BLOCK_T),
-         Launch(num_warps=4)),  # the launcher's (Triton's default)
+        (f"segment_loss[policy={policy}]", segment_loss._segment_loss_kernel, seg,
+         dict(HAS_OLD=True, HAS_REF=True, ADD_KL=True, HAS_DELTA=policy == 0, HAS_PW=True, WEIGHTING=2,
+              POLICY=policy, KL_CORRECTED=True, THROUGH_RATIO=True, BLOCK_T=segment_loss.BLOCK_T),
+         Launch(num_warps=4))  # the launcher's (Triton's default)
+        for policy in range(5)
     ]
 
 
@@ -81,7 +88,7 @@ def row_pass_kernels(arch):
         grad_ptr = f"*{TRITON_DTYPES.get(grad_dtype, 'fp32')}"
         signature = dict(logits_ptr="*fp32", bias_ptr="*bf16", targets_ptr="*i64", lse_in_ptr="*fp32",
                          logp_ptr="*fp32", lse_ptr="*fp32", entropy_ptr="*fp32", grad_ptr=grad_ptr, V="i32",
-                         stride_row="i32", stride_grad="i32", in_scale="fp32", out_scale="fp32")
+                         stride_row="i32", stride_grad="i32", in_scale="fp32", out_scale="fp32", grad_scale="fp32")
         flags = dict(HAS_BIAS=True, WANT_ENTROPY=True, WRITE_GRAD=grad_dtype is not None)
         for softcap in (False, True):
             single_block, single_warps = row_pass.single_block_launch(cfg.single_limit(softcap), cfg, softcap)
@@ -114,6 +121,7 @@ def compile_one(name, kernel, signature, constexprs, cfg, capability, attrs=None
                                 os.devnull], capture_output=True, text=True, check=True).stderr
         usage = subprocess.run([str(NVIDIA_BIN / "cuobjdump"), "--dump-resource-usage", str(cubin)],
                                capture_output=True, text=True, check=True).stdout
+        sass = issue_slots.sass_of(cubin)
     stack_frame, spill_stores, spill_loads = (int(x) for x in re.search(
         r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", ptxas).groups())
     fields = dict(re.findall(r"(REG|SHARED|LOCAL|STACK):(\d+)", usage))
@@ -121,7 +129,17 @@ def compile_one(name, kernel, signature, constexprs, cfg, capability, attrs=None
     return dict(kernel=name, arch=arch, registers=int(fields["REG"]), shared=int(fields["SHARED"]),
                 local=int(fields["LOCAL"]), stack=int(fields["STACK"]), stack_frame=stack_frame,
                 spill_stores=spill_stores, spill_loads=spill_loads, dynamic_shared=compiled.metadata.shared,
-                vector_loads=re.search(r"ld\.global[.\w]*\.v[24]\.", text) is not None)
+                vector_loads=re.search(r"ld\.global[.\w]*\.v[24]\.", text) is not None,
+                slots_per_256=slots_per_256(sass, constexprs, cfg) if "BLOCK_V" in constexprs else None)
+
+
+def slots_per_256(sass, constexprs, cfg):
+    """Issue slots per 256 logits of each loop of a row or gradient pass (BLOCK_V columns a step over its
+    threads), or of its whole body when it has no loop (the single block)."""
+    (code,) = issue_slots.functions(sass).values()
+    per_thread = constexprs["BLOCK_V"] / (32 * cfg.num_warps)
+    counts = [loop["instructions"] for loop in issue_slots.loops(code)] or [len(code)]
+    return [issue_slots.per_256(n, per_thread) for n in counts]
 
 
 def main():

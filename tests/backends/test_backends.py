@@ -24,7 +24,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from rankgrpo_kernels import RankGRPOLoss, backends, fused_logprobs, rank_grpo_loss
 from rankgrpo_kernels import rank_grpo_loss_from_logps
-from rankgrpo_kernels.contract import LOSS_TYPES, HeadSpec, LossSpec, TokenBatch, dense_groups
+from rankgrpo_kernels.contract import (
+    LOSS_TYPES, POLICY, WINDOW_TOKEN_NORMALISED, HeadSpec, LossSpec, TokenBatch, dense_groups,
+)
 from rankgrpo_kernels.head import plan
 from rankgrpo_kernels.ops import OPS
 from rankgrpo_kernels.reference import reference_logprobs, reference_loss
@@ -96,10 +98,11 @@ def test_loss_and_gradients_match_reference(backend, dtype, path, loss_type):
     kwargs["completion_mask"][0, T // 3:] = False  # rows of very different lengths
     kwargs["completion_mask"][1, :] = True
     kwargs["item_ids"][2, 5] = 9  # a one-token item
-    kwargs.update(loss_type=loss_type, beta=0.04, epsilon_low=0.05, epsilon_high=0.08, delta=1.3)
+    kwargs.update(loss_type=loss_type, beta=0.04, epsilon_low=0.05, epsilon_high=0.08,
+                  delta=1.3 if POLICY[loss_type] == 0 else None)  # delta: PPO's clipped surrogate only
     # an importance-sampling correction with masked (0) tokens: it scales the policy terms only
     kwargs["policy_weights"] = torch.rand(B, T, device=DEVICE) * 2 * (torch.rand(B, T, device=DEVICE) > 0.2)
-    if loss_type == "dapo":
+    if loss_type in WINDOW_TOKEN_NORMALISED:
         kwargs["num_items_in_batch"] = 2 * B * T
     if loss_type == "rank":
         kwargs["rec_num"] = 4

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from rankgrpo_kernels.backends import torch as torch_backend
-from rankgrpo_kernels.contract import LOSS_TYPES, LossSpec, TokenBatch, dense_groups
+from rankgrpo_kernels.contract import LOSS_TYPES, POLICY, LossSpec, TokenBatch, dense_groups
 
 from ..helpers import launcher_form, random_loss_batch
 
@@ -87,8 +87,9 @@ def test_grad_pass_matches_torch(cuda_backend, grad_dtype, V, softcap):
 
 @gpu
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-@pytest.mark.parametrize("old,ref,delta", [(True, True, 1.8), (True, False, None), (False, True, None)])
-def test_segment_loss_matches_torch(cuda_backend, loss_type, old, ref, delta):
+@pytest.mark.parametrize("old,ref,delta,corrected_kl", [(True, True, 1.8, False), (True, False, None, False),
+                                                       (False, True, None, False), (True, True, None, True)])
+def test_segment_loss_matches_torch(cuda_backend, loss_type, old, ref, delta, corrected_kl):
     B, T, K = 5, 97, 20
     batch = random_loss_batch(B, T, K, dtype=torch.float32, generator=torch.Generator().manual_seed(2),
                               old_scale=0.5)
@@ -98,18 +99,20 @@ def test_segment_loss_matches_torch(cuda_backend, loss_type, old, ref, delta):
     batch["logps"][2, ~batch["completion_mask"][2]] = float("nan")  # padding may hold NaN
     mask = batch["completion_mask"]
     normaliser = torch.tensor({"grpo": float(B), "bnpo": float(mask.sum()), "dr_grpo": B * 128.0, "dapo": 400.0,
-                               "rank": B * K * 1.0}[loss_type], device="cuda")
+                               "rank": B * K * 1.0, "luspo": float(B), "sapo": float(B), "cispo": 400.0,
+                               "vespo": 400.0}[loss_type], device="cuda")
     tokens = TokenBatch(logps=batch["logps"], old_logps=batch["old_logps"] if old else None,
                         ref_logps=batch["ref_logps"] if ref else None, advantages=batch["advantages"],
                         group=dense_groups(batch["item_ids"], mask), mask=mask, normaliser=normaliser,
                         tokens=mask.sum().clamp(min=1).float(), entropy=-batch["logps"].abs())
-    spec = LossSpec(epsilon_low=0.1, epsilon_high=0.2, delta=delta, beta=0.04 if ref else 0.0, loss_type=loss_type)
+    spec = LossSpec(epsilon_low=0.1, epsilon_high=0.2, delta=delta if POLICY[loss_type] == 0 else None,
+                    beta=0.04 if ref else 0.0, loss_type=loss_type, use_bias_correction_kl=corrected_kl)
     loss, stats, grad, row_clipped = cuda_backend.segment_loss(tokens, spec=spec)
     want_loss, want_stats, want_grad, want_row_clipped = torch_backend.segment_loss(tokens, spec=spec)
     torch.testing.assert_close(row_clipped, want_row_clipped, rtol=0, atol=0)  # token counts
     torch.testing.assert_close(loss, want_loss, **TOL[torch.float32])
     torch.testing.assert_close(stats, want_stats, **TOL[torch.float32])
     torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-7)
-    assert stats[2] > 0 or not old  # the clip range binds somewhere
+    assert stats[2] > 0 or not old or loss_type == "vespo"  # the clip range binds somewhere (VESPO has none)
 
 

@@ -4,17 +4,21 @@
 shared memory within the 48 KiB a block may declare. The binding compiles (``-fsyntax-only``) against this torch's
 headers, which on CI are the CPU wheel's.
 
-Registers / spill stores (bytes), the most over the dtype variants, nvcc 13.0 (``test_resource_table`` prints it
-with ``-s``); the fp32 stream kernel (fp32 D and bias, 16-byte vectors) walks two vectors a tile, not four: at four
-it spilled 36 bytes (32 bytes of stack) on sm_120 with 64 registers.
+Registers / spill stores (bytes), the most over the dtype, softcap and pass variants, nvcc 13.0
+(``test_resource_table`` prints it with ``-s``); the fp32 stream kernel (fp32 D and bias, 16-byte vectors) walks two
+vectors a tile, not four: at four it spilled 36 bytes (32 bytes of stack) on sm_120 with 64 registers. The stream
+kernel's checked (last) tile reads in-row addresses instead of branching per vector, and the gradient pass reads its
+row's g, e, H again for the target's entry: with a branch per vector, or g held across the walk, ptxas spilled 4-12
+bytes at 32-48 registers.
 
     kernel                                  sm_80    sm_90a   sm_100a  sm_120
-    row_pass_stream_kernel<f32,f32,4>       51/0     51/0     47/0     48/0     (was 60/0 61/0 64/0 64/36)
-    row_pass_stream_kernel<other,4>         63/0     62/0     64/0     64/0
-    row_pass_stream_kernel<*,1>             40/0     40/0     46/0     43/0
-    row_pass_cached_kernel<softcap=0>       64/0     60/0     45/0     64/0
-    row_pass_cached_kernel<softcap=1>       45/0     64/0     64/0     64/0
-    segment_loss_kernel                     46/0     46/0     42/0     40/0
+    row_pass_stream_kernel<f32,f32,4>       40/0     40/0     40/0     40/0     (was 60/0 61/0 64/0 64/36)
+    row_pass_stream_kernel<other,4>         48/0     59/0     50/0     48/0
+    row_pass_stream_kernel<*,1>             34/0     38/0     32/0     40/0
+    row_pass_cached_kernel<softcap=0>       64/0     64/0     47/0     62/0
+    row_pass_cached_kernel<softcap=1>       50/0     52/0     60/0     60/0
+    segment_loss_kernel                     48/0     48/0     40/0     40/0     (was 46/0 46/0 42/0 40/0 before
+                                                                                GMPO, SAPO, CISPO and VESPO)
 
 Skipped where nvcc is missing (the binding check where no C++ compiler is). All compilations run in parallel.
 """

@@ -16,15 +16,19 @@ largest value compared (the largest gradient, or 1 for the loss and statistics, 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from rankgrpo_kernels import backends, rank_grpo_loss_from_logps
-from rankgrpo_kernels.contract import WEIGHTING, dense_groups
+from rankgrpo_kernels.contract import (
+    LOG_RATIO_LIMIT, POLICY, VESPO_LOG_W_MIN, WEIGHTING, LossSpec, dense_groups,
+)
 from rankgrpo_kernels.reference import reference_loss_from_logps
 
 STATS = ("clip_ratio_low", "clip_ratio_high", "clip_ratio_region", "ratio_mean", "kl", "clip_ratio_low_per_row",
-         "clip_ratio_high_per_row")
+         "clip_ratio_high_per_row", "weight_mean")
 SETTINGS = dict(epsilon_low=0.1, epsilon_high=0.2, delta=1.8, beta=0.04)
 REC_NUM, NUM_ITEMS_IN_BATCH = 20, 1000
 # Every backend through the public function, and the Triton launcher on plain tensors; CUDA-only ones need a GPU.
@@ -45,37 +49,51 @@ def _inputs(item_ids, mask=None, *, seed=0):
                 policy_weights=2 * torch.rand(B, T, generator=g) * (torch.rand(B, T, generator=g) > 0.25))
 
 
-def _settings(loss_type, ref):
-    return dict(loss_type=loss_type, rec_num=REC_NUM, num_items_in_batch=NUM_ITEMS_IN_BATCH,
-                **{**SETTINGS, "beta": SETTINGS["beta"] if ref else 0.0})
+def _settings(loss_type, ref, **spec_fields):
+    """The loss keywords: ``SETTINGS`` (delta only with PPO's clipped surrogate, CISPO's bound eps_high above 1) and
+    other ``LossSpec`` fields."""
+    settings = {**SETTINGS, "beta": SETTINGS["beta"] if ref else 0.0, **spec_fields}
+    if POLICY[loss_type] != 0 or spec_fields.get("ratio_clip") == "token":
+        settings["delta"] = None
+    if loss_type == "cispo":
+        settings["epsilon_high"] = 1.2
+    return dict(loss_type=loss_type, rec_num=REC_NUM, num_items_in_batch=NUM_ITEMS_IN_BATCH, **settings)
 
 
-def _reference(inputs, loss_type, old, ref):
+def _spec_and_rest(settings):
+    """The ``LossSpec`` of the loss keywords and the other keywords."""
+    names = {f.name for f in dataclasses.fields(LossSpec)}
+    return (LossSpec(**{k: v for k, v in settings.items() if k in names}),
+            {k: v for k, v in settings.items() if k not in names})
+
+
+def _reference(inputs, loss_type, old, ref, **spec_fields):
     """Loss, statistics and d loss / d logps of the float64 reference (autograd)."""
     logps = inputs["logps"].double().requires_grad_()
     loss, stats = reference_loss_from_logps(
         logps, inputs["item_ids"], inputs["advantages"].double(), inputs["completion_mask"],
         old_logps=inputs["old_logps"].double() if old else None,
         ref_logps=inputs["ref_logps"].double() if ref else None, policy_weights=inputs["policy_weights"].double(),
-        **_settings(loss_type, ref))
+        **_settings(loss_type, ref, **spec_fields))
     (grad,) = torch.autograd.grad(loss, logps, allow_unused=True)
     return loss.detach(), stats, torch.zeros_like(logps) if grad is None else grad
 
 
-def _public(inputs, loss_type, old, ref, backend):
+def _public(inputs, loss_type, old, ref, backend, **spec_fields):
     """(loss, stats, d loss / d logps) of ``rank_grpo_loss_from_logps`` on ``backend``."""
     device = "cuda" if backend == "cuda" else "cpu"
     x = {k: v.to(device) for k, v in inputs.items()}
     logps = x["logps"].clone().requires_grad_()
+    spec, rest = _spec_and_rest(_settings(loss_type, ref, **spec_fields))
     loss, stats = rank_grpo_loss_from_logps(
         logps, item_ids=x["item_ids"], advantages=x["advantages"], completion_mask=x["completion_mask"],
         old_logps=x["old_logps"] if old else None, ref_logps=x["ref_logps"] if ref else None,
-        policy_weights=x["policy_weights"], backend=backend, **_settings(loss_type, ref))
+        policy_weights=x["policy_weights"], backend=backend, **rest, loss=spec)
     (grad,) = torch.autograd.grad(loss, logps)
     return loss.cpu(), {k: v.cpu() for k, v in stats.items()}, grad.cpu(), None
 
 
-def _launcher(inputs, loss_type, old, ref):
+def _launcher(inputs, loss_type, old, ref, **spec_fields):
     """(loss, stats, grad, row_sums) from the Triton launcher, on plain tensors as the Triton backend passes them."""
     pytest.importorskip("triton")
     from rankgrpo_kernels.backends.triton.segment_loss_kernel import segment_loss_rows
@@ -90,27 +108,30 @@ def _launcher(inputs, loss_type, old, ref):
     rows = torch.arange(B, device=device).unsqueeze(1) * T
     group = torch.where(mask, dense_groups(x["item_ids"], mask) - rows, -1)  # row-relative ids in [0, T)
     tokens = mask.sum().clamp(min=1).float()
-    normaliser = {"grpo": B, "bnpo": tokens, "dr_grpo": B * T, "dapo": NUM_ITEMS_IN_BATCH,
-                  "rank": B * REC_NUM}[loss_type]
+    normaliser = {"grpo": B, "bnpo": tokens, "dr_grpo": B * T, "dapo": NUM_ITEMS_IN_BATCH, "rank": B * REC_NUM,
+                  "luspo": B, "sapo": B, "cispo": NUM_ITEMS_IN_BATCH, "vespo": NUM_ITEMS_IN_BATCH}[loss_type]
+    spec, _ = _spec_and_rest(_settings(loss_type, ref, **spec_fields))
     grad, row_sums = segment_loss_rows(
         x["logps"], x["old_logps"] if old else None, x["ref_logps"] if ref else None, x["advantages"], group,
         torch.as_tensor(normaliser, dtype=torch.float32, device=device), tokens,
-        beta=_settings(loss_type, ref)["beta"], clip_low=1 - SETTINGS["epsilon_low"],
-        clip_high=1 + SETTINGS["epsilon_high"], delta=SETTINGS["delta"], weighting=WEIGHTING[loss_type],
-        log_ratio_limit=20.0, policy_weights=x["policy_weights"])
-    assert grad.shape == (B, T) and row_sums.shape == (B, 5)
+        beta=spec.beta, clip_low=spec.clip_bounds[0], clip_high=spec.clip_bounds[1], delta=spec.delta,
+        weighting=WEIGHTING[loss_type], log_ratio_limit=LOG_RATIO_LIMIT, policy_weights=x["policy_weights"],
+        policy=spec.policy, temperatures=spec.sapo_temperatures, gamma=spec.vespo_gamma,
+        log_w_min=VESPO_LOG_W_MIN, kl_corrected=spec.use_bias_correction_kl and ref)
+    assert grad.shape == (B, T) and row_sums.shape == (B, 6)
     sums, tokens = row_sums.sum(0).cpu(), tokens.cpu()
     low, high = sums[1] / tokens, sums[2] / tokens
     row_tokens = mask.sum(1).clamp(min=1).cpu()
     row_low, row_high = (row_sums[:, i].cpu() / row_tokens for i in (1, 2))
-    stats = dict(zip(STATS, (low, high, low + high, sums[3] / tokens, sums[4] / tokens, row_low, row_high)))
+    stats = dict(zip(STATS, (low, high, low + high, sums[3] / tokens, sums[4] / tokens, row_low, row_high,
+                             sums[5] / tokens)))
     return sums[0], stats, grad.cpu(), row_sums.cpu()
 
 
-def _run(path, inputs, loss_type, old=True, ref=True):
+def _run(path, inputs, loss_type, old=True, ref=True, **spec_fields):
     if path == "triton":
-        return _launcher(inputs, loss_type, old, ref)
-    return _public(inputs, loss_type, old, ref, path)
+        return _launcher(inputs, loss_type, old, ref, **spec_fields)
+    return _public(inputs, loss_type, old, ref, path, **spec_fields)
 
 
 def _check(got, want):
@@ -145,7 +166,8 @@ def test_one_item_per_token(path, loss_type):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("loss_type,old,ref", [("bnpo", True, True), ("rank", True, False), ("grpo", False, True),
-                                               ("dapo", True, True)])
+                                               ("dapo", True, True), ("luspo", True, False), ("sapo", True, True),
+                                               ("cispo", True, True), ("vespo", True, True)])
 def test_interleaved_items_spanning_blocks(path, loss_type, old, ref):
     """Row 0 cycles through 3 items (each ~330 tokens, over two of the Triton kernel's token blocks and several
     chunks of the CUDA kernel), row 1 has 40 items in a random order, row 2 alternates two ids and ends with tokens
@@ -170,7 +192,38 @@ def test_rows_without_items(path):
         assert torch.all(row_sums == 0)
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("loss_type", ["bnpo", "rank", "sapo", "cispo", "vespo"])
+def test_bias_corrected_kl(path, loss_type):
+    """``use_bias_correction_kl``: the KL weighted by the item ratio, its gradient through the ratio (for CISPO and
+    VESPO the only one), on items spanning blocks."""
+    T = 700
+    t = torch.arange(T)
+    item_ids = torch.stack([t % 3, torch.where(t < 600, t // 7, -1)])
+    inputs = _inputs(item_ids, seed=5)
+    want = _reference(inputs, loss_type, True, True, use_bias_correction_kl=True)
+    _check(_run(path, inputs, loss_type, use_bias_correction_kl=True), want)
+    assert not torch.allclose(want[2], _reference(inputs, loss_type, True, True)[2])  # the correction counts
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("loss_type,old,corrected_kl", [("grpo", True, False), ("bnpo", True, True),
+                                                        ("rank", True, False), ("dapo", False, False)])
+def test_gmpo_token_clipping(path, loss_type, old, corrected_kl):
+    """``ratio_clip="token"`` (GMPO): each token's log-ratio clipped inside the item's geometric mean, a clipped
+    token without gradient through the ratio, the clip counts of the tokens; items spanning blocks."""
+    T = 700
+    t = torch.arange(T)
+    item_ids = torch.stack([t % 3, torch.where(t < 600, t // 7, -1)])
+    inputs = _inputs(item_ids, seed=6)
+    fields = dict(ratio_clip="token", use_bias_correction_kl=corrected_kl)
+    want = _reference(inputs, loss_type, old, True, **fields)
+    got = _run(path, inputs, loss_type, old, True, **fields)
+    _check(got, want)
+    assert got[1]["clip_ratio_region"] > 0 or not old
+
+
 @pytest.mark.parametrize("B,T", [(0, 5), (2, 0)])
 def test_empty_launch(B, T):
     loss, _, grad, row_sums = _launcher(_inputs(torch.zeros(B, T, dtype=torch.long)), "grpo", True, True)
-    assert loss == 0 and grad.shape == (B, T) and row_sums.shape == (B, 5) and torch.all(row_sums == 0)
+    assert loss == 0 and grad.shape == (B, T) and row_sums.shape == (B, 6) and torch.all(row_sums == 0)

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rankgrpo_kernels import rank_grpo_loss_from_logps
-from rankgrpo_kernels.contract import LOSS_TYPES
+from rankgrpo_kernels.contract import FIRST_REINFORCE, LOSS_TYPES, POLICY, LossSpec
 from rankgrpo_kernels.reference import reference_loss_from_logps
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}
@@ -34,6 +34,7 @@ def loss_batches(draw, layout="random"):
     mask = torch.rand(B, T, generator=g) > draw(st.sampled_from([0.0, 0.3, 1.0]))
     old_scale = draw(st.sampled_from([0.0, 0.02, 0.3, 3.0]))  # on-policy-like, unclipped, mixed, mostly clipped
     logps = -3 * torch.rand(B, T, generator=g, dtype=dtype)
+    loss_type = draw(st.sampled_from(LOSS_TYPES))
     return dict(
         logps=logps,
         item_ids=item_ids,
@@ -42,10 +43,10 @@ def loss_batches(draw, layout="random"):
         old_logps=logps + old_scale * torch.randn(B, T, generator=g, dtype=dtype),
         ref_logps=logps + 0.3 * torch.randn(B, T, generator=g, dtype=dtype),
         epsilon_low=draw(st.sampled_from([0.0, 0.06, 0.2])),
-        epsilon_high=draw(st.sampled_from([0.0, 0.08, 0.28])),
-        delta=draw(st.sampled_from([None, 1.5])),
+        epsilon_high=draw(st.sampled_from([0.0, 0.08, 0.28] if loss_type != "cispo" else [0.28, 1.05, 5.0])),
+        delta=draw(st.sampled_from([None, 1.5])) if POLICY[loss_type] == 0 else None,  # PPO's term only
         beta=draw(st.sampled_from([0.0, 1e-3, 0.1])),
-        loss_type=draw(st.sampled_from(LOSS_TYPES)),
+        loss_type=loss_type,
         num_items_in_batch=3 * B * T,
         rec_num=K,
     )
@@ -67,9 +68,54 @@ def test_matches_reference(batch):
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     torch.testing.assert_close(loss, ref_loss, **tol)
     torch.testing.assert_close(grad, ref_grad, **tol)
-    for name in ("clip_ratio_low", "clip_ratio_high", "clip_ratio_region", "ratio_mean", "kl",
-                 "clip_ratio_low_per_row", "clip_ratio_high_per_row"):
+    names = ["clip_ratio_low", "clip_ratio_high", "clip_ratio_region", "ratio_mean", "kl", "clip_ratio_low_per_row",
+             "clip_ratio_high_per_row"] + (["weight_mean"] if POLICY[batch["loss_type"]] >= FIRST_REINFORCE else [])
+    assert ("weight_mean" in stats) == ("weight_mean" in ref_stats)
+    for name in names:
         torch.testing.assert_close(stats[name], ref_stats[name], **tol)
+
+
+@given(loss_batches(), st.booleans(), st.sampled_from(["item", "token"]))
+def test_spec_only_settings_match_reference(batch, corrected_kl, ratio_clip):
+    """The settings a ``LossSpec`` carries: ``use_bias_correction_kl`` (the KL weighted by the item ratio, gradient
+    included) and ``ratio_clip="token"`` (GMPO's clipping inside the geometric mean; PPO's loss types)."""
+    settings = {k: batch.pop(k) for k in ("epsilon_low", "epsilon_high", "delta", "beta", "loss_type", "rec_num")}
+    if POLICY[settings["loss_type"]] != 0:
+        ratio_clip = "item"
+    if ratio_clip == "token":
+        settings["delta"] = None
+    settings.update(use_bias_correction_kl=corrected_kl, ratio_clip=ratio_clip)
+    tol = TOL[batch["logps"].dtype]
+    loss, grad, stats = loss_and_grad(rank_grpo_loss_from_logps, batch, loss=LossSpec(**settings))
+    ref_loss, ref_grad, ref_stats = loss_and_grad(reference_loss_from_logps, batch, **settings)
+    torch.testing.assert_close(loss, ref_loss, **tol)
+    torch.testing.assert_close(grad, ref_grad, **tol)
+    for name in ("kl", "clip_ratio_low", "clip_ratio_high", "ratio_mean", "clip_ratio_high_per_row"):
+        torch.testing.assert_close(stats[name], ref_stats[name], **tol)
+
+
+@given(loss_batches(layout="row"))
+def test_gmpo_with_one_item_per_row_is_gmpo(batch):
+    """GMPO (TRL's GMPOTrainer, written out): per row, the geometric mean of the token ratios with each log-ratio
+    clipped sign-aware in log space, -w A averaged over rows, plus beta times each row's mean KL (TRL's loss_type
+    "grpo" aggregation)."""
+    batch = {**batch, "loss_type": "grpo", "delta": None, "epsilon_low": 0.4, "epsilon_high": 0.3}
+    m = batch["completion_mask"].to(batch["logps"].dtype)
+    logps = batch["logps"].clone().requires_grad_()
+    a = batch["advantages"][:, :1]  # GMPO's one advantage per sequence
+    x = logps - batch["old_logps"]
+    clipped = torch.where(a > 0, torch.minimum(x, x.clamp(-0.4, 0.3)), torch.maximum(x, x.clamp(-0.4, 0.3)))
+    w = torch.exp((clipped * m).sum(1) / m.sum(1).clamp(min=1))
+    d = batch["ref_logps"] - logps
+    seq_kl = ((torch.exp(d) - d - 1) * m).sum(1) / m.sum(1).clamp(min=1)
+    # a row without loss tokens holds no item (GMPOTrainer would add -A for it, with a ratio of 1)
+    expected = ((-w * a[:, 0] + batch["beta"] * seq_kl) * (m.sum(1) > 0)).mean()
+    (expected_grad,) = torch.autograd.grad(expected, logps)
+    settings = {k: batch.pop(k) for k in ("epsilon_low", "epsilon_high", "delta", "beta", "loss_type", "rec_num")}
+    batch["advantages"] = a.expand_as(batch["logps"])
+    loss, grad, _ = loss_and_grad(rank_grpo_loss_from_logps, batch, loss=LossSpec(**settings, ratio_clip="token"))
+    torch.testing.assert_close(loss, expected, **TOL[logps.dtype])
+    torch.testing.assert_close(grad, expected_grad, **TOL[logps.dtype])
 
 
 def _token_level_grpo(batch):
@@ -135,7 +181,8 @@ def test_on_policy_ratio_is_one(batch):
     loss, grad, stats = loss_and_grad(rank_grpo_loss_from_logps, on_policy)
     assert stats["ratio_mean"].item() == (1.0 if (on_policy["completion_mask"] & (batch["item_ids"] >= 0)).any()
                                           else 0.0)
-    assert stats["clip_ratio_region"].item() == 0.0
+    # every ratio is 1: clipped only by a CISPO bound below 1
+    assert stats["clip_ratio_region"].item() == 0.0 or batch["loss_type"] == "cispo" and batch["epsilon_high"] < 1
     same, same_grad, _ = loss_and_grad(rank_grpo_loss_from_logps, {**batch, "old_logps": batch["logps"]})
     torch.testing.assert_close(loss, same)
     torch.testing.assert_close(grad, same_grad)

@@ -48,11 +48,12 @@ class RankGRPOConfig(GRPOConfig):
     """``GRPOConfig`` plus the Rank-GRPO settings.
 
     Inherited fields with new defaults: ``loss_type="bnpo"``, ``epsilon=0.06``, ``epsilon_high=0.08`` (the released
-    runs) and ``use_bias_correction_kl=False`` (the spec's plain k3 KL). ``beta`` keeps TRL's default 0.0; the released
-    runs used 1e-3, which needs a reference model (TRL loads it from the policy's path). ``scale_rewards`` ("group" |
-    "batch" | "none") scales the per-rank advantages; ``reward_weights`` weight the per-rank rewards of several reward
-    functions, summed before the normalisation or, with ``multi_objective_aggregation="normalize_then_sum"`` (GDPO),
-    after each function's own, per rank. ``temperature`` is the sampling temperature, used by the loss's log-probs too.
+    runs) and ``use_bias_correction_kl=False`` (the spec's plain k3 KL; True weights it by the item ratio). ``beta``
+    keeps TRL's default 0.0; the released runs used 1e-3, which needs a reference model (TRL loads it from the
+    policy's path). ``scale_rewards`` ("group" | "batch" | "none") scales the per-rank advantages;
+    ``reward_weights`` weight the per-rank rewards of several reward functions, summed before the normalisation or,
+    with ``multi_objective_aggregation="normalize_then_sum"`` (GDPO), after each function's own, per rank.
+    ``temperature`` is the sampling temperature, used by the loss's log-probs too.
     """
 
     rec_num: int = field(default=20, metadata={"help": "N, the number of ranks (items) each completion lists."})
@@ -75,8 +76,9 @@ class RankGRPOConfig(GRPOConfig):
     early_stop_penalty: float = field(default=-0.1, metadata={"help": "Added to the EOS of a list of < N items."})
     loss_type: str = field(
         default="bnpo",
-        metadata={"help": "'grpo', 'bnpo', 'dr_grpo', 'dapo' (the code form, TRL's aggregations) or 'rank' (the "
-                          "paper form: -(1/(B N)) sum over items, EOS and overflow tokens outside the loss)."},
+        metadata={"help": "'grpo', 'bnpo', 'dr_grpo', 'dapo', 'luspo' (the code form, TRL's aggregations), 'sapo', "
+                          "'cispo', 'vespo' (TRL's other policy terms, of the item ratio) or 'rank' (the paper form: "
+                          "-(1/(B N)) sum over items, EOS and overflow tokens outside the loss)."},
     )
     epsilon: float = field(default=0.06, metadata={"help": "Lower clip range of the item ratio."})
     epsilon_high: float | None = field(default=0.08, metadata={"help": "Upper clip range of the item ratio."})
@@ -93,10 +95,17 @@ class RankGRPOConfig(GRPOConfig):
                           "advantage per completion, the GRPO (importance_sampling_level='token') and GSPO "
                           "('sequence') baselines of the paper."},
     )
+    ratio_clip: str = field(
+        default="item",
+        metadata={"help": "'item': PPO's clip of the item ratio. 'token': GMPO's, each token's log-ratio clipped to "
+                          "[-epsilon, epsilon_high] (log space; GMPO recommends 0.4) inside the item's geometric "
+                          "mean, for loss types with PPO's clipped surrogate (TRL's experimental GMPOTrainer with "
+                          "one item per completion and loss_type='grpo')."},
+    )
     use_bias_correction_kl: bool = field(
         default=False,
-        metadata={"help": "Must stay False: Rank-GRPO's KL is the plain k3 estimator (TRL's default True weights "
-                          "it by the token ratio)."},
+        metadata={"help": "False: Rank-GRPO's plain k3 KL. True: each token's KL weighted by its item ratio, with "
+                          "the gradient through it (TRL's default, DeepSeek-V3.2's correction, at item level)."},
     )
 
     def __post_init__(self):
@@ -106,10 +115,14 @@ class RankGRPOConfig(GRPOConfig):
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"RankGRPOConfig.loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         self.objective.check_loss_type(self.loss_type)  # builds (validates) the objective's fields too
-        epsilon_high = self.epsilon if self.epsilon_high is None else self.epsilon_high
-        LossSpec(self.epsilon, epsilon_high, self.delta, self.beta, self.loss_type)  # validates the loss settings
+        self.loss_spec()  # validates the loss settings
         unsupported = [
-            (self.use_bias_correction_kl, "use_bias_correction_kl"),
+            (self.loss_type == "vespo" and self.use_vllm and self.vllm_importance_sampling_correction,
+             "loss_type='vespo' with vllm_importance_sampling_correction: TRL folds the sampler's ratio into VESPO's "
+             "gamma weight, which the item-level weight does not take"),
+            (self.ratio_clip == "token" and self.top_entropy_quantile < 1.0,
+             "ratio_clip='token' with top_entropy_quantile < 1: GMPO leaves the low-entropy tokens out of the "
+             "geometric mean itself, while the item ratio averages every token of its item"),
             (self.vllm_importance_sampling_mode not in TRL_IS_MODES + ITEM_IS_MODES,
              f"vllm_importance_sampling_mode={self.vllm_importance_sampling_mode!r}: use one of "
              f"{TRL_IS_MODES + ITEM_IS_MODES}"),
@@ -117,6 +130,19 @@ class RankGRPOConfig(GRPOConfig):
         for is_set, what in unsupported:
             if is_set:
                 raise ValueError(f"RankGRPOConfig does not support {what}")
+
+    def loss_spec(self, entropy_coef: float = 0.0) -> LossSpec:
+        """The loss settings of this config (``epsilon_high`` None: ``epsilon``, as GRPOTrainer reads it), with the
+        entropy bonus's coefficient of one micro-batch."""
+        return LossSpec(
+            epsilon_low=self.epsilon, epsilon_high=self.epsilon if self.epsilon_high is None else self.epsilon_high,
+            delta=self.delta, beta=self.beta, loss_type=self.loss_type,
+            max_completion_length=self.max_completion_length, rec_num=self.rec_num, entropy_coef=entropy_coef,
+            sapo_temperature_pos=self.sapo_temperature_pos, sapo_temperature_neg=self.sapo_temperature_neg,
+            vespo_k_pos=self.vespo_k_pos, vespo_lambda_pos=self.vespo_lambda_pos, vespo_k_neg=self.vespo_k_neg,
+            vespo_lambda_neg=self.vespo_lambda_neg, use_bias_correction_kl=self.use_bias_correction_kl,
+            ratio_clip=self.ratio_clip,
+        )
 
     @property
     def objective(self) -> ObjectiveSpec:

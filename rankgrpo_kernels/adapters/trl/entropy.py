@@ -8,17 +8,20 @@ from collections.abc import Callable
 
 import torch
 
+from ...contract import WINDOW_TOKEN_NORMALISED
+
 
 def bonus_coef(coef: float, *, enabled: bool, adaptive: bool, last_world_entropy: float, target: float,
                loss_type: str, accumulation: int) -> float:
     """The entropy bonus's coefficient for one micro-batch, as GRPOTrainer applies it: ``coef``, in adaptive mode
     only while the last step's entropy is at most ``target``; a mean over the loss tokens scaled for gradient
-    accumulation only (``dapo``'s loss is not divided by the window afterwards)."""
+    accumulation only (the loss of the types normalised by the window's tokens is not divided by the window
+    afterwards)."""
     if not enabled:
         return 0.0
     if adaptive and last_world_entropy > target:
         coef = 0.0
-    return coef / accumulation if loss_type == "dapo" else coef
+    return coef / accumulation if loss_type in WINDOW_TOKEN_NORMALISED else coef
 
 
 def bonus_entropy(mean_entropy: torch.Tensor, tokens: torch.Tensor, high_entropy: torch.Tensor | None,

@@ -5,11 +5,28 @@ from __future__ import annotations
 import torch
 from trl.trainer.utils import nanmax, nanmin
 
+from ...contract import POLICY
 from ...segments import Segments
 
 TOKEN_MEANS = {"clip_ratio_low": "clip_ratio/low_mean", "clip_ratio_high": "clip_ratio/high_mean",
                "clip_ratio_region": "clip_ratio/region_mean", "ratio_mean": "ratio/mean", "kl": "kl",
                "entropy": "entropy"}
+CLIP_MEANS = ("clip_ratio_low", "clip_ratio_high", "clip_ratio_region")
+
+
+def token_mean_names(loss_type: str) -> dict[str, str]:
+    """The statistics GRPOTrainer logs for ``loss_type`` and their names: PPO's clip fractions for the clipped
+    surrogates; for ``cispo`` the share of tokens whose weight is clipped (``cispo_clip_ratio``); for ``vespo`` the
+    gamma weight (``vespo/phi_seq_mean``: here the token mean of each item's weight, TRL's sequence mean with one
+    item per completion of equal lengths); none for ``sapo``."""
+    names = {key: name for key, name in TOKEN_MEANS.items() if key not in CLIP_MEANS}
+    if POLICY[loss_type] == 0:
+        return TOKEN_MEANS
+    if loss_type == "cispo":
+        names["clip_ratio_high"] = "cispo_clip_ratio"
+    if loss_type == "vespo":
+        names["weight_mean"] = "vespo/phi_seq_mean"
+    return names
 
 
 def log_rank_metrics(metrics, accelerator, rewards: torch.Tensor, segments: Segments, num_generations: int) -> None:
@@ -41,22 +58,24 @@ def log_sampling_ratios(metrics, accelerator, values: torch.Tensor) -> None:
         metrics[f"sampling/importance_sampling_ratio/{name}"][-1] = reduce(accelerator.gather(value)).item()
 
 
-PER_COMPUTED_TOKEN = {"ratio_mean": 1.0, "entropy": float("nan")}  # means over computed tokens; value if none was
+# means over computed tokens; the value if none was
+PER_COMPUTED_TOKEN = {"ratio_mean": 1.0, "entropy": float("nan"), "weight_mean": float("nan")}
 
 
-def log_token_means(metrics, accelerator, stats: dict[str, torch.Tensor], tokens: torch.Tensor) -> None:
-    """The loss statistics as token means over all processes: each process's mean weighted by its loss tokens, or,
-    for ``ratio_mean`` and ``entropy``, by the tokens whose log-probs the loss computed (``computed_tokens``; items
-    with advantage 0 may be skipped), so that a process that computed none neither pulls the mean down nor adds a
-    NaN."""
-    present = [key for key in TOKEN_MEANS if key in stats]  # no kl without reference log-probs
+def log_token_means(metrics, accelerator, stats: dict[str, torch.Tensor], tokens: torch.Tensor,
+                    names: dict[str, str] = TOKEN_MEANS) -> None:
+    """The loss statistics ``names`` (``token_mean_names``) as token means over all processes: each process's mean
+    weighted by its loss tokens, or, for those in ``PER_COMPUTED_TOKEN``, by the tokens whose log-probs the loss
+    computed (``computed_tokens``; items with advantage 0 may be skipped), so that a process that computed none
+    neither pulls the mean down nor adds a NaN."""
+    present = [key for key in names if key in stats]  # no kl without reference log-probs
     counts = torch.stack([tokens.float(), stats["computed_tokens"].float()])
     weights = [counts[int(key in PER_COMPUTED_TOKEN)] for key in present]
     sums = [torch.where(weight > 0, stats[key].float() * weight, 0.0) for key, weight in zip(present, weights)]
     *totals, all_tokens, all_computed = accelerator.reduce(torch.stack([*sums, *counts]), reduction="sum").tolist()
     for key, total in zip(present, totals):
         count = all_computed if key in PER_COMPUTED_TOKEN else all_tokens
-        metrics[TOKEN_MEANS[key]].append(total / count if count else PER_COMPUTED_TOKEN.get(key, 0.0))
+        metrics[names[key]].append(total / count if count else PER_COMPUTED_TOKEN.get(key, 0.0))
 
 
 def log_sequence_clip_ratios(metrics, accelerator, stats: dict[str, torch.Tensor], loss_mask: torch.Tensor) -> None:

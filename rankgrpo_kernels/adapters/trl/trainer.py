@@ -8,6 +8,7 @@ import torch
 from trl import GRPOTrainer
 from trl.trainer.utils import is_async_callable, maybe_gather_lm_head_ctx
 
+from ...contract import POLICY, WINDOW_TOKEN_NORMALISED
 from ...functional import fused_logprobs, rank_grpo_loss
 from ...segments import Segments, line_table, segment_items
 from ..hf_model import (
@@ -17,7 +18,9 @@ from ..hf_model import (
 from .config import RankGRPOConfig, check_fsdp_plugin, warn_truncated_sampling
 from .corrections import item_sampling_weights, policy_weights, split_is_mode
 from .entropy import adapt_entropy_coef, bonus_coef, bonus_entropy
-from .metrics import log_rank_metrics, log_sampling_ratios, log_sequence_clip_ratios, log_token_means
+from .metrics import (
+    log_rank_metrics, log_sampling_ratios, log_sequence_clip_ratios, log_token_means, token_mean_names,
+)
 from .scoring import per_rank_rewards, rank_fields
 
 
@@ -175,14 +178,15 @@ class RankGRPOTrainer(GRPOTrainer):
 
     def _compute_loss(self, model, inputs):
         """The fused Rank-GRPO loss of one micro-batch, scaled for gradient accumulation as TRL scales each loss
-        type (``dapo`` by the accumulation window's token count, the others by the number of micro-batches)."""
+        type (``dapo``, ``cispo`` and ``vespo`` by the accumulation window's token count, the others by the number
+        of micro-batches)."""
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids], 1)
         attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], 1)
         mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
         num_items = None
-        if self.loss_type == "dapo":
+        if self.loss_type in WINDOW_TOKEN_NORMALISED:
             # TRL's count covers the whole generation batch on all processes: rescale it to one accumulation window
             # of this process, as GRPOTrainer does.
             num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
@@ -204,10 +208,8 @@ class RankGRPOTrainer(GRPOTrainer):
                 hidden, weight, completion_ids, bias=bias, temperature=self.temperature,
                 item_ids=inputs["item_ids"], advantages=inputs["advantages"], completion_mask=completion_mask,
                 old_logps=inputs.get("old_per_token_logps"), ref_logps=inputs.get("ref_per_token_logps"),
-                epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, delta=self.args.delta, beta=self.beta,
-                loss_type=self.loss_type, max_completion_length=self.max_completion_length,
-                num_items_in_batch=num_items, rec_num=self.args.rec_num,
-                policy_weights=weights, compute_entropy=True, entropy_coef=entropy_coef,
+                loss=self.args.loss_spec(entropy_coef), num_items_in_batch=num_items, policy_weights=weights,
+                compute_entropy=True,
                 entropy_mask=high_entropy["mask"], skip_zero_advantage=not self.use_adaptive_entropy,
                 **self._logit_transform,
             )
@@ -216,8 +218,9 @@ class RankGRPOTrainer(GRPOTrainer):
         (loss, stats), aux_loss = out if self.aux_loss_enabled else (out, None)
         loss_mask = (inputs["item_ids"] >= 0) & completion_mask.bool()
         tokens = loss_mask.sum()
-        log_token_means(self._metrics[mode], self.accelerator, stats, tokens)
-        log_sequence_clip_ratios(self._metrics[mode], self.accelerator, stats, loss_mask)
+        log_token_means(self._metrics[mode], self.accelerator, stats, tokens, token_mean_names(self.loss_type))
+        if POLICY[self.loss_type] == 0:  # TRL logs the per-sequence clip fractions of PPO's clipped surrogate only
+            log_sequence_clip_ratios(self._metrics[mode], self.accelerator, stats, loss_mask)
         if self._entropy_bonus_enabled and mode == "train":
             if self.use_adaptive_entropy:
                 self.entropy_coef, self._last_world_entropy, self._entropy_window_stats = adapt_entropy_coef(
@@ -228,7 +231,7 @@ class RankGRPOTrainer(GRPOTrainer):
                     reduce_sum=functools.partial(self.accelerator.reduce, reduction="sum"), args=self.args)
             if self.accelerator.sync_gradients:
                 self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
-        loss = loss if self.loss_type == "dapo" else loss / accumulation
+        loss = loss if self.loss_type in WINDOW_TOKEN_NORMALISED else loss / accumulation
         if aux_loss is not None:  # as GRPOTrainer adds it: scaled for accumulation whatever the loss type
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ...contract import LOG_RATIO_LIMIT, WEIGHTING, HeadSpec, LossSpec, TokenBatch
+from ...contract import LOG_RATIO_LIMIT, VESPO_LOG_W_MIN, WEIGHTING, HeadSpec, LossSpec, TokenBatch
 from ..protocol import RowPass, SegmentLoss
 from ..registry import on_input_device
 from ..row_sums import ROW_SUMS, loss_from_row_sums, row_relative_groups
@@ -31,9 +31,10 @@ def _grad_view(logits, grad_dtype):
 
 
 @on_input_device
-def row_pass(logits, *, bias, targets, head: HeadSpec, lse=None, grad_dtype=None, compute_entropy=False) -> RowPass:
-    """``protocol.py``'s row pass; D is written over the logits (row r of D starts where row r of the logits starts,
-    a strided view that cuBLAS takes as is)."""
+def row_pass(logits, *, bias, targets, head: HeadSpec, lse=None, grad_dtype=None, grad_scale=1.0,
+             compute_entropy=False) -> RowPass:
+    """``protocol.py``'s row pass; D (times ``grad_scale``) is written over the logits (row r of D starts where row r
+    of the logits starts, a strided view that cuBLAS takes as is)."""
     C = logits.shape[0]
     f32 = dict(dtype=torch.float32, device=logits.device)
     logp = torch.empty(C, **f32)
@@ -43,7 +44,7 @@ def row_pass(logits, *, bias, targets, head: HeadSpec, lse=None, grad_dtype=None
     grad = _grad_view(logits, grad_dtype) if grad_dtype is not None else None
     if C:
         _ext.row_pass(logits, bias.contiguous() if bias is not None else None, targets.contiguous(),
-                      *_transform(head), lse_in, logp, lse, entropy, grad, _stream(logits.device))
+                      *_transform(head), lse_in, logp, lse, entropy, grad, float(grad_scale), _stream(logits.device))
     return RowPass(logp, lse, entropy, grad)
 
 
@@ -74,8 +75,8 @@ def segment_loss(batch: TokenBatch, *, spec: LossSpec) -> SegmentLoss:
     _ext.segment_loss(operand(batch.logps), operand(batch.old_logps), operand(batch.ref_logps),
                       operand(batch.advantages), operand(batch.policy_weights), group, num_bins,
                       operand(batch.normaliser).reshape(1), operand(batch.tokens).reshape(1),
-                      torch.empty(3, B, T, **f32), grad, row_sums, spec.beta,
-                      1.0 - spec.epsilon_low, 1.0 + spec.epsilon_high, spec.delta, WEIGHTING[spec.loss_type],
-                      LOG_RATIO_LIMIT, _stream(device))
+                      torch.empty(3, B, T, **f32), grad, row_sums, spec.beta, *spec.clip_bounds, spec.delta,
+                      WEIGHTING[spec.loss_type], LOG_RATIO_LIMIT, spec.policy, *spec.sapo_temperatures,
+                      *spec.vespo_gamma, VESPO_LOG_W_MIN, spec.use_bias_correction_kl, _stream(device))
     loss, stats, row_clipped = loss_from_row_sums(row_sums, batch)
     return SegmentLoss(loss, stats, grad, row_clipped)

@@ -2,7 +2,8 @@
 else one built just in time from ``csrc/`` (``build.py``: in a child process under a time limit, cached under
 ``TORCH_EXTENSIONS_DIR``). ``load_extension`` raises ``BackendUnavailable`` (an ImportError) naming the fix when
 neither is possible, a failed or timed-out build included (with the end of its log), so the registry refuses the
-backend instead of crashing or hanging.
+backend instead of crashing or hanging. On ROCm it refuses by name before looking for either (``unsupported_platform``:
+the kernels assume 32-lane warps).
 
 ``RANKGRPO_CUDA_JIT=0`` loads only a prebuilt or already-built extension and otherwise refuses with "not built yet";
 the test suite sets it, so that collecting tests never compiles (a GPU run builds first: ``python -m
@@ -34,6 +35,16 @@ def find_csrc(candidates=CSRC_CANDIDATES) -> Path:
 CSRC = find_csrc()
 
 
+def unsupported_platform() -> str | None:
+    """Why no build of csrc/ can run here (None if one can): ROCm, whose 64-lane wavefronts the kernels' 32-lane warp
+    sums and masks do not fit."""
+    if torch.version.hip is not None:
+        return (f"backend='cuda' is unavailable on ROCm (torch.version.hip = {torch.version.hip}): csrc/ assumes "
+                "32-lane warps (warp shuffles and full masks), AMD GPUs run 64-lane wavefronts; use backend='triton' "
+                "or 'torch'")
+    return None
+
+
 def missing_prerequisite() -> str | None:
     """Why the JIT build cannot run here (None if it can): a CPU-only torch, no nvcc, no ninja, no sources."""
     if torch.version.cuda is None:
@@ -54,7 +65,10 @@ def missing_prerequisite() -> str | None:
 
 def load_extension(jit: bool | None = None):
     """The prebuilt extension, else the one built from these sources before, else (``jit``: by default unless
-    ``RANKGRPO_CUDA_JIT=0``) one built now under the time limit."""
+    ``RANKGRPO_CUDA_JIT=0``) one built now under the time limit. Refused on ROCm before any of them."""
+    unsupported = unsupported_platform()
+    if unsupported is not None:
+        raise BackendUnavailable(unsupported)
     try:
         from . import _C  # built by setup.py on machines with nvcc and a CUDA torch
 

@@ -38,12 +38,13 @@ def _target(targets, V):
     return torch.where(in_vocab, targets, 0).long()[:, None], in_vocab
 
 
-def row_pass(logits, *, bias, targets, head: HeadSpec, lse=None, grad_dtype=None, compute_entropy=False) -> RowPass:
+def row_pass(logits, *, bias, targets, head: HeadSpec, lse=None, grad_dtype=None, grad_scale=1.0,
+             compute_entropy=False) -> RowPass:
     """logits (C, V) float32/64, overwritten; bias (V,) or None; targets (C,), outside [0, V): no target logit;
     lse (C,) or None: use it as the log-sum-exp (the entropy is then not formed); ``head``: ``z = S(s (logits + b))
     / T`` with ``S(u) = c tanh(u / c)`` (or u). Returns logp, lse, entropy (or None), ``D = (onehot(y) - softmax(z))
-    S'(u)`` in ``grad_dtype`` (or None): the caller scales its rows by ``g s / T``. With a softcap one more (C, V)
-    temporary holds ``S'``."""
+    S'(u) k`` in ``grad_dtype`` (or None), k = ``grad_scale`` (a power of two): the caller scales its rows by
+    ``g s / (T k)``. With a softcap one more (C, V) temporary holds ``S'``."""
     lse_in = lse
     z, slope = _transform_(logits, bias, head)
     column, in_vocab = _target(targets, z.shape[1])
@@ -63,7 +64,7 @@ def row_pass(logits, *, bias, targets, head: HeadSpec, lse=None, grad_dtype=None
     logp = target_logit - lse
     grad = None
     if grad_dtype is not None:
-        z.neg_().scatter_add_(1, column, in_vocab.to(z.dtype)[:, None])
+        z.mul_(-grad_scale).scatter_add_(1, column, in_vocab.to(z.dtype)[:, None] * grad_scale)
         if slope is not None:
             z.mul_(slope)
         grad = z if grad_dtype == z.dtype else z.to(grad_dtype)

@@ -6,7 +6,7 @@ file, launch settings in ``tiles.py``); this module adapts the protocol's calls 
 
 from __future__ import annotations
 
-from ...contract import LOG_RATIO_LIMIT, WEIGHTING, HeadSpec, LossSpec, TokenBatch
+from ...contract import LOG_RATIO_LIMIT, VESPO_LOG_W_MIN, WEIGHTING, HeadSpec, LossSpec, TokenBatch
 from ..protocol import RowPass, SegmentLoss
 from ..registry import on_input_device
 from ..row_sums import loss_from_row_sums, row_relative_groups
@@ -17,10 +17,13 @@ __all__ = ["row_pass", "grad_pass", "segment_loss"]
 
 
 @on_input_device
-def row_pass(logits, *, bias, targets, head: HeadSpec, lse=None, grad_dtype=None, compute_entropy=False) -> RowPass:
-    """``protocol.py``'s row pass: D is written over the logits (``row_pass_kernel.grad_view``)."""
+def row_pass(logits, *, bias, targets, head: HeadSpec, lse=None, grad_dtype=None, grad_scale=1.0,
+             compute_entropy=False) -> RowPass:
+    """``protocol.py``'s row pass: D (times ``grad_scale``) is written over the logits
+    (``row_pass_kernel.grad_view``)."""
     return RowPass(*_row_pass.row_pass(logits, bias, targets, head.inv_temperature, lse, grad_dtype, compute_entropy,
-                                       logit_scale=head.logit_scale, softcap=head.logit_softcap))
+                                       logit_scale=head.logit_scale, softcap=head.logit_softcap,
+                                       grad_scale=grad_scale))
 
 
 @on_input_device
@@ -37,7 +40,9 @@ def segment_loss(batch: TokenBatch, *, spec: LossSpec) -> SegmentLoss:
     group, _ = row_relative_groups(batch)
     grad, row_sums = _segment.segment_loss_rows(
         batch.logps, batch.old_logps, batch.ref_logps, batch.advantages, group, batch.normaliser, batch.tokens,
-        beta=spec.beta, clip_low=1.0 - spec.epsilon_low, clip_high=1.0 + spec.epsilon_high, delta=spec.delta,
-        weighting=WEIGHTING[spec.loss_type], log_ratio_limit=LOG_RATIO_LIMIT, policy_weights=batch.policy_weights)
+        beta=spec.beta, clip_low=spec.clip_bounds[0], clip_high=spec.clip_bounds[1], delta=spec.delta,
+        weighting=WEIGHTING[spec.loss_type], log_ratio_limit=LOG_RATIO_LIMIT, policy_weights=batch.policy_weights,
+        policy=spec.policy, temperatures=spec.sapo_temperatures, gamma=spec.vespo_gamma,
+        log_w_min=VESPO_LOG_W_MIN, kl_corrected=spec.use_bias_correction_kl and batch.ref_logps is not None)
     loss, stats, row_clipped = loss_from_row_sums(row_sums, batch)
     return SegmentLoss(loss, stats, grad, row_clipped)
