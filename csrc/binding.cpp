@@ -155,7 +155,7 @@ int64_t check_logits(const Tensor& logits, const Tensor& targets, const OptTenso
 
 // Row pass (row_pass.cu). bias (V,) fp32/bf16/fp16 or None; lse_in (C,) fp32 or None (then lse is not written: pass
 // lse_in itself); logp, lse, entropy (C,) fp32; softcap None or > 0; grad_out as in check_grad_out, D written times
-// grad_scale (a power of two).
+// grad_scale (+- a power of two).
 void row_pass(const Tensor& logits, const OptTensor& bias, const Tensor& targets, double inv_temperature,
               double logit_scale, std::optional<double> softcap, const OptTensor& lse_in, const Tensor& logp,
               const Tensor& lse, const OptTensor& entropy, const OptTensor& grad_out, double grad_scale,

@@ -40,7 +40,7 @@ int segment_loss(const float* logps, const float* old_logps, const float* ref_lo
 // z = S(logit_scale (logits + bias)) * inv_temperature with S(u) = softcap tanh(u / softcap) when softcap > 0 (else
 // S(u) = u: pass 0 for none); logp = z_y - lse, lse = logsumexp(z) (or lse_in when given: then lse is not written
 // and may be null), entropy = -sum p (z - lse) with p = exp(z - lse) (null: not formed), and, when grad is given,
-// D = (onehot(y) - p) S'(u) grad_scale (a power of two) in grad_dtype at grad (row stride grad_row_stride elements):
+// D = (onehot(y) - p) S'(u) grad_scale (+- a power of two) in grad_dtype at grad (row stride grad_row_stride elements):
 // in place over the logits (grad == logits, grad_row_stride = 4 row_stride / itemsize) or into a buffer that does not
 // overlap them.
 // targets (rows,) int64, or int32 when targets_int32; a target outside [0, cols) has z_y = 0 and no one-hot term.

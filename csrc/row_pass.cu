@@ -9,7 +9,7 @@
 //                                                            lse_in, that shard's term of the global entropy)
 //   D       = (onehot(y) - p) S'(u) k                written over the logits in the grad dtype (not scaled by
 //                                                    g s / T); S'(u) = 1 - tanh(u / c)^2, or 1 without a softcap;
-//                                                    k = grad_scale, a power of two (fp16's D is written scaled, so
+//                                                    k = grad_scale, +- a power of two (fp16's D is written scaled, so
 //                                                    that probabilities below 6e-5 stay normal)
 //
 // The gradient pass (given lse, entropy H, g = dL/dlogp and e = dL/dH per row) is the write pass of the streaming

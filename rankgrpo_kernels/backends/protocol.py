@@ -12,7 +12,7 @@ S(s (acc + b)) / T`` with ``S(u) = c tanh(u / c)`` (``logit_softcap`` c, or the 
 log-sum-exp (then no entropy is formed), ``targets`` (C,) outside [0, V): no target logit. ``D = (onehot(y) -
 softmax(z)) S'(u)`` and ``D' = [g (onehot(y) - p) - e p (z - lse + H)] S'(u)`` hold ``dL/dz S'(u)`` per row up to
 the caller's row scale (``g s / T`` for D, ``s / T`` for D'); both come back in ``grad_dtype``, over the logits
-where the backend can (``Capabilities``), D times ``grad_scale`` (a power of two, at most 2^15: fp16's D is written
+where the backend can (``Capabilities``), D times ``grad_scale`` (+- a power of two, at most 2^15: fp16's D is written
 scaled so that small probabilities stay normal; the caller's row scale divides it out). ``segment_loss`` takes a
 ``TokenBatch`` and the ``LossSpec`` whole, so a new loss option reaches it without any layer in between changing.
 ``backends/torch`` is the readable statement of all three; ``tests/backends`` runs every registered backend through

@@ -10,10 +10,11 @@ scale ``scale = g s / (T k)`` (C,)::
 GEMMs through ``gemms.py`` (fp32 output for half operands on CUDA, IEEE fp32 for fp32). No atomics: results are
 bit-identical from run to run.
 
-``k`` is 1 but for fp16 D: a probability below 6e-5 is subnormal in fp16 (below 6e-8 it is 0), so the row pass
-writes D (|D| <= 1) times ``FP16_D_SCALE = 2^15`` and the gradient pass D' (|D'| <= 2 (1 + ln V) for |g|, |e| < 2)
+``k`` is -1 (``HeadPass.d_scale``: the softmax minus the one-hot, a pass fewer in the torch row pass), and -2^15
+for fp16 D: a probability below 6e-5 is subnormal in fp16 (below 6e-8 it is 0), so the row pass writes D (|D| <= 1)
+times ``FP16_D_SCALE = 2^15`` and the gradient pass D' (|D'| <= 2 (1 + ln V) for |g|, |e| < 2)
 times ``FP16_GRAD_PASS_SCALE = 2^10`` on top of ``operand_factor`` (within fp16's 65504 for V < 2^31): powers of
-two, taken out exactly by the row scale.
+two (signed), taken out exactly by the row scale.
 """
 
 from __future__ import annotations
@@ -53,8 +54,10 @@ class HeadPass:
 
     @property
     def d_scale(self) -> float:
-        """k, the factor of D in the row pass's output (module docstring)."""
-        return FP16_D_SCALE if self.grad_dtype == torch.float16 else 1.0
+        """k, the factor of D in the row pass's output (module docstring): negative, so that D = k (onehot - p) is
+        ``|k| (p - onehot)``, which the torch backend forms without a pass over the logits to negate them (the
+        compiled kernels scale by k anyway); the row scale carries the sign."""
+        return -(FP16_D_SCALE if self.grad_dtype == torch.float16 else 1.0)
 
     def row_pass(self, z, y, **kwargs):
         if kwargs.get("grad_dtype") is not None:

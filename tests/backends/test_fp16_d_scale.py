@@ -86,16 +86,16 @@ def test_scaled_fp16_d_keeps_small_probabilities(impl, path, softcap):
 def test_grad_scale_must_be_a_power_of_two():
     buf = _logits()
     targets = torch.zeros(C, dtype=torch.long, device=DEVICE)
-    for bad in (3.0, 0.0, -2.0, 2.0**16, float("inf")):
+    for bad in (3.0, 0.0, -3.0, 2.0**16, -(2.0**16), float("inf")):
         with pytest.raises(ValueError, match="grad_scale"):
             row_pass_kernel.row_pass(buf[:, :V], None, targets, 1.0, None, torch.float16, False, grad_scale=bad)
 
 
 @pytest.mark.parametrize("grad_dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_head_takes_the_factor_out(grad_dtype):
-    """The head passes FP16_D_SCALE for fp16 D only and divides it out of the rows' scale: d_weight = D^T (scale h)
-    and d_bias = scale^T D match float64, and for fp16 the weight rows of tokens with p ~ 1e-7 keep fp16's precision
-    (unscaled they would be subnormal)."""
+    """The head passes -1, and -FP16_D_SCALE for fp16 D, and divides it out of the rows' scale: d_weight =
+    D^T (scale h) and d_bias = scale^T D match float64, and for fp16 the weight rows of tokens with p ~ 1e-7 keep
+    fp16's precision (unscaled they would be subnormal)."""
     from rankgrpo_kernels.backends import triton as triton_backend
 
     H, T = 8, 0.5
@@ -106,7 +106,7 @@ def test_head_takes_the_factor_out(grad_dtype):
     targets = torch.tensor([0, 5, V - 1, -1, 40], device=DEVICE)
     run = grads.HeadPass(impl=triton_backend, head=head, weight=torch.zeros(V, H, device=DEVICE), bias=None,
                          logits=None, cap=C, grad_dtype=grad_dtype)
-    assert run.d_scale == (K if grad_dtype == torch.float16 else 1.0)
+    assert run.d_scale == -(K if grad_dtype == torch.float16 else 1.0)
     buf = _logits()
     want_d = reference(buf[:, :V].clone(), None, targets, 1 / T)[3]
     d = run.row_pass(buf[:, :V], targets, grad_dtype=grad_dtype).grad

@@ -43,8 +43,8 @@ def row_pass(logits, *, bias, targets, head: HeadSpec, lse=None, grad_dtype=None
     """logits (C, V) float32/64, overwritten; bias (V,) or None; targets (C,), outside [0, V): no target logit;
     lse (C,) or None: use it as the log-sum-exp (the entropy is then not formed); ``head``: ``z = S(s (logits + b))
     / T`` with ``S(u) = c tanh(u / c)`` (or u). Returns logp, lse, entropy (or None), ``D = (onehot(y) - softmax(z))
-    S'(u) k`` in ``grad_dtype`` (or None), k = ``grad_scale`` (a power of two): the caller scales its rows by
-    ``g s / (T k)``. With a softcap one more (C, V) temporary holds ``S'``."""
+    S'(u) k`` in ``grad_dtype`` (or None), k = ``grad_scale`` (a power of two or its negative): the caller scales its
+    rows by ``g s / (T k)``. With a softcap one more (C, V) temporary holds ``S'``."""
     lse_in = lse
     z, slope = _transform_(logits, bias, head)
     column, in_vocab = _target(targets, z.shape[1])
@@ -52,7 +52,8 @@ def row_pass(logits, *, bias, targets, head: HeadSpec, lse=None, grad_dtype=None
     entropy = None
     if lse_in is None:
         # softmax in place is the one CPU kernel that keeps each row in cache for max, exp, sum and scale; the
-        # largest p = exp(max z - lse) >= 1/V gives lse back without underflow.
+        # largest p = exp(max z - lse) >= 1/V gives lse back without underflow (amax twice: max with its index
+        # costs six times one amax on a CPU).
         row_max = z.amax(1)
         torch.softmax(z, 1, out=z)
         lse = row_max - torch.log(z.amax(1))
@@ -64,7 +65,9 @@ def row_pass(logits, *, bias, targets, head: HeadSpec, lse=None, grad_dtype=None
     logp = target_logit - lse
     grad = None
     if grad_dtype is not None:
-        z.mul_(-grad_scale).scatter_add_(1, column, in_vocab.to(z.dtype)[:, None] * grad_scale)
+        if grad_scale != -1.0:  # k = -1 (the head's choice): D = p - onehot, the softmax as it is
+            z.mul_(-grad_scale)
+        z.scatter_add_(1, column, in_vocab.to(z.dtype)[:, None] * grad_scale)
         if slope is not None:
             z.mul_(slope)
         grad = z if grad_dtype == z.dtype else z.to(grad_dtype)

@@ -15,8 +15,8 @@ fp32::
                                                   that shard's part of the global entropy: shards add up)
     D      = (onehot(y) - p) S'(u) k             no one-hot term when y is outside [0, V);
                                                  S'(u) = 1 - tanh(u / c)^2 with a softcap, 1 without;
-                                                 k = grad_scale, a power of two (1; 2^15 for fp16 D, whose
-                                                 probabilities below 6e-5 would be subnormal)
+                                                 k = grad_scale, +- a power of two (the head's -1; -2^15 for
+                                                 fp16 D, whose probabilities below 6e-5 would be subnormal)
 
 ``D`` is neither scaled by ``g = dL/dlogp`` nor by ``s / T``: the caller scales rows (``d_hidden = (g s / (T k)) D
 W``, ``d_weight += D^T ((g s / (T k)) h_c)``), so that ``dz / d acc = s S'(u) / T`` is complete. Without a softcap
@@ -375,11 +375,11 @@ def transform_scales(inv_temperature: float, logit_scale: float, softcap: float 
 
 
 def check_grad_scale(name: str, grad_scale: float) -> float:
-    """D's scale: a power of two (so that scaling and its undoing are exact), at most 2^15 (|D| <= 1 times it stays
-    within fp16's 65504)."""
-    mantissa, _ = math.frexp(grad_scale)
-    if not (0.0 < grad_scale <= 2.0**15 and mantissa == 0.5):
-        raise ValueError(f"{name}: grad_scale must be a power of two in (0, 2^15], got {grad_scale}")
+    """D's scale: a power of two or its negative (so that scaling and its undoing are exact), |k| at most 2^15
+    (|D| <= 1 times it stays within fp16's 65504)."""
+    mantissa, _ = math.frexp(abs(grad_scale))
+    if not (0.0 < abs(grad_scale) <= 2.0**15 and mantissa == 0.5):
+        raise ValueError(f"{name}: grad_scale must be +-a power of two, |grad_scale| in (0, 2^15], got {grad_scale}")
     return float(grad_scale)
 
 
@@ -408,7 +408,7 @@ def row_pass(logits, bias, targets, inv_temperature, lse_in, grad_dtype, compute
     """logits (C, V) fp32 (unit column stride, row stride S >= V) -> (logp, lse, entropy or None, D or None).
 
     bias (V,) fp32/bf16/fp16 or None; targets (C,) int64 or int32; lse_in (C,) fp32 or None (then returned as lse);
-    grad_dtype None (no gradient) or fp32/bf16/fp16: D times ``grad_scale`` (a power of two: fp16's D is written
+    grad_dtype None (no gradient) or fp32/bf16/fp16: D times ``grad_scale`` (+- a power of two: fp16's D is written
     scaled, so that probabilities below 6e-5 stay normal) is written over the logits and returned as the strided
     view ``grad_view(logits, grad_dtype)``; logit_scale a float, softcap a float > 0 or None (module docstring).
     ``cfg`` overrides the tiles.
