@@ -27,12 +27,13 @@ catalog.py          ``Catalog``: the titles and years a platform holds, and the 
 hits.py             ``rank_hits`` (the rules above) and ``item_hits`` (plain string match)
 reward_function.py  ``make_rank_hit_reward``: ``rank_hits`` as a TRL-style reward function
 evaluation.py       ``evaluate_lists``: the paper's Recall@K and NDCG@K under the authors' evaluation protocol (ranks
-                    compressed, exact titles; not the rules above), ``RankingMetrics``, ``parse_rec_line`` and
-                    ``parse_completion`` (the authors' line parser)
+                    compressed, exact titles; not the rules above), ``RankingMetrics``
+authors_parsing.py  ``parse_rec_line`` and ``parse_completion``: the authors' line parser that protocol uses
 """
 
 from .catalog import Catalog
-from .evaluation import RankingMetrics, evaluate_lists, parse_completion, parse_rec_line
+from .authors_parsing import parse_completion, parse_rec_line
+from .evaluation import RankingMetrics, evaluate_lists
 from .hits import item_hits, rank_hits
 from .parsing import normalize_title, parse_item
 from .reward_function import make_rank_hit_reward
