@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from workload import REC_NUM
 
-from rankgrpo_kernels import backends
+from rankgrpo_kernels import backends, empty_cache
 
 # glibc, in every process of a CPU run until its memory is measured: blocks over 64 KiB come from mmap and go back to
 # the system when freed, and the heap is trimmed on every free, so the resident set follows live memory.
@@ -127,7 +127,9 @@ def allocate_as_usual():
 def peak_memory_here(loss_fn, batch, device) -> int:
     """Peak bytes above the inputs for one fwd+bwd after a warm-up: ``max_memory_allocated`` on CUDA; on the CPU the
     peak resident set (VmHWM, reset through /proc/self/clear_refs) against the resident set before, in a process
-    that runs with ``MALLOC_ENV`` up to here."""
+    that runs with ``MALLOC_ENV`` up to here. Ours keeps its CPU logits scratch from one call to the next
+    (``rankgrpo_kernels.empty_cache``): freed first, so that the measured call holds it again and it counts."""
+    empty_cache()
     if device.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()

@@ -10,6 +10,7 @@ Framework adapters live in ``rankgrpo_kernels.adapters``, recommender rewards in
 
 from .contract import HeadSpec, LossSpec
 from .functional import fused_logprobs, rank_grpo_loss, rank_grpo_loss_from_logps
+from .head.scratch import empty_cache
 from .modules import RankGRPOLoss
 from .objective import ObjectiveSpec
 from .rewards import rank_advantages, rank_rewards, token_advantages
@@ -27,6 +28,7 @@ __all__ = [
     "ObjectiveSpec",
     "RankGRPOLoss",
     "Segments",
+    "empty_cache",
     "fused_logprobs",
     "line_table",
     "newline_counts",

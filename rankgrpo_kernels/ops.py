@@ -127,6 +127,8 @@ class Ops:
     @staticmethod
     def _fused_loss_setup(ctx, a, output, num_inputs):
         ctx.save_for_backward(*output[4:])
+        # the gradient outputs take no gradient: autograd would otherwise pass zeros the size of d_weight here
+        ctx.set_materialize_grads(False)
         ctx.needs, ctx.input_dtype = _needs(a), a["hidden"].dtype
         ctx.num_inputs, ctx.spent = num_inputs, False
 
@@ -139,7 +141,7 @@ class Ops:
         compiling = torch.compiler.is_compiling()
         grads = []
         for saved, needed in zip(ctx.saved_tensors, ctx.needs):
-            if not needed:
+            if not needed or grad_loss is None:  # None: only the statistics reached the backward
                 grads.append(None)
             elif type(saved) is torch.Tensor and not compiling:
                 # Eager: in place, so the backward's peak holds no second (N, H) and (V, H) tensor; on a CPU, where

@@ -38,10 +38,10 @@ from .. import backends
 from ..contract import STAT_NAMES, HeadSpec, LossSpec, TokenBatch
 from .grads import HeadPass, accumulate_grads, entropy_gradient_pass, finish_grads, grad_buffers
 from .plan import (
-    LogitsBuffer, accumulator_dtype, gemm_operands, saved_grad_dtype, skips_zero_advantage_items, token_plan,
-    tokens_per_chunk,
+    accumulator_dtype, gemm_operands, saved_grad_dtype, skips_zero_advantage_items, token_plan, tokens_per_chunk,
 )
 from .recompute import chunked_logprobs, recomputed_grads
+from .scratch import LogitsBuffer
 
 # The statistics of the policy's own distribution at a token, means over the tokens whose log-probs are computed.
 LISTED_MEANS = [STAT_NAMES.index("ratio_mean"), STAT_NAMES.index("entropy"), STAT_NAMES.index("weight_mean")]
@@ -116,7 +116,8 @@ def loss_and_grads(hidden, weight, bias, targets, batch: TokenBatch, spec: LossS
                       f"than {cap} tokens for their gradients (a fourth GEMM for them): raise the budget "
                       "(RANKGRPO_MEMORY_BUDGET) to avoid it", stacklevel=2)
     width = min(largest, cap)
-    run = HeadPass(backends.load(head.backend), head, w_op, bias, LogitsBuffer(width, V, acc, hidden.device), cap,
+    logits = LogitsBuffer(width, V, acc, hidden.device, head.memory_budget_bytes)
+    run = HeadPass(backends.load(head.backend), head, w_op, bias, logits, cap,
                    torch.empty(width, H, dtype=acc, device=hidden.device) if grads[0] is not None else None,
                    grad_dtype)
     loss = torch.zeros((), dtype=acc, device=hidden.device)

@@ -27,7 +27,7 @@ import torch
 
 from ..contract import HeadSpec
 from . import gemms
-from .plan import LogitsBuffer
+from .scratch import LogitsBuffer
 
 FP16_D_SCALE = 2.0**15
 FP16_GRAD_PASS_SCALE = 2.0**10

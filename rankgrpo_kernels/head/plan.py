@@ -1,4 +1,4 @@
-"""Planning a head call: dtypes, the logits scratch and its padded rows, chunk sizes, and the tokens that enter the
+"""Planning a head call: dtypes, the logits scratch per token, chunk sizes, and the tokens that enter the
 GEMMs.
 
 Cost follows the gradient (``token_plan``). Only the tokens the loss needs enter a GEMM: those in the loss
@@ -17,8 +17,7 @@ import torch
 
 from ..backends import REGISTRY
 from ..contract import LossSpec, TokenBatch
-
-ROW_ALIGNMENT = 16  # elements: logits rows start on 64-byte boundaries, so row-pass loads vectorise for any V
+from .scratch import padded_vocab
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -41,23 +40,6 @@ def saved_grad_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the gradients the fused loss returns: the inputs', but fp32 for fp16 inputs, whose tiny
     gradients would flush to zero before the backward applies a loss scale (``GradScaler``)."""
     return torch.float32 if dtype == torch.float16 else dtype
-
-
-def padded_vocab(vocab: int) -> int:
-    """The row stride (elements) of a logits chunk: V rounded up to ``ROW_ALIGNMENT``."""
-    return -(-vocab // ROW_ALIGNMENT) * ROW_ALIGNMENT
-
-
-class LogitsBuffer:
-    """The one (rows x V) fp32 logits scratch of a call, rows ``padded_vocab(V)`` elements apart (the GEMM writes
-    them with that leading dimension); ``rows(C)`` is the (C, V) view of the first C rows."""
-
-    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device):
-        self.vocab, self.stride = vocab, padded_vocab(vocab)
-        self.data = torch.empty(rows * self.stride, dtype=dtype, device=device)
-
-    def rows(self, count: int) -> torch.Tensor:
-        return self.data.as_strided((count, self.vocab), (self.stride, 1))
 
 
 def bytes_per_token(backend: str, vocab, hidden_size, dtype, needs_grad, entropy_bonus=False) -> int:

@@ -19,7 +19,8 @@ import torch
 from .. import backends
 from ..contract import HeadSpec
 from .grads import HeadPass, accumulate_grads, entropy_gradient_pass, finish_grads, grad_buffers
-from .plan import LogitsBuffer, accumulator_dtype, gemm_operands, tokens_per_chunk
+from .plan import accumulator_dtype, gemm_operands, tokens_per_chunk
+from .scratch import LogitsBuffer
 
 
 def chunked_logprobs(run: HeadPass, h, y, compute_entropy):
@@ -65,7 +66,7 @@ def logprobs(hidden, weight, bias, targets, head: HeadSpec, compute_entropy: boo
         h_op, targets = h_op.index_select(0, positions), targets.index_select(0, positions)
     cap = tokens_per_chunk(head.backend, V, hidden.shape[1], h_op.dtype, False, head.memory_budget_bytes)
     run = HeadPass(backends.load(head.backend), head, w_op, bias,
-                   LogitsBuffer(min(h_op.shape[0], cap), V, acc, hidden.device), cap)
+                   LogitsBuffer(min(h_op.shape[0], cap), V, acc, hidden.device, head.memory_budget_bytes), cap)
     out = chunked_logprobs(run, h_op, targets, compute_entropy)
     if positions is None:
         return out
@@ -91,8 +92,8 @@ def logprob_grads(hidden, weight, bias, targets, head: HeadSpec, lse, grad_logp,
         cap = tokens_per_chunk(head.backend, V, H, h_op.dtype, True, head.memory_budget_bytes)
         width = min(n_active, cap)
         product = torch.empty(width, H, dtype=acc, device=hidden.device) if needs[0] else None
-        run = HeadPass(backends.load(head.backend), head, w_op, bias, LogitsBuffer(width, V, acc, hidden.device),
-                       cap, product, h_op.dtype)
+        logits = LogitsBuffer(width, V, acc, hidden.device, head.memory_budget_bytes)
+        run = HeadPass(backends.load(head.backend), head, w_op, bias, logits, cap, product, h_op.dtype)
 
         def take(x):
             return None if x is None else x.reshape(-1)[active].to(acc)

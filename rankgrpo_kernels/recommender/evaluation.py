@@ -12,13 +12,14 @@ The protocol, rule by rule (each checked against the function named in brackets)
 
 1. Lines. The completion is split on ``"\\n"``, lines are stripped and blank ones dropped
    [``process_rec_raw``: ``re.sub(r'\\n+', '\\n', ...)``, then ``split('\\n')``].
-2. Parsing [``process_rec_raw``; ``authors_parsing.py``]. Whitespace runs become one space; ``*``, ``_``, ``-``, ``#`` are peeled off both
-   ends, together with list numbering (``1.``, ``1)``, ``1、``, ``1-``, ``1—``, ``1–``, then a space) and ``#``
-   headers, until nothing changes [``del_format``]; one pair of straight quotes around the whole line goes
-   [``remove_quotes``]. The line must then *begin* with ``Title (Year)``: a title, whitespace, a four-digit year in
-   parentheses, anything after it (``Heat (1995) - a heist film`` parses; ``Heat(1995)`` does not, the space is
-   required). The title is then cleaned until it stops changing: parenthesised parts deleted (``Amélie (Le
-   Fabuleux Destin)`` gives ``Amélie``), whitespace collapsed, the decoration above and one pair of quotes peeled.
+2. Parsing [``process_rec_raw``; ``authors_parsing.py``]. Whitespace runs become one space; ``*``, ``_``, ``-``,
+   ``#`` are peeled off both ends, together with list numbering (``1.``, ``1)``, ``1、``, ``1-``, ``1—``,
+   ``1–``, then a space) and ``#`` headers, until nothing changes [``del_format``]; one pair of straight quotes
+   around the whole line goes [``remove_quotes``]. The line must then *begin* with ``Title (Year)``: a title,
+   whitespace, a four-digit year in parentheses, anything after it (``Heat (1995) - a heist film`` parses;
+   ``Heat(1995)`` does not, the space is required). The title is then cleaned until it stops changing:
+   parenthesised parts deleted (``Amélie (Le Fabuleux Destin)`` gives ``Amélie``), whitespace collapsed, the
+   decoration above and one pair of quotes peeled.
    A line that does not parse (a preamble, a title without a year) is dropped.
 3. Seen. An item whose title is *exactly* (case-sensitive) a title the user has seen is dropped; the year plays no
    part [``remove_seen``: ``rec[0] not in seen_titles``].

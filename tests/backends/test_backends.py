@@ -295,6 +295,33 @@ def test_second_backward_through_the_same_graph_raises():
         loss.backward()
 
 
+def test_backward_of_the_fused_loss_allocates_no_gradient_sized_tensor():
+    """The gradients are formed in the forward; the backward (of a loss with gradient 1, on a CPU) hands them out
+    as they are: autograd passes no zeros for the op's gradient outputs, which take no gradient."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class NewTensors(TorchDispatchMode):  # the shapes of the tensors with new memory (not views) made inside
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            leaves = torch.utils._pytree.tree_leaves
+            old = {x.untyped_storage().data_ptr() for x in leaves((args, kwargs)) if isinstance(x, torch.Tensor)}
+            self.shapes += [tuple(x.shape) for x in leaves(out)
+                            if isinstance(x, torch.Tensor) and x.untyped_storage().data_ptr() not in old]
+            return out
+
+    hidden, weight, bias, targets = random_head(2, 5, 8, 30, torch.float32)
+    kwargs = loss_inputs_near_policy(hidden, weight, bias, targets, 1.0, K=2)
+    loss, _ = rank_grpo_loss(hidden, weight, targets, bias=bias, **kwargs)
+    with NewTensors() as made:
+        loss.backward()
+    assert tuple(weight.shape) not in made.shapes and tuple(hidden.shape) not in made.shapes, made.shapes
+    assert weight.grad is not None and hidden.grad is not None
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("where", ["hidden_in_loss", "weight", "bias", "hidden_outside_loss"])
