@@ -36,7 +36,7 @@ import torch
 
 from .. import backends
 from ..contract import STAT_NAMES, HeadSpec, LossSpec, TokenBatch
-from .grads import HeadPass, accumulate_grads, entropy_gradient_pass, finish_grads, grad_buffers
+from .grads import HeadPass, accumulate_grads, entropy_gradient_pass, grad_buffers
 from .plan import (
     accumulator_dtype, gemm_operands, saved_grad_dtype, skips_zero_advantage_items, token_plan, tokens_per_chunk,
 )
@@ -108,7 +108,8 @@ def loss_and_grads(hidden, weight, bias, targets, batch: TokenBatch, spec: LossS
     plan = token_plan(batch, head.skip_zero_advantage and skips_zero_advantage_items(spec, batch), cap)
     # the entropy bonus's gradient pass reads the logits the statistics pass must leave as they are
     keep_logits = bonus and grad_dtype is not None and backends.REGISTRY[head.backend].stats_pass_overwrites
-    grads = grad_buffers(N, plan.tokens, weight, bias, needs, saved_grad_dtype(hidden.dtype), acc)
+    grads = grad_buffers(N, plan.tokens, weight, bias, needs, saved_grad_dtype(hidden.dtype), acc,
+                         saved_grad_dtype(weight.dtype))
     largest = max((c1 - c0 for c0, c1, _, _ in plan.chunks), default=0)
     if largest > cap:
         warnings.warn(f"rank_grpo_loss: the fp32 logits of an item of {largest} tokens x {V} vocabulary exceed "
@@ -118,7 +119,7 @@ def loss_and_grads(hidden, weight, bias, targets, batch: TokenBatch, spec: LossS
     width = min(largest, cap)
     logits = LogitsBuffer(width, V, acc, hidden.device, head.memory_budget_bytes)
     run = HeadPass(backends.load(head.backend), head, w_op, bias, logits, cap,
-                   torch.empty(width, H, dtype=acc, device=hidden.device) if grads[0] is not None else None,
+                   torch.empty(width, H, dtype=acc, device=hidden.device) if grads.d_hidden is not None else None,
                    grad_dtype)
     loss = torch.zeros((), dtype=acc, device=hidden.device)
     stats = torch.zeros(len(STAT_NAMES), dtype=acc, device=hidden.device)
@@ -171,4 +172,4 @@ def loss_and_grads(hidden, weight, bias, targets, batch: TokenBatch, spec: LossS
         stats[ENTROPY] = torch.where(has_loss, math.nan, 0.0)
         stats[WEIGHT] = torch.where(has_loss, math.nan, 0.0)
     computed = torch.full((), plan.tokens, dtype=acc, device=hidden.device)  # a fill: plan.tokens is on the host
-    return (loss, stats, row_clipped, computed, *finish_grads(grads, saved_grad_dtype(weight.dtype)))
+    return (loss, stats, row_clipped, computed, *grads.finish())

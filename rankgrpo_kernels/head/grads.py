@@ -5,7 +5,15 @@ scale ``scale = g s / (T k)`` (C,)::
 
     d_hidden[rows] = scale (D W)          GEMM with fp32 output, one row scale and cast, scattered to its rows
     d_weight      += D^T (scale h)        GEMM accumulating in fp32 in place (beta = 1)
-    d_bias        += scale^T D            GEMV accumulating in place
+    d_bias        += scale^T D            the same GEMM's column H where the gradients are returned in bf16 or
+                                          fp16, else a GEMV
+
+With both gradients and an fp32 accumulator apart from the returned (bf16/fp16) tensors, d_bias is one more column
+of the d_weight GEMM: ``[d_weight | d_bias | 0] += D^T [scale h | scale | 0]``, the accumulator (V, H + pad) with
+rows padded to ``BIAS_PAD`` columns (16-byte aligned GEMM operands), so D is read once instead of a second time by
+an M = 1 GEMM for d_bias. The cast at the end makes both contiguous. Where the accumulator is the returned
+gradient itself (fp32/fp64 heads; the fused loss saves fp16 heads' gradients in fp32) the padded rows would cost a
+copy of d_weight, so d_bias stays a GEMV there.
 
 GEMMs through ``gemms.py`` (fp32 output for half operands on CUDA, IEEE fp32 for fp32). No atomics: results are
 bit-identical from run to run.
@@ -69,40 +77,70 @@ class HeadPass:
         return g * (self.head.row_scale / self.d_scale)
 
 
-def grad_buffers(tokens, listed, weight, bias, needs, dtype, acc):
-    """d_hidden (tokens, H) in ``dtype`` (zeros unless every token is listed), d_weight and d_bias in ``acc``
-    (uninitialised when a chunk will write them, zeros when no token is listed); None where not needed."""
+@dataclass
+class HeadGrads:
+    """The gradients of one head call: d_hidden (tokens, H) in its returned dtype, d_weight (V, H) and d_bias (V,)
+    in the accumulator dtype (None where not needed), returned in ``dtype``; ``weight_bias``: the (V, H + pad)
+    accumulator whose first H columns are d_weight and column H d_bias (module docstring), or None."""
+
+    d_hidden: torch.Tensor | None
+    d_weight: torch.Tensor | None
+    d_bias: torch.Tensor | None
+    dtype: torch.dtype
+    weight_bias: torch.Tensor | None = None
+
+    def finish(self) -> tuple:
+        """(d_hidden, d_weight, d_bias), the last two cast to ``dtype`` and contiguous."""
+        return (self.d_hidden, *(None if x is None else x.to(self.dtype).contiguous()
+                                 for x in (self.d_weight, self.d_bias)))
+
+
+BIAS_PAD = 8  # columns: the joint accumulator's width H + 1 rounded up to a multiple of it
+
+
+def grad_buffers(tokens, listed, weight, bias, needs, hidden_dtype, acc, dtype) -> HeadGrads:
+    """d_hidden (tokens, H) in ``hidden_dtype`` (zeros unless every token is listed), d_weight and d_bias in
+    ``acc`` (uninitialised when a chunk will write them, zeros when no token is listed), returned in ``dtype``;
+    None where not needed."""
     need_h, need_w, need_b = needs
+    V, H = weight.shape
     device = weight.device
     d_hidden = None
     if need_h:
-        d_hidden = (torch.empty if listed == tokens else torch.zeros)(tokens, weight.shape[1], dtype=dtype,
-                                                                      device=device)
+        d_hidden = (torch.empty if listed == tokens else torch.zeros)(tokens, H, dtype=hidden_dtype, device=device)
+    need_b = need_b and bias is not None
     new = torch.empty if listed else torch.zeros
-    d_weight = new(weight.shape, dtype=acc, device=device) if need_w else None
-    d_bias = new(weight.shape[0], dtype=acc, device=device) if need_b and bias is not None else None
-    return d_hidden, d_weight, d_bias
+    if need_w and need_b and dtype != acc:
+        joint = new(V, -(-(H + 1) // BIAS_PAD) * BIAS_PAD, dtype=acc, device=device)
+        return HeadGrads(d_hidden, joint[:, :H], joint[:, H], dtype, joint)
+    return HeadGrads(d_hidden, new(V, H, dtype=acc, device=device) if need_w else None,
+                     new(V, dtype=acc, device=device) if need_b else None, dtype)
 
 
-def accumulate_grads(d_logits, scale, h, weight, grads, first, rows_out, product):
+def accumulate_grads(d_logits, scale, h, weight, grads: HeadGrads, first, rows_out, product):
     """With D (C, V) and ``scale`` (C,): ``d_hidden[rows_out] = scale (D W)``, ``d_weight += D^T (scale h)``,
     ``d_bias += scale^T D``; ``first`` writes the sums instead of adding to them. ``product`` is (>= C, H) scratch
     in the accumulator dtype."""
-    d_hidden, d_weight, d_bias = grads
-    if d_hidden is not None:
+    if grads.d_hidden is not None:
         rows = gemms.mm_into(d_logits, weight, product[: d_logits.shape[0]])
         rows.mul_(scale[:, None].to(rows.dtype))
-        d_hidden.index_copy_(0, rows_out, rows.to(d_hidden.dtype))
-    if d_weight is None and d_bias is None:
+        grads.d_hidden.index_copy_(0, rows_out, rows.to(grads.d_hidden.dtype))
+    if grads.d_weight is None and grads.d_bias is None:
         return
     factor = operand_factor(scale, d_logits.dtype)
     accumulate = dict(beta=0.0 if first else 1.0, alpha=1.0 / factor)
-    if d_weight is not None:
+    row = scale * factor
+    if grads.d_weight is not None:
         # where, not a product: a token outside the loss may hold a NaN hidden state, and its D row is 0.
-        scaled = torch.where(scale[:, None] != 0, h * (scale[:, None] * factor), 0).to(d_logits.dtype)
-        gemms.addmm_into(d_weight, d_logits.T, scaled, **accumulate)
-    if d_bias is not None:
-        gemms.addmm_into(d_bias[None], (scale[None] * factor).to(d_logits.dtype), d_logits, **accumulate)
+        scaled = torch.where(scale[:, None] != 0, h * row[:, None], 0)
+        out = grads.d_weight
+        if grads.weight_bias is not None:
+            out = grads.weight_bias
+            pad = out.shape[1] - scaled.shape[1] - 1
+            scaled = torch.cat([scaled, row[:, None], scaled.new_zeros(scaled.shape[0], pad)], 1)
+        gemms.addmm_into(out, d_logits.T, scaled.to(d_logits.dtype), **accumulate)
+    if grads.d_bias is not None and grads.weight_bias is None:
+        gemms.addmm_into(grads.d_bias[None], row[None].to(d_logits.dtype), d_logits, **accumulate)
 
 
 def operand_factor(scale, dtype) -> float:
@@ -126,9 +164,3 @@ def entropy_gradient_pass(run: HeadPass, z, y, lse, entropy, g, e):
     d_logits = run.impl.grad_pass(z, bias=run.bias, targets=y, head=run.head, lse=lse, entropy=entropy,
                                   g=g * factor, e=e * factor, grad_dtype=run.grad_dtype)
     return d_logits, torch.full_like(g, run.head.row_scale / factor)
-
-
-def finish_grads(grads, dtype):
-    d_hidden, d_weight, d_bias = grads
-    return (d_hidden, d_weight.to(dtype) if d_weight is not None else None,
-            d_bias.to(dtype) if d_bias is not None else None)

@@ -18,7 +18,7 @@ import torch
 
 from .. import backends
 from ..contract import HeadSpec
-from .grads import HeadPass, accumulate_grads, entropy_gradient_pass, finish_grads, grad_buffers
+from .grads import HeadPass, accumulate_grads, entropy_gradient_pass, grad_buffers
 from .plan import accumulator_dtype, gemm_operands, tokens_per_chunk
 from .scratch import LogitsBuffer
 
@@ -87,7 +87,7 @@ def logprob_grads(hidden, weight, bias, targets, head: HeadSpec, lse, grad_logp,
         nonzero |= grad_entropy.reshape(-1) != 0
     active = nonzero.nonzero().squeeze(1)
     n_active = active.numel()
-    grads = grad_buffers(hidden.shape[0], n_active, weight, bias, needs, hidden.dtype, acc)
+    grads = grad_buffers(hidden.shape[0], n_active, weight, bias, needs, hidden.dtype, acc, weight.dtype)
     if n_active:
         cap = tokens_per_chunk(head.backend, V, H, h_op.dtype, True, head.memory_budget_bytes)
         width = min(n_active, cap)
@@ -100,4 +100,4 @@ def logprob_grads(hidden, weight, bias, targets, head: HeadSpec, lse, grad_logp,
 
         recomputed_grads(run, h_op[active], targets[active], take(lse), take(entropy), take(grad_logp),
                          take(grad_entropy), grads, True, active)
-    return finish_grads(grads, weight.dtype)
+    return grads.finish()

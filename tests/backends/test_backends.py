@@ -231,6 +231,41 @@ def test_bf16_inputs_get_fp32_logits(backend):
         assert abs(stats["ratio_mean"].item() - ref_stats["ratio_mean"].item()) < 1e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("path", PATHS)
+def test_bias_gradient_is_a_column_of_the_weight_gemm(monkeypatch, dtype, path):
+    """bf16 heads (an fp32 accumulator apart from the returned gradients): d_bias is column H of the d_weight GEMM,
+    D is read once, no M = 1 GEMM; fp32 heads and the fused loss of fp16 heads (which saves fp32 gradients: the
+    accumulator is the returned gradient) keep the GEMV. The gradients come back contiguous and match the float64
+    reference either way."""
+    from rankgrpo_kernels.head import gemms
+
+    B, T, H, V = SHAPE
+    hidden, weight, bias, targets = random_head(B, T, H, V, dtype, device=DEVICE, seed=3)
+    kwargs = loss_inputs_near_policy(hidden, weight, bias, targets, 1.0, K=4)
+    budget = _budget(path, "torch", kwargs, V, H, dtype)
+    outputs = []
+    addmm_into = gemms.addmm_into
+
+    def spy(total, a, b, **kw):
+        outputs.append(tuple(total.shape))
+        return addmm_into(total, a, b, **kw)
+
+    monkeypatch.setattr(gemms, "addmm_into", spy)
+    loss, _ = _run(path, lambda: rank_grpo_loss(hidden, weight, targets, bias=bias, backend="torch", beta=0.04,
+                                                memory_budget_bytes=budget, **kwargs))
+    got = _grads(loss, (hidden, weight, bias))
+    joint = dtype == torch.bfloat16
+    assert outputs and all(shape == ((V, -(-(H + 1) // 8) * 8) if joint else (V, H)) for shape in outputs
+                           if shape[0] != 1)
+    assert ((1, V) in outputs) != joint
+    ref_params = _reference_inputs(hidden, weight, bias)
+    ref, _ = reference_loss(*ref_params[:2], targets, bias=ref_params[2], beta=0.04, **kwargs)
+    for ours, want in zip(got, _grads(ref, ref_params)):
+        assert ours.is_contiguous() and ours.dtype == dtype
+        _assert_close(ours, want, dtype)
+
+
 @pytest.mark.parametrize("backend,dtype", [c for c in CASES if c[1] != torch.float64])
 @pytest.mark.parametrize("path", PATHS)
 def test_repeated_runs_are_bit_identical(backend, dtype, path):

@@ -112,7 +112,8 @@ def test_head_takes_the_factor_out(grad_dtype):
     d = run.row_pass(buf[:, :V], targets, grad_dtype=grad_dtype).grad
     d_weight, d_bias = torch.empty(V, H, device=DEVICE), torch.empty(V, device=DEVICE)
     scale = run.row_scale(g)
-    grads.accumulate_grads(d, scale, h.to(grad_dtype), None, (None, d_weight, d_bias), True, None, None)
+    grads.accumulate_grads(d, scale, h.to(grad_dtype), None, grads.HeadGrads(None, d_weight, d_bias, torch.float32),
+                           True, None, None)
     s = g.double() / T
     want_w = want_d.T @ (s[:, None] * h.double())
     want_b = s @ want_d
