@@ -8,13 +8,13 @@ ratio).
 Framework adapters live in ``rankgrpo_kernels.adapters``, recommender rewards in ``rankgrpo_kernels.recommender``.
 """
 
-from .contract import HeadSpec, LossSpec
 from .functional import fused_logprobs, rank_grpo_loss, rank_grpo_loss_from_logps
 from .head.scratch import empty_cache
 from .modules import RankGRPOLoss
 from .objective import ObjectiveSpec
 from .rewards import rank_advantages, rank_rewards, token_advantages
 from .segments import Segments, line_table, newline_counts, segment_items, split_items
+from .specs import HeadSpec, LossSpec
 
 __version__ = "0.2.0"
 

@@ -1,14 +1,14 @@
 """The custom-op boundary: a dataclass's fields as op arguments, flattened once and rebuilt once, by name.
 
 ``op_fields`` gives the schema type of each field from its annotation, so an op's argument list (``Boundary``)
-follows the specs of ``contract.py``: a field added there is an argument of every op that takes that spec.
+follows the specs of ``specs.py``: a field added there is an argument of every op that takes that spec.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-# The schema type of each field annotation of the specs (``contract.py``; ``from __future__ import annotations`` keeps
+# The schema type of each field annotation of the specs (``specs.py``; ``from __future__ import annotations`` keeps
 # them as strings).
 _SCHEMA_TYPES = {"float": "float", "float | None": "float?", "int": "int", "int | None": "int?", "bool": "bool",
                  "str": "str", "torch.Tensor": "Tensor", "torch.Tensor | None": "Tensor?"}

@@ -6,11 +6,12 @@ from __future__ import annotations
 import torch
 
 from . import backends
-from .contract import HeadSpec, LossSpec, stats_dict
+from .contract import stats_dict
 from .docstrings import LOSS_DOC, NON_FINITE_DOC, doc
 from .head.sharded import shard_range, sharded_logprobs
 from .inputs import check_head, check_tensor, raise_on_bad_values, resolve_head, target_checks, token_batch
 from .ops import OPS
+from .specs import HeadSpec, LossSpec
 
 
 def spec_from(cls, given, argument: str, **keywords):

@@ -13,9 +13,10 @@ import math
 import torch
 
 from . import backends
-from .contract import WINDOW_TOKEN_NORMALISED, HeadSpec, LossSpec, TokenBatch, check_tensor, dense_groups
+from .contract import WINDOW_TOKEN_NORMALISED, TokenBatch, check_tensor, dense_groups
 from .head.sharded import check_not_sharded_parameter
 from .settings import memory_budget, validate_values
+from .specs import HeadSpec, LossSpec
 
 
 def raise_on_bad_values(checks):

@@ -7,8 +7,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from .contract import HeadSpec, LossSpec
 from .functional import rank_grpo_loss, rank_grpo_loss_from_logps, spec_from
+from .specs import HeadSpec, LossSpec
 
 _LOSS_FIELDS = frozenset(f.name for f in dataclasses.fields(LossSpec))
 _HEAD_FIELDS = frozenset(f.name for f in dataclasses.fields(HeadSpec))

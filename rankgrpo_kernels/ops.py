@@ -29,9 +29,10 @@ from torch import Tensor
 
 from . import backends
 from .boundary import Boundary
-from .contract import STAT_NAMES, HeadSpec, LossSpec, TokenBatch
+from .contract import STAT_NAMES, TokenBatch
 from .head import fused, recompute, sharded
 from .head.plan import accumulator_dtype, saved_grad_dtype
+from .specs import HeadSpec, LossSpec
 
 _EMPTY = (0,)
 NEEDS = (("need_hidden", "bool"), ("need_weight", "bool"), ("need_bias", "bool"))

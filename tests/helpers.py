@@ -104,7 +104,7 @@ def launcher_form(backend):
     drives the launchers and the backends alike: ``row_pass(logits, bias, targets, inv_t, lse_in, grad_dtype,
     compute_entropy, *, logit_scale, softcap, grad_scale)`` and ``grad_pass(logits, bias, targets, inv_t, lse,
     entropy, g, e, grad_dtype, *, logit_scale, softcap)``."""
-    from rankgrpo_kernels.contract import HeadSpec
+    from rankgrpo_kernels.specs import HeadSpec
 
     def head(inv_t, logit_scale, softcap):
         return HeadSpec(temperature=1 / inv_t, logit_scale=logit_scale, logit_softcap=softcap)

@@ -35,7 +35,8 @@ import warnings
 import torch
 
 from .. import backends
-from ..contract import STAT_NAMES, HeadSpec, LossSpec, TokenBatch
+from ..contract import STAT_NAMES, TokenBatch
+from ..specs import HeadSpec, LossSpec
 from .grads import HeadPass, accumulate_grads, entropy_gradient_pass, grad_buffers
 from .plan import (
     accumulator_dtype, gemm_operands, saved_grad_dtype, skips_zero_advantage_items, token_plan, tokens_per_chunk,

@@ -33,7 +33,7 @@ from types import ModuleType
 
 import torch
 
-from ..contract import HeadSpec
+from ..specs import HeadSpec
 from . import gemms
 from .scratch import LogitsBuffer
 

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from ..backends import REGISTRY
-from ..contract import LossSpec, TokenBatch
+from ..contract import TokenBatch
+from ..specs import LossSpec
 from .scratch import padded_vocab
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .. import backends
-from ..contract import HeadSpec
+from ..specs import HeadSpec
 from .grads import HeadPass, accumulate_grads, entropy_gradient_pass, grad_buffers
 from .plan import accumulator_dtype, gemm_operands, tokens_per_chunk
 from .scratch import LogitsBuffer

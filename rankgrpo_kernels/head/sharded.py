@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..contract import HeadSpec
+from ..specs import HeadSpec
 from .recompute import logprob_grads, logprobs
 
 

@@ -19,7 +19,7 @@ import torch
 from rankgrpo_kernels import backends, functional, ops, rank_grpo_loss, rank_grpo_loss_from_logps
 from rankgrpo_kernels.backends import protocol
 from rankgrpo_kernels.boundary import op_fields
-from rankgrpo_kernels.contract import HeadSpec, LossSpec
+from rankgrpo_kernels.specs import HeadSpec, LossSpec
 
 from ..helpers import random_head, random_loss_batch
 
@@ -109,7 +109,7 @@ LAYERS = [
     {"ops", "inputs"},
     {"head"},
     {"backends"},
-    {"contract", "boundary", "reference", "settings", "segments", "rewards", "objective", "importance"},
+    {"contract", "specs", "boundary", "reference", "settings", "segments", "rewards", "objective", "importance"},
 ]
 
 

@@ -24,13 +24,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from rankgrpo_kernels import RankGRPOLoss, backends, fused_logprobs, rank_grpo_loss
 from rankgrpo_kernels import rank_grpo_loss_from_logps
-from rankgrpo_kernels.contract import (
-    LOSS_TYPES, POLICY, WINDOW_TOKEN_NORMALISED, HeadSpec, LossSpec, TokenBatch, dense_groups,
-)
+from rankgrpo_kernels.contract import LOSS_TYPES, POLICY, WINDOW_TOKEN_NORMALISED, TokenBatch, dense_groups
 from rankgrpo_kernels.head import plan
 from rankgrpo_kernels.ops import OPS
 from rankgrpo_kernels.reference import reference_logprobs, reference_loss
 from rankgrpo_kernels.settings import MIN_MEMORY_BUDGET
+from rankgrpo_kernels.specs import HeadSpec, LossSpec
 
 from ..helpers import loss_inputs_near_policy, random_head, random_loss_batch
 

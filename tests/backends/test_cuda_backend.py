@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from rankgrpo_kernels.backends import torch as torch_backend
-from rankgrpo_kernels.contract import LOSS_TYPES, POLICY, LossSpec, TokenBatch, dense_groups
+from rankgrpo_kernels.contract import LOSS_TYPES, POLICY, TokenBatch, dense_groups
+from rankgrpo_kernels.specs import LossSpec
 
 from ..helpers import launcher_form, random_loss_batch
 

@@ -15,8 +15,8 @@ from rankgrpo_kernels import backends  # noqa: E402
 from rankgrpo_kernels.backends import torch as torch_backend  # noqa: E402
 from rankgrpo_kernels.backends.triton import row_pass_kernel  # noqa: E402
 from rankgrpo_kernels.backends.triton.tiles import RowPassConfig, interpreting  # noqa: E402
-from rankgrpo_kernels.contract import HeadSpec  # noqa: E402
 from rankgrpo_kernels.head import grads  # noqa: E402
+from rankgrpo_kernels.specs import HeadSpec  # noqa: E402
 
 from ..helpers import launcher_form  # noqa: E402
 from .test_row_pass_kernels import assert_grad_close, autograd_reference, reference  # noqa: E402

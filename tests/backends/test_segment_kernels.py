@@ -22,10 +22,9 @@ import pytest
 import torch
 
 from rankgrpo_kernels import backends, rank_grpo_loss_from_logps
-from rankgrpo_kernels.contract import (
-    LOG_RATIO_LIMIT, POLICY, VESPO_LOG_W_MIN, WEIGHTING, LossSpec, dense_groups,
-)
+from rankgrpo_kernels.contract import LOG_RATIO_LIMIT, POLICY, VESPO_LOG_W_MIN, WEIGHTING, dense_groups
 from rankgrpo_kernels.reference import reference_loss_from_logps
+from rankgrpo_kernels.specs import LossSpec
 
 STATS = ("clip_ratio_low", "clip_ratio_high", "clip_ratio_region", "ratio_mean", "kl", "clip_ratio_low_per_row",
          "clip_ratio_high_per_row", "weight_mean")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rankgrpo_kernels import backends
-from rankgrpo_kernels.contract import HeadSpec
+from rankgrpo_kernels.specs import HeadSpec
 
 from .helpers import CUDA, QWEN
 

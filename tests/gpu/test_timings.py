@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from rankgrpo_kernels import backends, rank_grpo_loss
-from rankgrpo_kernels.contract import HeadSpec, LossSpec
 from rankgrpo_kernels.head import gemms
 from rankgrpo_kernels.inputs import token_batch
 from rankgrpo_kernels.settings import memory_budget
+from rankgrpo_kernels.specs import HeadSpec, LossSpec
 
 from .helpers import CUDA, QWEN, errors, guarded, loss_inputs, median_ms, sig
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rankgrpo_kernels import backends, rank_grpo_loss
-from rankgrpo_kernels.contract import HeadSpec
+from rankgrpo_kernels.specs import HeadSpec
 
 from .helpers import CUDA, QWEN, loss_inputs
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rankgrpo_kernels.contract import LOSS_TYPES, LossSpec
+from rankgrpo_kernels.contract import LOSS_TYPES
 from rankgrpo_kernels.inputs import raise_on_bad_values, token_batch
+from rankgrpo_kernels.specs import LossSpec
 
 
 def _sync(name):

@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rankgrpo_kernels import rank_grpo_loss_from_logps
-from rankgrpo_kernels.contract import FIRST_REINFORCE, LOSS_TYPES, POLICY, LossSpec
+from rankgrpo_kernels.contract import FIRST_REINFORCE, LOSS_TYPES, POLICY
+from rankgrpo_kernels.specs import LossSpec
 from rankgrpo_kernels.reference import reference_loss_from_logps
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}

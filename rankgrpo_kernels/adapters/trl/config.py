@@ -8,9 +8,10 @@ from importlib.metadata import PackageNotFoundError, version
 
 from packaging.version import Version
 
-from ...contract import LOSS_TYPES, LossSpec
+from ...contract import LOSS_TYPES
 from ...importance import ITEM_IS_MODES
 from ...objective import IMPORTANCE_SAMPLING_LEVELS, LIST_REWARDS, ObjectiveSpec
+from ...specs import LossSpec
 
 SUPPORTED_TRL = (Version("1.16"), Version("1.17"))  # [low, high): the private GRPOTrainer methods overridden here
 TRL_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")

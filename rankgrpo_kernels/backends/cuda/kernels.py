@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from ...contract import LOG_RATIO_LIMIT, VESPO_LOG_W_MIN, WEIGHTING, HeadSpec, LossSpec, TokenBatch
+from ...contract import LOG_RATIO_LIMIT, VESPO_LOG_W_MIN, WEIGHTING, TokenBatch
+from ...specs import HeadSpec, LossSpec
 from ..protocol import RowPass, SegmentLoss
 from ..registry import on_input_device
 from ..row_sums import ROW_SUMS, loss_from_row_sums, row_relative_groups

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from ...contract import GMPO_POLICY, LOG_RATIO_LIMIT, VESPO_LOG_W_MIN, LossSpec, TokenBatch
+from ...contract import GMPO_POLICY, LOG_RATIO_LIMIT, VESPO_LOG_W_MIN, TokenBatch
+from ...specs import LossSpec
 from ..protocol import SegmentLoss
 
 

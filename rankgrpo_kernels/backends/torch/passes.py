@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ...contract import HeadSpec
+from ...specs import HeadSpec
 from ..protocol import RowPass
 
 
