@@ -5,7 +5,8 @@ caching allocator hands the same memory back at every call. On a CPU glibc maps 
 largest mmap threshold) afresh and unmaps it when freed, so each call would page in its chunk again: the kernel
 zeroes and maps 64 MiB per call under the default budget, ~8% of a fused loss call on a 2-core CPU, charged to
 the first GEMM that writes the chunk. So on a CPU the chunk's memory is kept per thread for the next call, up to
-the call's memory budget (a longer item's larger chunk is freed as usual); ``empty_cache()`` frees what is kept.
+the call's memory budget (a single vocabulary row over the budget is freed as usual); ``empty_cache()`` frees
+what is kept.
 
 The kept memory is lent to one live ``LogitsBuffer`` at a time (a second one in the same thread, never made by the
 library's own calls, gets fresh memory) and returns when that buffer is collected, so no two users ever share it.
